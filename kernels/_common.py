@@ -1,0 +1,105 @@
+"""Helpers shared by every kernel family: input checks, device guard, launch heuristics.
+
+Launchers in this package take and return tensors. They check what they are
+given and raise errors that name the argument and what was expected; they know
+nothing about autograd, the dispatcher or FX.
+
+Triton runs on CPU tensors only through its interpreter (``TRITON_INTERPRET=1``,
+read when a kernel is decorated, so it must be set before ``flag_gems`` is
+imported). Outside interpreter mode a CPU tensor is an error, never a launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Largest row (in elements) kept in registers by the one-pass row kernels.
+# Above it the row kernels loop over the row in chunks of MAX_FUSED_BLOCK.
+MAX_FUSED_BLOCK = 16384
+
+
+def interpreter_mode() -> bool:
+    """True when Triton kernels run through the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_tensor(name: str, t, dtypes=FLOAT_DTYPES) -> None:
+    """Raise a clear error unless ``t`` is a tensor our kernels can run on.
+
+    Args:
+        name: argument name used in the message.
+        t: the value to check.
+        dtypes: accepted dtypes.
+
+    Raises:
+        TypeError: not a tensor, or an unsupported dtype.
+        NotImplementedError: a device the kernels cannot run on.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: dtype {str(t.dtype).replace('torch.', '')} is not supported; expected one of {names}")
+    dev = t.device.type
+    if dev == "cuda":
+        return
+    if dev == "cpu" and interpreter_mode():
+        return
+    if dev == "cpu":
+        raise NotImplementedError(
+            f"{name}: CPU tensors need Triton's interpreter; set TRITON_INTERPRET=1 before "
+            "importing flag_gems, or move the tensor to a CUDA device"
+        )
+    raise NotImplementedError(f"{name}: device {t.device} is not supported; expected a CUDA tensor")
+
+
+def check_same_device(**tensors) -> None:
+    """Raise ValueError unless every non-None tensor lives on one device."""
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device; got {desc}")
+
+
+def device_guard(t: torch.Tensor):
+    """Context that makes ``t``'s CUDA device current for a launch (no-op when it already is)."""
+    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def row_config(n_cols: int, elem_bytes: int) -> tuple[int, int]:
+    """Block size and warp count for kernels that give one row to each program.
+
+    A row of up to MAX_FUSED_BLOCK elements is held whole in registers; longer rows
+    are walked in MAX_FUSED_BLOCK chunks. Warps scale with the bytes a row moves so
+    that each thread keeps 16-byte accesses in flight: about one warp per 1 KiB of
+    row, between 1 and 16 (the H100 sweep in benchmarks/NOTES.md).
+
+    Returns:
+        (BLOCK_N, num_warps)
+    """
+    block = min(triton.next_power_of_2(max(n_cols, 1)), MAX_FUSED_BLOCK)
+    row_bytes = block * elem_bytes
+    warps = max(1, min(16, row_bytes // 1024))
+    return block, warps
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; a small fixed number in interpreter mode."""
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

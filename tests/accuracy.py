@@ -1,0 +1,65 @@
+"""The one tolerance table, and helpers to compare against a higher-precision reference.
+
+Every accuracy test draws fresh random inputs (never zeros), poisons outputs before the
+call so unwritten elements fail, and compares with a reference computed in float64 (on
+the CPU) through plain torch.
+"""
+
+import torch
+
+# (atol, rtol) per output dtype, for an output rounded once from an fp32 computation
+# and compared with a float64 reference.
+TOLERANCES = {
+    torch.float32: (1e-5, 1.3e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1e-2, 1.6e-2),
+}
+
+# Gradients go through one more reduction (row sums, weight sums over tokens): looser.
+GRAD_TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False):
+    """Fresh normal random tensor (never zeros)."""
+    t = (torch.randn(*shape, dtype=torch.float32) * scale).to(dtype=dtype, device=device)
+    return t.requires_grad_(requires_grad)
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN in place so that any element a kernel fails to write shows up."""
+    return t.fill_(float("nan"))
+
+
+def ref64(t: torch.Tensor) -> torch.Tensor:
+    """Detached float64 CPU copy, the reference's precision."""
+    return t.detach().to(device="cpu", dtype=torch.float64)
+
+
+def assert_close(out, ref, dtype, what: str, grad: bool = False):
+    """Compare ``out`` with a float64 reference using the dtype's tolerance.
+
+    Args:
+        out: tensor produced by the code under test.
+        ref: float64 reference (any device).
+        dtype: dtype whose tolerance applies.
+        what: prefix for the failure message, e.g. ``"[op=rms_norm shape=(3, 5) dtype=bf16]"``.
+        grad: use the gradient tolerance table.
+    """
+    atol, rtol = (GRAD_TOLERANCES if grad else TOLERANCES)[dtype]
+    out64 = out.detach().to(device="cpu", dtype=torch.float64)
+    ref64_ = ref.detach().to(device="cpu", dtype=torch.float64)
+    assert out64.shape == ref64_.shape, f"{what} shape {tuple(out64.shape)} != reference {tuple(ref64_.shape)}"
+    assert not torch.isnan(out64).any() or torch.isnan(ref64_).any(), f"{what} output has NaN (unwritten or wrong)"
+    torch.testing.assert_close(out64, ref64_, atol=atol, rtol=rtol, msg=lambda m: f"{what} {m}")
+
+
+def tag(op, shape, dtype) -> str:
+    """Message prefix ``[op=.. shape=.. dtype=..]``."""
+    return f"[op={op} shape={tuple(shape)} dtype={str(dtype).replace('torch.', '')}]"

@@ -1,0 +1,42 @@
+"""Test configuration: pick the device, and run Triton through its interpreter without a GPU.
+
+TRITON_INTERPRET must be set before Triton decorates any kernel, so it is set here,
+at collection, before any test module imports flag_gems.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_slow = pytest.mark.skip(reason="slow; pass --runslow")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # A different but reproducible seed per test: fresh inputs, no flaky reruns.
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    yield
