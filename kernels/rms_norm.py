@@ -36,7 +36,7 @@ from ._common import (
     row_config,
 )
 
-__all__ = ["rms_norm_fwd", "rms_norm_bwd"]
+__all__ = ["rms_norm_fwd", "rms_norm_bwd", "check_rms_norm_args"]
 
 
 @triton.jit
@@ -136,6 +136,7 @@ def _rms_norm_bwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_DH: tl.constexpr,
     ROUND_BEFORE_WEIGHT: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ONE_PASS: tl.constexpr,
 ):
@@ -159,6 +160,7 @@ def _rms_norm_bwd_kernel(
             g = dy
             if HAS_WEIGHT:
                 g = dy * w
+            if COMPUTE_DW:
                 if ROUND_BEFORE_WEIGHT:
                     dw_acc += dy * xn.to(dx_ptr.dtype.element_ty).to(tl.float32)
                 else:
@@ -167,12 +169,12 @@ def _rms_norm_bwd_kernel(
             if HAS_DH:
                 dx += tl.load(dh_ptr + o * stride_dh_o + i * stride_dh_i + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if HAS_WEIGHT:
+        if COMPUTE_DW:
             tl.store(dw_row + cols, dw_acc, mask=mask)
     else:
         # Long rows: two passes over the row; dw partials accumulate in global memory
         # (each program owns its partial row, so there is no race).
-        if HAS_WEIGHT:
+        if COMPUTE_DW:
             for start in range(0, n_cols, BLOCK_N):
                 c = start + cols
                 tl.store(dw_row + c, tl.zeros([BLOCK_N], dtype=tl.float32), mask=c < n_cols)
@@ -203,6 +205,7 @@ def _rms_norm_bwd_kernel(
                 g = dy
                 if HAS_WEIGHT:
                     g = dy * (tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32) + weight_offset)
+                if COMPUTE_DW:
                     if ROUND_BEFORE_WEIGHT:
                         xr = xn.to(dx_ptr.dtype.element_ty).to(tl.float32)
                     else:
@@ -258,7 +261,8 @@ def _rows3(tensors, shape):
     return views, lead[1], copied
 
 
-def _check_common(x, weight, residual):
+def check_rms_norm_args(x, weight, residual):
+    """Validate RMSNorm arguments (also used by the ops' fake implementations)."""
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x: expected at least 1 dimension (the normalized one), got a 0-d tensor")
@@ -305,7 +309,7 @@ def rms_norm_fwd(
     Raises:
         TypeError / ValueError / NotImplementedError: unsupported dtype, shape or device.
     """
-    _check_common(x, weight, residual)
+    check_rms_norm_args(x, weight, residual)
     if weight is None and round_before_weight:
         round_before_weight = False
     y = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
@@ -350,6 +354,7 @@ def rms_norm_bwd(
     dh: torch.Tensor | None = None,
     weight_offset: float = 0.0,
     round_before_weight: bool = False,
+    compute_dw: bool = True,
 ):
     """Gradients of :func:`rms_norm_fwd` (recomputing rstd from the saved input).
 
@@ -358,25 +363,25 @@ def rms_norm_bwd(
         x: the normalized input of the forward (``h`` when there was a residual).
         weight, eps, weight_offset, round_before_weight: as in the forward.
         dh: gradient of the forward's ``h`` output, or None.
+        compute_dw: whether to compute the weight's gradient (it still scales dx).
 
     Returns:
-        ``(dx, dw)``: dx has x's shape and dtype (contiguous); dw is None without a weight.
+        ``(dx, dw)``: dx has x's shape and dtype (contiguous); dw is None without a weight
+        or with ``compute_dw=False``.
     """
-    _check_common(x, weight, None)
+    check_rms_norm_args(x, weight, None)
     if dy.shape != x.shape:
         raise ValueError(f"dy: expected shape {list(x.shape)}, got {list(dy.shape)}")
     n_cols = x.shape[-1]
     n_rows = x.numel() // n_cols if n_cols else 0
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if weight is None and round_before_weight:
-        round_before_weight = False
+    compute_dw = compute_dw and weight is not None
     if x.numel() == 0:
-        dw = torch.zeros_like(weight) if weight is not None else None
-        return dx, dw
+        return dx, (torch.zeros_like(weight) if compute_dw else None)
     (dyv, xv, dhv), n_inner, _ = _rows3([dy, x, dh], x.shape)
     block, warps = row_config(n_cols, x.element_size())
     n_progs = max(1, min(n_rows, num_sms(x.device) * 2))
-    partial = torch.empty((n_progs, n_cols), dtype=torch.float32, device=x.device) if weight is not None else dx
+    partial = torch.empty((n_progs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else dx
     with device_guard(x):
         _rms_norm_bwd_kernel[(n_progs,)](
             dyv, xv, weight if weight is not None else xv, dhv if dhv is not None else dyv, dx, partial,
@@ -387,9 +392,10 @@ def rms_norm_bwd(
             HAS_WEIGHT=weight is not None,
             HAS_DH=dh is not None,
             ROUND_BEFORE_WEIGHT=round_before_weight,
+            COMPUTE_DW=compute_dw,
             BLOCK_N=block,
             ONE_PASS=n_cols <= MAX_FUSED_BLOCK,
             num_warps=warps,
         )
-    dw = partial.sum(0).to(weight.dtype) if weight is not None else None
+    dw = partial.sum(0).to(weight.dtype) if compute_dw else None
     return dx, dw

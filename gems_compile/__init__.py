@@ -1,0 +1,32 @@
+"""gems_compile: Triton kernels and a torch.compile backend, a drop-in for the ``flag_gems`` API.
+
+``import flag_gems`` registers the ``torch.ops.flag_gems.*`` ops and exposes the public
+functions (``rms_norm``, ``fused_add_rms_norm``, ``silu_and_mul``, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import lowerings as _lowerings  # noqa: F401  (registers torch.ops.flag_gems.*)
+from .lowerings.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+vendor_name = "nvidia" if torch.cuda.is_available() and torch.version.hip is None else ("amd" if torch.cuda.is_available() else "cpu")
+
+__all__ = ["add_rms_norm", "fused_add_rms_norm", "rms_norm", "device", "vendor_name"]
+
+if _lowerings.act_and_mul is not None:
+    from .lowerings.act_and_mul import *  # noqa: F401,F403
+
+    __all__ += list(_lowerings.act_and_mul.__all__)
+if _lowerings.rotary_embedding is not None:
+    from .lowerings.rotary_embedding import *  # noqa: F401,F403
+
+    __all__ += list(_lowerings.rotary_embedding.__all__)

@@ -1,0 +1,24 @@
+"""The op layer: where a Triton kernel becomes a ``torch.ops.flag_gems`` op.
+
+Each module defines, for one op family, the ``torch.library`` ops (implementation,
+fake/meta implementation, autograd formula) and the public Python function with the
+upstream FlagGems signature.
+
+Why ``torch.library.custom_op`` rather than ``triton_op``: our ops are opaque units to
+both consumers (the compile backend replaces whole patterns by them; the eager mode
+calls them), the host launchers do shape-dependent Python work (stride analysis, block
+heuristics, copies for unviewable layouts) that ``triton_op`` would have to trace, and
+the same registration must also run on CPU tensors through Triton's interpreter in CI.
+``custom_op`` gives schema, fake tensor, autograd and AOT support with none of that.
+"""
+
+from . import add, rms_norm  # noqa: F401  (registers the ops)
+
+try:  # families written in parallel; each registers its ops on import
+    from . import act_and_mul  # noqa: F401
+except ImportError:  # pragma: no cover
+    act_and_mul = None
+try:
+    from . import rotary_embedding  # noqa: F401
+except ImportError:  # pragma: no cover
+    rotary_embedding = None

@@ -1,0 +1,66 @@
+"""``torch.ops.flag_gems.add_tensor``: broadcasting add with autograd (upstream FlagGems schema).
+
+Inputs the kernel does not take (integer dtypes, a CPU scalar beside a CUDA tensor,
+more than 4 non-coalescable dims) fall back to ``torch.add``, so the op is correct on
+every input ``torch.add`` accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from ..kernels.add import add, add_unsupported_reason
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["add_tensor"]
+
+_warned: set[str] = set()
+
+
+@torch.library.custom_op("flag_gems::add_tensor", mutates_args=())
+def add_tensor(self: Tensor, other: Tensor) -> Tensor:
+    """``self + other`` with broadcasting (upstream FlagGems ``add_tensor``).
+
+    Args:
+        self, other: broadcastable tensors on one device.
+
+    Returns:
+        A new tensor of the broadcast shape and promoted dtype.
+
+    Raises:
+        RuntimeError: what ``torch.add`` raises for these inputs (e.g. shapes that do not broadcast).
+    """
+    reason = add_unsupported_reason(self, other)
+    if reason is not None:
+        if reason not in _warned:
+            _warned.add(reason)
+            logger.info("add_tensor falls back to torch.add: %s", reason)
+        return torch.add(self, other)
+    return add(self, other)
+
+
+@add_tensor.register_fake
+def _(self, other):
+    shape = torch.broadcast_shapes(self.shape, other.shape)
+    device = self.device if self.dim() > 0 or other.dim() == 0 else other.device
+    return torch.empty(shape, dtype=torch.result_type(self, other), device=device)
+
+
+def _setup(ctx, inputs, output):
+    self, other = inputs
+    ctx.shapes = (self.shape, other.shape)
+    ctx.dtypes = (self.dtype, other.dtype)
+
+
+def _backward(ctx, grad):
+    grads = []
+    for shape, dtype, needed in zip(ctx.shapes, ctx.dtypes, ctx.needs_input_grad):
+        grads.append(grad.sum_to_size(shape).to(dtype) if needed else None)
+    return tuple(grads)
+
+
+add_tensor.register_autograd(_backward, setup_context=_setup)
