@@ -28,7 +28,7 @@ DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False):
     """Fresh normal random tensor (never zeros)."""
-    t = (torch.randn(*shape, dtype=torch.float32) * scale).to(dtype=dtype, device=device)
+    t = (torch.randn(shape, dtype=torch.float32) * scale).to(dtype=dtype, device=device)
     return t.requires_grad_(requires_grad)
 
 

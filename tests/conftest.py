@@ -40,3 +40,9 @@ def _fresh_seed(request):
     # A different but reproducible seed per test: fresh inputs, no flaky reruns.
     torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
     yield
+
+
+# Test modules import the shared helpers (tests/accuracy.py) by name.
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
