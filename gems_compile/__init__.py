@@ -7,15 +7,24 @@ functions (``rms_norm``, ``fused_add_rms_norm``, ``silu_and_mul``, ...).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
+
+logger = logging.getLogger(__name__)
+logger.addHandler(logging.NullHandler())
+
+# Without a CUDA device, Triton can only run through its CPU interpreter, which reads
+# TRITON_INTERPRET when a kernel is decorated, i.e. during this import. An explicit
+# TRITON_INTERPRET=0 is respected (CPU tensors then get a clear error at launch).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+    logger.info("no CUDA device: flag_gems kernels run through Triton's CPU interpreter")
 
 from . import lowerings as _lowerings  # noqa: F401  (registers torch.ops.flag_gems.*)
 from .lowerings.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm
 
 __version__ = "0.1.0"
-
-logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 vendor_name = "nvidia" if torch.cuda.is_available() and torch.version.hip is None else ("amd" if torch.cuda.is_available() else "cpu")
