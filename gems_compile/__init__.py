@@ -22,6 +22,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     logger.info("no CUDA device: flag_gems kernels run through Triton's CPU interpreter")
 
 from . import lowerings as _lowerings  # noqa: F401  (registers torch.ops.flag_gems.*)
+from .backend import explain, flag_gems_backend
 from .lowerings.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm
 
 __version__ = "0.1.0"
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 device = "cuda" if torch.cuda.is_available() else "cpu"
 vendor_name = "nvidia" if torch.cuda.is_available() and torch.version.hip is None else ("amd" if torch.cuda.is_available() else "cpu")
 
-__all__ = ["add_rms_norm", "fused_add_rms_norm", "rms_norm", "device", "vendor_name"]
+__all__ = ["add_rms_norm", "explain", "flag_gems_backend", "fused_add_rms_norm", "rms_norm", "device", "vendor_name"]
 
 if _lowerings.act_and_mul is not None:
     from .lowerings.act_and_mul import *  # noqa: F401,F403

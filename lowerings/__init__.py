@@ -12,7 +12,7 @@ the same registration must also run on CPU tensors through Triton's interpreter 
 ``custom_op`` gives schema, fake tensor, autograd and AOT support with none of that.
 """
 
-from . import add, rms_norm  # noqa: F401  (registers the ops)
+from . import add, registry, rms_norm  # noqa: F401  (registers the ops)
 
 try:  # families written in parallel; each registers its ops on import
     from . import act_and_mul  # noqa: F401

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.add import add, add_unsupported_reason
+from .registry import register
 
 logger = logging.getLogger(__name__)
 
@@ -64,3 +65,20 @@ def _backward(ctx, grad):
 
 
 add_tensor.register_autograd(_backward, setup_context=_setup)
+
+
+def _supports_add(self, other, alpha=1):
+    if alpha != 1:
+        return "alpha != 1"
+    return add_unsupported_reason(self, other)
+
+
+# Opt-in: one add alone moves the same bytes as the native kernel and costs more host
+# time to launch (benchmarks/bench_kernels.py); it pays only inside fused patterns.
+register(
+    torch.ops.aten.add.Tensor,
+    kernel="flag_gems.add_tensor",
+    supports=_supports_add,
+    default=False,
+    reason="alone, no faster than the native add (same bytes, more host time); fused where part of a pattern",
+)(torch.ops.flag_gems.add_tensor.default)

@@ -1,0 +1,268 @@
+"""The ``flag_gems`` torch.compile backend.
+
+Pipeline, per graph Dynamo hands over::
+
+    Dynamo FX graph (torch IR)
+      -> pre-dispatch aten graph          make_fx(pre_dispatch=True) in Dynamo's fake mode:
+                                          aten ops, above autograd, not yet decomposed
+      -> fusion passes                    RMSNorm (+ residual add), SiLU/GELU * mul, RoPE,
+                                          rewritten into torch.ops.flag_gems.* functional ops
+      -> aot_autograd                     functionalization; forward + backward graphs whose
+                                          fused ops' backward is our backward kernels
+      -> aten lowering + report           per-node decisions (flag_gems.lowerings registry)
+      -> executable                       the graph as is, CUDA-graph replay, or Inductor
+
+Fusing *before* autograd is what lets training use the fused backward kernels: AOT
+traces through our ops' autograd formulas instead of through the decomposed math.
+
+A pass that raises, or a graph the tracing cannot handle, falls back to the unmodified
+graph with one warning (``options={"strict": True}`` raises instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import warnings
+
+import torch
+from torch import fx
+
+from .options import CompileOptions
+from .passes import FUSION_PASSES
+from .report import CompileReport, GraphReport, dump_graph, dump_report
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["flag_gems_backend", "GemsCompiler", "explain"]
+
+# Decompositions applied while AOT autograd traces. Deliberately small: every entry splits
+# one native kernel into several launches, which only pays where a pass fuses the pieces
+# again. Today none does, so the table only holds ops whose native kernel is a composite of
+# small launches anyway.
+DECOMPOSITIONS: dict = {}
+
+_graph_ids = itertools.count()
+_sinks = threading.local()
+_warned: set = set()
+
+
+def _warn_once(key: str, msg: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg, *args)
+
+
+def _record_sink():
+    return getattr(_sinks, "stack", None)
+
+
+def _fake_inputs(example_inputs):
+    """Example inputs as fake tensors of Dynamo's fake mode (symbolic sizes kept)."""
+    from torch._guards import TracingContext, detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        fake_mode = FakeTensorMode()
+    tc = TracingContext.try_get()
+    out = []
+    with fake_mode:
+        for x in example_inputs:
+            if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor):
+                ctx = tc.tensor_to_context.get(x) if tc is not None else None
+                src = getattr(ctx, "tensor_source", None)
+                x = fake_mode.from_tensor(x, symbolic_context=ctx, source=src, trace=ctx is None)
+            out.append(x)
+    return fake_mode, out
+
+
+def trace_pre_dispatch(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+    """Trace a Dynamo graph into a pre-dispatch aten graph (above autograd, undecomposed).
+
+    Args:
+        gm: the graph Dynamo hands to the backend.
+        example_inputs: its example inputs (real tensors, SymInts).
+
+    Returns:
+        A GraphModule with the same inputs and outputs, whose nodes are aten ops with
+        ``meta["val"]`` fake values.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fake_mode, fakes = _fake_inputs(example_inputs)
+    with fake_mode:
+        return make_fx(gm, pre_dispatch=True, tracing_mode="real")(*fakes)
+
+
+class GemsCompiler:
+    """A configured instance of the backend (what ``torch.compile`` calls per graph).
+
+    Args:
+        options: the backend's options.
+    """
+
+    def __init__(self, options: CompileOptions | None = None):
+        self.options = options or CompileOptions()
+
+    # -------------------------------------------------------------- dumps
+    def _dump(self, report: GraphReport, stage: str, gm) -> None:
+        if self.options.dump_dir:
+            dump_graph(self.options.dump_dir, report.graph_id, stage, gm)
+
+    def _finish(self, report: GraphReport) -> None:
+        if self.options.dump_dir:
+            dump_report(self.options.dump_dir, report)
+
+    # -------------------------------------------------------------- stages
+    def fuse(self, gm: fx.GraphModule, example_inputs, report: GraphReport) -> fx.GraphModule:
+        """Trace to aten and run the fusion passes; the unmodified graph on failure (not strict)."""
+        try:
+            aten_gm = trace_pre_dispatch(gm, example_inputs)
+            self._dump(report, "aten", aten_gm)
+            for name in self.options.fusions:
+                fn = FUSION_PASSES.get(name)
+                if fn is None:
+                    report.notes.append(f"fusion {name!r} is not available in this build")
+                    continue
+                fn(aten_gm, report)
+            aten_gm.graph.lint()
+            aten_gm.recompile()
+            self._dump(report, "fused", aten_gm)
+            return aten_gm
+        except Exception as e:
+            if self.options.strict:
+                raise
+            report.fallback = f"{type(e).__name__}: {e}"
+            _warn_once(f"fuse:{type(e).__name__}:{e}", "flag_gems: graph passes failed (%s); running the unmodified graph", report.fallback)
+            return gm
+
+    def _graph_compiler(self, report: GraphReport, kind: str):
+        from functorch.compile import make_boxed_func
+
+        from .passes.lower_aten import lower_aten
+
+        def compile_graph(gm: fx.GraphModule, example_inputs):
+            report.kind = kind if report.kind == "dynamo" else f"{report.kind}+{kind}"
+            try:
+                if self.options.lower_aten:
+                    lower_aten(gm, report)
+            except Exception as e:
+                if self.options.strict:
+                    raise
+                report.notes.append(f"aten lowering skipped on the {kind} graph: {type(e).__name__}: {e}")
+            self._dump(report, kind, gm)
+            fn = make_boxed_func(gm.forward)
+            if self.options.cudagraphs and kind == "inference":
+                fn = self._cudagraphs(gm, fn, report)
+            self._finish(report)
+            return fn
+
+        return compile_graph
+
+    def _cudagraphs(self, gm, fn, report):
+        from .cudagraphs import CUDAGraphRunner
+
+        tc = torch._guards.TracingContext.try_get()
+        meta = getattr(tc, "fw_metadata", None) if tc is not None else None
+        static = getattr(meta, "static_input_indices", None)
+        if static is None:
+            report.notes.append("CUDA graphs off: AOT autograd did not report the static inputs")
+            return fn
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        index = {n: i for i, n in enumerate(placeholders)}
+        mutated = sorted(
+            {index[n.args[0]] for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.copy_.default and n.args[0] in index}
+        )
+        report.notes.append(f"CUDA graphs on ({len(static)} static inputs, {len(mutated)} mutated inputs)")
+        return CUDAGraphRunner(fn, static, mutated)
+
+    # -------------------------------------------------------------- entry
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        report = GraphReport(next(_graph_ids))
+        sink = _record_sink()
+        if sink:
+            sink[-1].graphs.append(report)
+        self._dump(report, "dynamo", gm)
+        fused = self.fuse(gm, example_inputs, report)
+        logger.info("flag_gems: graph %d: %s", report.graph_id, dict(report.fused) or "nothing fused")
+        try:
+            if self.options.inductor:
+                from torch._inductor.compile_fx import compile_fx
+
+                report.kind = "inductor"
+                self._finish(report)
+                return compile_fx(fused, example_inputs)
+            from torch._functorch.aot_autograd import aot_module_simplified
+
+            return aot_module_simplified(
+                fused,
+                example_inputs,
+                fw_compiler=self._graph_compiler(report, "forward"),
+                bw_compiler=self._graph_compiler(report, "backward"),
+                inference_compiler=self._graph_compiler(report, "inference"),
+                decompositions=DECOMPOSITIONS,
+                keep_inference_input_mutations=True,
+            )
+        except Exception as e:
+            if self.options.strict or fused is gm:
+                raise
+            report.fallback = f"{type(e).__name__}: {e}"
+            _warn_once(f"aot:{type(e).__name__}", "flag_gems: compiling the rewritten graph failed (%s); running the unmodified graph", report.fallback)
+            self._finish(report)
+            return gm.forward
+
+
+def flag_gems_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
+    """The ``torch.compile`` backend registered as ``"flag_gems"``.
+
+    Args:
+        gm: the FX graph Dynamo captured.
+        example_inputs: its example inputs.
+        mode: ``torch.compile``'s mode (``"reduce-overhead"`` turns CUDA graphs on).
+        options: ``torch.compile``'s options dict (see :class:`~flag_gems.options.CompileOptions`).
+
+    Returns:
+        A callable running the compiled graph.
+
+    Raises:
+        ValueError: unknown mode or option.
+    """
+    return GemsCompiler(CompileOptions.from_user(mode, options))(gm, example_inputs)
+
+
+@contextlib.contextmanager
+def _collect(report: CompileReport):
+    stack = getattr(_sinks, "stack", None)
+    if stack is None:
+        stack = _sinks.stack = []
+    stack.append(report)
+    try:
+        yield report
+    finally:
+        stack.pop()
+
+
+def explain(fn_or_module, *args, options: dict | None = None, **kwargs) -> CompileReport:
+    """Compile ``fn_or_module`` with the flag_gems backend, run it once, and report what was done.
+
+    Args:
+        fn_or_module: a function or ``nn.Module``.
+        *args, **kwargs: the call's arguments.
+        options: backend options (as for ``torch.compile``); ``strict`` defaults to False.
+
+    Returns:
+        A :class:`~flag_gems.report.CompileReport`: per graph, the patterns fused, the aten
+        ops lowered to which kernel, and each node left to PyTorch with its reason. ``print``
+        it for a table.
+    """
+    report = CompileReport()
+    compiler = GemsCompiler(CompileOptions.from_user(None, options))
+    compiled = torch.compile(fn_or_module, backend=compiler)
+    with _collect(report), warnings.catch_warnings():
+        compiled(*args, **kwargs)
+    return report

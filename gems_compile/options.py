@@ -1,0 +1,70 @@
+"""Options of the ``flag_gems`` torch.compile backend.
+
+They arrive as ``torch.compile(m, backend="flag_gems", mode=..., options={...})``. An
+unknown key or mode is a ``ValueError`` that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Any
+
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+FUSIONS = ("rms_norm", "act_and_mul", "rotary_embedding")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """What the backend does with a graph.
+
+    Attributes:
+        strict: raise when a pass fails or a graph cannot be compiled, instead of warning
+            and falling back to the unmodified graph (tests use it).
+        dump_dir: write, per graph, the input and rewritten graphs and the report there
+            (default: the ``GEMS_DUMP_DIR`` environment variable).
+        cudagraphs: replay the compiled inference graph as CUDA graphs (``mode="reduce-overhead"``).
+        inductor: hand the rewritten graph to Inductor for the rest, instead of running it as is.
+        fusions: the pattern families to fuse (a subset of ``FUSIONS``).
+        lower_aten: rewrite remaining aten nodes that have a registered, faster lowering.
+    """
+
+    strict: bool = False
+    dump_dir: str | None = None
+    cudagraphs: bool = False
+    inductor: bool = False
+    fusions: tuple[str, ...] = FUSIONS
+    lower_aten: bool = True
+
+    @classmethod
+    def from_user(cls, mode: str | None = None, options: dict[str, Any] | None = None) -> "CompileOptions":
+        """Build options from ``torch.compile``'s ``mode`` and ``options``.
+
+        Raises:
+            ValueError: an unknown mode, option key, or fusion name.
+            TypeError: an option of the wrong type.
+        """
+        if mode not in MODES:
+            raise ValueError(f"flag_gems backend: unknown mode {mode!r}; valid modes: {', '.join(map(str, MODES[1:]))}")
+        options = dict(options or {})
+        valid = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = [k for k in options if k not in valid]
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
+            detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise ValueError(f"flag_gems backend: unknown option {detail}; valid options: {', '.join(valid)}")
+        for key in ("strict", "cudagraphs", "inductor", "lower_aten"):
+            if key in options and not isinstance(options[key], bool):
+                raise TypeError(f"flag_gems backend: option {key!r} must be a bool, got {options[key]!r}")
+        if "fusions" in options:
+            fusions = tuple(options["fusions"])
+            bad = [f for f in fusions if f not in FUSIONS]
+            if bad:
+                raise ValueError(f"flag_gems backend: unknown fusions {bad}; valid: {', '.join(FUSIONS)}")
+            options["fusions"] = fusions
+        if mode == "reduce-overhead":
+            options.setdefault("cudagraphs", True)
+        options.setdefault("dump_dir", os.environ.get("GEMS_DUMP_DIR") or None)
+        return cls(**options)

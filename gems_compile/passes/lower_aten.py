@@ -1,0 +1,56 @@
+"""Aten node lowering: rewrite aten nodes to registered implementations, record every decision.
+
+For each aten node of a (post-AOT) graph, the ``flag_gems.lowerings`` registry decides:
+a default entry whose ``supports(...)`` passes on the node's fake values is rewritten to
+its implementation; anything else stays aten, and the report says why (opt-in only,
+unsupported input, declared fallback, or no lowering). Views and other data-movement-free
+ops are counted under one reason so the report stays readable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..lowerings.registry import FALLBACKS, lookup
+from ..report import GraphReport
+from .matching import val
+
+_VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
+          "squeeze", "split", "chunk", "alias", "detach", "as_strided", "unbind", "split_with_sizes"}
+
+
+def _vals(args):
+    return [val(a) if isinstance(a, fx.Node) else a for a in args]
+
+
+def lower_aten(gm: fx.GraphModule, report: GraphReport) -> int:
+    """Rewrite the aten nodes of ``gm`` that have a default lowering; returns how many."""
+    count = 0
+    for node in gm.graph.nodes:
+        t = node.target
+        if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or t.namespace != "aten":
+            continue
+        name = str(t).removeprefix("aten.")
+        entry = lookup(t)
+        if entry is None:
+            if t in FALLBACKS:
+                report.keep(name, FALLBACKS[t])
+            elif t.__name__.split(".")[0] in _VIEWS or torch.Tag.view_copy in t.tags or t.is_view:
+                report.keep("views", "no data movement")
+            else:
+                report.keep(name, "no lowering registered")
+            continue
+        if not entry.default:
+            report.keep(name, f"opt-in only: {entry.reason}")
+            continue
+        reason = entry.supports(*_vals(node.args), **dict(zip(node.kwargs, _vals(node.kwargs.values()))))
+        if reason is not None:
+            report.keep(name, reason)
+            continue
+        node.target = entry.impl
+        report.lower(name, entry.kernel)
+        count += 1
+    if count:
+        gm.recompile()
+    return count

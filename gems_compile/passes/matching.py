@@ -1,0 +1,144 @@
+"""Small helpers the fusion passes share to read FX graphs semantically.
+
+The passes see three spellings of the same math: the pre-dispatch aten graph this
+backend traces (``aten.to.dtype``, ``aten.mean.dim``), the post-grad graphs Inductor
+hands to custom passes (``prims.convert_element_type``, ``aten._to_copy``), and the
+odd user spelling (``x * x`` for ``x.pow(2)``). These helpers fold the spellings, so that
+each matcher is written once.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+CAST_OPS = {
+    aten.to.dtype,
+    aten._to_copy.default,
+    prims.convert_element_type.default,
+    aten.to.dtype_layout,
+    aten.type_as.default,
+}
+
+
+def is_op(node, *targets) -> bool:
+    """True if ``node`` is a call_function of one of ``targets`` (OpOverloads or packets)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    t = node.target
+    return t in targets or getattr(t, "overloadpacket", None) in targets
+
+
+def val(node):
+    """The node's example value (a FakeTensor, SymInt, ...) or None."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def dtype_of(node):
+    v = val(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def shape_of(node):
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def cast_target(node) -> torch.dtype | None:
+    """The dtype a cast node converts to, or None if ``node`` is not a plain dtype cast."""
+    if not is_op(node, *CAST_OPS):
+        return None
+    if node.target is aten.type_as.default:
+        return dtype_of(node.args[1])
+    if node.target is aten.to.dtype:
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
+    if node.target is prims.convert_element_type.default:
+        return node.args[1]
+    # _to_copy / to.dtype_layout: a pure dtype cast only when no device/layout change
+    kw = node.kwargs
+    if any(kw.get(k) not in (None, torch.strided) for k in ("layout",)) or kw.get("device") not in (None, val(node).device if val(node) is not None else None):
+        return None
+    return kw.get("dtype")
+
+
+def strip_casts(node):
+    """Follow dtype casts back to the value they convert. Returns (source, casts seen)."""
+    casts = []
+    while cast_target(node) is not None:
+        casts.append(cast_target(node))
+        node = node.args[0]
+    return node, casts
+
+
+def float_scalar(x) -> float | None:
+    """A Python number argument as float (None for nodes / other types)."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    return None
+
+
+def binary_operands(node, *targets):
+    """``(a, b)`` if ``node`` is a ``targets`` op with two operands (alpha must be 1), else None."""
+    if not is_op(node, *targets) or len(node.args) < 2:
+        return None
+    if node.kwargs.get("alpha", 1) != 1 or (len(node.args) > 2 and node.args[2] != 1):
+        return None
+    return node.args[0], node.args[1]
+
+
+def other_operand(node, known, *targets):
+    """For a commutative binary ``node`` with ``known`` as one operand, return the other one."""
+    ops = binary_operands(node, *targets)
+    if ops is None:
+        return None
+    a, b = ops
+    if a is known:
+        return b
+    if b is known:
+        return a
+    return None
+
+
+def single_user(node):
+    """The only user of ``node``, or None."""
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def is_last_dim(dims, ndim) -> bool:
+    """True if ``dims`` (a list of one dim) names the last of ``ndim`` dims."""
+    if not isinstance(dims, (list, tuple)) or len(dims) != 1:
+        return False
+    d = dims[0]
+    return d == -1 or d == ndim - 1
+
+
+def getitem(graph: fx.Graph, node, index: int):
+    return graph.call_function(operator.getitem, (node, index))
+
+
+def set_fake_val(node, fn, *args, **kwargs):
+    """Compute ``node.meta['val']`` by running ``fn`` on the example values of ``args``."""
+    from torch._guards import detect_fake_mode
+
+    def v(a):
+        if isinstance(a, fx.Node):
+            return val(a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(v(x) for x in a)
+        return a
+
+    vargs = [v(a) for a in args]
+    vkwargs = {k: v(a) for k, a in kwargs.items()}
+    fake_mode = detect_fake_mode([x for x in vargs if isinstance(x, torch.Tensor)])
+    if fake_mode is None:
+        return
+    with fake_mode:
+        node.meta["val"] = fn(*vargs, **vkwargs)

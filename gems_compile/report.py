@@ -1,0 +1,139 @@
+"""What the backend did to each graph, and why: the data behind ``flag_gems.explain`` and the dumps.
+
+A :class:`GraphReport` is filled by the passes while they run on one graph: each fusion
+match, each aten node lowered to a kernel, each node left to PyTorch with its reason,
+and a fallback of the whole graph when a pass failed. :class:`CompileReport` collects
+the graphs of one compiled function and prints them as a table.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class GraphReport:
+    """Decisions taken on one compiled graph.
+
+    Attributes:
+        graph_id: sequence number of the graph in this process.
+        kind: ``"inference"``, ``"forward"`` or ``"backward"`` (or ``"dynamo"`` before AOT).
+        fused: pattern name -> number of matches rewritten.
+        lowered: ``"aten op -> kernel"`` -> count.
+        kept: aten op -> {reason: count}: nodes left to PyTorch and why.
+        fallback: set when the whole graph ran unmodified (the reason).
+        notes: other per-graph remarks (one line each).
+    """
+
+    graph_id: int
+    kind: str = "dynamo"
+    fused: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    lowered: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    kept: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(collections.Counter))
+    fallback: str | None = None
+    notes: list = dataclasses.field(default_factory=list)
+
+    def fuse(self, pattern: str, variant: str | None = None) -> None:
+        """Record one rewritten match of ``pattern`` (``variant`` names the matched form)."""
+        self.fused[pattern if variant is None else f"{pattern}[{variant}]"] += 1
+        logger.debug("graph %d: fused %s (%s)", self.graph_id, pattern, variant)
+
+    def lower(self, op: str, kernel: str) -> None:
+        self.lowered[f"{op} -> {kernel}"] += 1
+
+    def keep(self, op: str, reason: str) -> None:
+        """Record an aten node left to PyTorch, with its reason."""
+        self.kept[op][reason] += 1
+        logger.debug("graph %d: kept %s: %s", self.graph_id, op, reason)
+
+    def to_dict(self) -> dict:
+        return {
+            "graph_id": self.graph_id,
+            "kind": self.kind,
+            "fused": dict(self.fused),
+            "lowered": dict(self.lowered),
+            "kept": {op: dict(r) for op, r in self.kept.items()},
+            "fallback": self.fallback,
+            "notes": list(self.notes),
+        }
+
+    def table(self) -> str:
+        """The report as readable text."""
+        lines = [f"graph {self.graph_id} ({self.kind})"]
+        if self.fallback:
+            lines.append(f"  FALLBACK to the unmodified graph: {self.fallback}")
+        rows = [("fused", k, v) for k, v in sorted(self.fused.items())]
+        rows += [("lowered", k, v) for k, v in sorted(self.lowered.items())]
+        for op, reasons in sorted(self.kept.items()):
+            for reason, n in sorted(reasons.items()):
+                rows.append(("kept", f"{op}: {reason}", n))
+        if rows:
+            w = max(len(r[1]) for r in rows)
+            lines += [f"  {kind:<8}{what:<{w}}  x{n}" for kind, what, n in rows]
+        else:
+            lines.append("  (nothing fused or lowered)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """The graphs of one compiled function (``flag_gems.explain``'s return value)."""
+
+    graphs: list = dataclasses.field(default_factory=list)
+
+    def totals(self) -> collections.Counter:
+        """Pattern / lowering counts summed over the graphs."""
+        total = collections.Counter()
+        for g in self.graphs:
+            total.update({f"fused {k}": v for k, v in g.fused.items()})
+            total.update({f"lowered {k}": v for k, v in g.lowered.items()})
+        return total
+
+    @property
+    def fused(self) -> collections.Counter:
+        """Fusions by pattern name (variants folded), summed over graphs."""
+        out = collections.Counter()
+        for g in self.graphs:
+            for k, v in g.fused.items():
+                out[k.split("[")[0]] += v
+        return out
+
+    @property
+    def fallbacks(self) -> list:
+        return [(g.graph_id, g.fallback) for g in self.graphs if g.fallback]
+
+    def to_dict(self) -> dict:
+        return {"graphs": [g.to_dict() for g in self.graphs]}
+
+    def __str__(self) -> str:
+        if not self.graphs:
+            return "flag_gems: no graph was compiled"
+        return "\n".join(g.table() for g in self.graphs)
+
+    __repr__ = __str__
+
+
+def dump_graph(dump_dir: str, graph_id: int, stage: str, gm) -> str:
+    """Write ``gm``'s readable code to ``dump_dir/graph_<id>_<stage>.py`` and return the path."""
+    os.makedirs(dump_dir, exist_ok=True)
+    path = os.path.join(dump_dir, f"graph_{graph_id:03d}_{stage}.py")
+    with open(path, "w") as f:
+        f.write(gm.print_readable(print_output=False))
+    return path
+
+
+def dump_report(dump_dir: str, report: GraphReport) -> None:
+    """Write the report of one graph as JSON and text beside its graph dumps."""
+    os.makedirs(dump_dir, exist_ok=True)
+    base = os.path.join(dump_dir, f"graph_{report.graph_id:03d}_{report.kind}_report")
+    with open(base + ".json", "w") as f:
+        json.dump(report.to_dict(), f, indent=2)
+    with open(base + ".txt", "w") as f:
+        f.write(report.table() + "\n")

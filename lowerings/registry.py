@@ -1,0 +1,94 @@
+"""The op registry: what each aten overload may become, and when.
+
+One table, two consumers: the compile backend reads it to rewrite aten nodes (with FX
+``meta["val"]`` fake tensors as arguments), the eager dispatcher mode reads it to
+register implementations (with real tensors). Both call the same ``supports``.
+
+Entries are added only through :func:`register` on an explicit overload
+(``aten.add.Tensor``, never the packet ``aten.add``). Ops left to PyTorch on purpose are
+declared in :data:`FALLBACKS` with their reason; no op is both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """One registry entry.
+
+    Attributes:
+        target: the aten overload.
+        impl: what replaces it (a ``torch.ops.flag_gems`` overload or a Python function).
+        kernel: the name reports show.
+        supports: ``(*args, **kwargs) -> None | reason``: None when ``impl`` handles the call.
+        default: whether consumers use it by default (False: only when asked for).
+        reason: why it is (not) on by default: the measurement behind the choice.
+    """
+
+    target: torch._ops.OpOverload
+    impl: Callable
+    kernel: str
+    supports: Callable[..., str | None]
+    default: bool
+    reason: str
+
+
+REGISTRY: dict = {}
+
+# Ops deliberately left to PyTorch, with the reason (one place; a test checks no overlap).
+FALLBACKS: dict = {
+    aten.mul.Tensor: "a single pointwise op: the native kernel already runs at bandwidth; fused where part of a pattern",
+    aten.sub.Tensor: "a single pointwise op: the native kernel already runs at bandwidth",
+    aten.neg.default: "a single pointwise op: fused into rotary embedding where it is part of rotate_half",
+    aten.silu.default: "fused with its mul (act_and_mul); alone, the native kernel is as fast",
+    aten.gelu.default: "fused with its mul (act_and_mul); alone, the native kernel is as fast",
+    aten._to_copy.default: "dtype casts are fused into the patterns around them; alone, a native copy is as fast",
+    aten.mm.default: "cuBLAS; no Triton GEMM registered by default yet",
+    aten.addmm.default: "cuBLAS; no Triton GEMM registered by default yet",
+    aten.bmm.default: "cuBLAS; no Triton GEMM registered by default yet",
+    aten._scaled_dot_product_flash_attention.default: "native flash attention",
+    aten._scaled_dot_product_efficient_attention.default: "native memory-efficient attention",
+}
+
+
+def register(target, *, kernel: str, supports: Callable[..., str | None], default: bool, reason: str):
+    """Decorator registering ``impl`` as the lowering of one aten overload.
+
+    Raises:
+        TypeError: ``target`` is an op packet (name the overload) or not an aten op.
+        ValueError: the overload is already registered or declared a fallback.
+    """
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        overloads = ", ".join(f"{target._qualified_op_name}.{o}" for o in target.overloads())
+        raise TypeError(f"register: name an overload, not the packet {target._qualified_op_name} (one of: {overloads})")
+    if not isinstance(target, torch._ops.OpOverload):
+        raise TypeError(f"register: expected an aten OpOverload, got {target!r}")
+    if target in REGISTRY or target in FALLBACKS:
+        raise ValueError(f"register: {target} is already {'registered' if target in REGISTRY else 'a declared fallback'}")
+
+    def deco(impl):
+        REGISTRY[target] = Lowering(target, impl, kernel, supports, default, reason)
+        return impl
+
+    return deco
+
+
+def lookup(target) -> Lowering | None:
+    """The entry for an aten overload, or None."""
+    return REGISTRY.get(target)
+
+
+def describe() -> str:
+    """The coverage table: every registered op and declared fallback, with its reason."""
+    rows = [(str(t), e.kernel, "default" if e.default else "opt-in", e.reason) for t, e in REGISTRY.items()]
+    rows += [(str(t), "-", "fallback", r) for t, r in FALLBACKS.items()]
+    w = max(len(r[0]) for r in rows)
+    k = max(len(r[1]) for r in rows)
+    return "\n".join(f"{op:<{w}}  {kern:<{k}}  {mode:<8}  {why}" for op, kern, mode, why in sorted(rows))
