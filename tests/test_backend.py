@@ -1,0 +1,264 @@
+"""The flag_gems torch.compile backend: registration, options, RMSNorm fusions, fallback, dynamic shapes, training, dumps."""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+import torch._dynamo.testing
+import torch.nn.functional as F  # noqa: F401
+
+import flag_gems
+from flag_gems.backend import GemsCompiler
+from flag_gems.options import CompileOptions
+from accuracy import DTYPE_IDS, DTYPES, assert_close, rand, ref64, tag
+
+STRICT = {"strict": True}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Each test compiles the same forward code with new modules/dtypes: start from an empty cache.
+    torch._dynamo.reset()
+    yield
+
+
+def compile_strict(m, **kw):
+    return torch.compile(m, backend="flag_gems", options=STRICT, fullgraph=True, **kw)
+
+
+# ----------------------------------------------------------------- norm modules in the styles models use
+
+
+class LlamaRMSNorm(torch.nn.Module):
+    """HF Llama / Qwen2 / Mistral."""
+
+    def __init__(self, n, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(n))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class GemmaRMSNorm(torch.nn.Module):
+    def __init__(self, n, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(0.1 * torch.randn(n))
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float())
+        output = output * (1.0 + self.weight.float())
+        return output.type_as(x)
+
+
+class MulSquareNoWeight(torch.nn.Module):
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt((xf * xf).mean(dim=-1, keepdim=True) + 1e-5)).to(x.dtype)
+
+
+class TorchRMSNorm(torch.nn.RMSNorm):
+    def __init__(self, n):
+        super().__init__(n, eps=1e-5)
+        with torch.no_grad():
+            self.weight.copy_(1 + 0.1 * torch.randn(n))
+
+
+NORMS = {"llama": LlamaRMSNorm, "gemma": GemmaRMSNorm, "no_weight": lambda n: MulSquareNoWeight(), "torch": TorchRMSNorm}
+
+
+class ResidualBlock(torch.nn.Module):
+    """Two residual adds, each followed by a norm: the decoder-layer shape of the pattern."""
+
+    def __init__(self, n, norm):
+        super().__init__()
+        self.norm1 = NORMS[norm](n)
+        self.norm2 = NORMS[norm](n)
+        self.proj = torch.nn.Linear(n, n, bias=False)
+
+    def forward(self, x, residual):
+        residual = x + residual
+        h = self.norm1(residual)
+        x = self.proj(h)
+        residual = x + residual
+        return self.norm2(residual), residual
+
+
+def _reference(module, *inputs):
+    """float64 copy of the module run on float64 inputs (detached)."""
+    import copy
+
+    m64 = copy.deepcopy(module).to(torch.float64)
+    with torch.no_grad():
+        return m64(*[ref64(t) for t in inputs])
+
+
+# ----------------------------------------------------------------- registration and options
+
+
+def test_backend_is_registered():
+    assert "flag_gems" in torch._dynamo.list_backends()
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("flag_gems") is not None
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown option 'strickt' \(did you mean 'strict'\?\).*valid options: strict"):
+        CompileOptions.from_user(None, {"strickt": True})
+    with pytest.raises(ValueError, match="unknown mode"):
+        CompileOptions.from_user("fastest", None)
+    with pytest.raises(ValueError, match="unknown fusions"):
+        CompileOptions.from_user(None, {"fusions": ["layer_norm"]})
+    with pytest.raises(TypeError, match="'strict' must be a bool"):
+        CompileOptions.from_user(None, {"strict": "yes"})
+    assert CompileOptions.from_user("reduce-overhead", None).cudagraphs
+
+
+def test_unknown_option_through_torch_compile(device):
+    f = torch.compile(lambda x: x + 1, backend="flag_gems", options={"nope": 1})
+    with pytest.raises(Exception, match="unknown option 'nope'"):
+        f(rand(3, device=device))
+
+
+# ----------------------------------------------------------------- fusions
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_residual_rms_norm_fused(norm, dtype, device):
+    n = 48
+    m = ResidualBlock(n, norm).to(device=device, dtype=dtype)
+    x, r = rand(2, 5, n, dtype=dtype, device=device), rand(2, 5, n, dtype=dtype, device=device)
+    with torch.no_grad():
+        report = flag_gems.explain(m, x, r, options=STRICT)
+        out, res = compile_strict(m)(x, r)
+    assert report.fused["add_rms_norm"] == 2, str(report)
+    assert not report.fallbacks
+    ref_out, ref_res = _reference(m, x, r)
+    assert out.dtype == dtype and res.dtype == dtype
+    # The fused kernel rounds once where the model rounds at every op: compare both to float64.
+    assert_close(res, ref_res, dtype, tag(f"backend[{norm}].residual", res.shape, dtype), grad=True)
+    assert_close(out, ref_out, dtype, tag(f"backend[{norm}].out", out.shape, dtype), grad=True)
+
+
+def test_fp32_weight_on_bf16_keeps_the_weight_multiply(device):
+    """Llama norm with an fp32 weight on bf16 activations returns fp32: only the norm is fused,
+    the fp32 weight multiply stays, and the output keeps its dtype."""
+    m = LlamaRMSNorm(32).to(device)  # fp32 weight
+    x = rand(3, 32, dtype=torch.bfloat16, device=device)
+    with torch.no_grad():
+        report = flag_gems.explain(m, x, options=STRICT)
+        out = compile_strict(m)(x)
+        ref = m(x)
+    assert report.graphs[0].fused == {"rms_norm[no_weight]": 1}, str(report)
+    assert out.dtype == ref.dtype == torch.float32
+    assert_close(out, _reference(m, x), torch.bfloat16, tag("backend[fp32 weight]", out.shape, torch.bfloat16))
+
+
+def test_rms_norm_below_fp32_is_left_alone(device):
+    def f(x):  # normalizes in bf16: fusing would change numerics
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    x = rand(4, 16, dtype=torch.bfloat16, device=device)
+    report = flag_gems.explain(f, x, options=STRICT)
+    assert sum(report.fused.values()) == 0
+    kept = report.graphs[0].kept["rms_norm pattern"]
+    assert any("below fp32" in r for r in kept), str(report)
+
+
+# ----------------------------------------------------------------- dynamic shapes, training
+
+
+def test_dynamic_shapes_compile_once(device):
+    m = ResidualBlock(32, "llama").to(device)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(GemsCompiler(CompileOptions(strict=True)))
+    f = torch.compile(m, backend=counter, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for b, s in [(2, 3), (3, 7), (4, 2), (2, 17)]:  # >= 2: Dynamo specializes sizes 0 and 1
+            x, r = rand(b, s, 32, device=device), rand(b, s, 32, device=device)
+            out, res = f(x, r)
+            ref_out, ref_res = _reference(m, x, r)
+            assert_close(out, ref_out, torch.float32, tag("backend[dynamic]", out.shape, torch.float32))
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_training_uses_fused_backward(dtype, device, tmp_path):
+    m = ResidualBlock(40, "llama").to(device=device, dtype=dtype)
+    x = rand(2, 3, 40, dtype=dtype, device=device, requires_grad=True)
+    r = rand(2, 3, 40, dtype=dtype, device=device, requires_grad=True)
+    f = torch.compile(m, backend="flag_gems", options={"strict": True, "dump_dir": str(tmp_path)}, fullgraph=True)
+    out, res = f(x, r)
+    (out.float().square().sum() + res.float().sum()).backward()
+    grads = [x.grad, r.grad, m.norm1.weight.grad, m.proj.weight.grad]
+
+    import copy
+
+    m64 = copy.deepcopy(m).to(torch.float64)
+    x64, r64 = ref64(x).requires_grad_(), ref64(r).requires_grad_()
+    o64, res64 = m64(x64, r64)
+    (o64.square().sum() + res64.sum()).backward()
+    refs = [x64.grad, r64.grad, m64.norm1.weight.grad, m64.proj.weight.grad]
+    for name, g, rg in zip(["x", "residual", "norm1.weight", "proj.weight"], grads, refs):
+        scale = rg.abs().max().item()
+        assert_close(g / scale, rg / scale, dtype, tag(f"backend.train.d{name}", rg.shape, dtype), grad=True)
+    backward_code = "".join(open(tmp_path / p).read() for p in os.listdir(tmp_path) if p.endswith("_backward.py"))
+    assert "flag_gems.rms_norm_backward" in backward_code
+
+
+# ----------------------------------------------------------------- fallback, strict, dumps
+
+
+def test_failing_pass_falls_back_with_one_warning(device, monkeypatch, caplog):
+    import flag_gems.passes as passes
+
+    def boom(gm, report):
+        raise RuntimeError("synthetic pass failure")
+
+    monkeypatch.setitem(passes.FUSION_PASSES, "rms_norm", boom)
+    m = ResidualBlock(16, "llama").to(device)
+    x, r = rand(2, 16, device=device), rand(2, 16, device=device)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="flag_gems"):
+        report = flag_gems.explain(m, x, r)
+        out, res = torch.compile(m, backend="flag_gems")(x, r)
+    assert report.fallbacks and "synthetic pass failure" in report.fallbacks[0][1]
+    ref_out, _ = m(x, r)
+    torch.testing.assert_close(out, ref_out)
+    with pytest.raises(Exception, match="synthetic pass failure"), torch.no_grad():
+        torch._dynamo.reset()
+        compile_strict(m)(x, r)
+
+
+def test_dump_dir_writes_graphs_and_report(device, tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMS_DUMP_DIR", str(tmp_path))
+    m = ResidualBlock(16, "gemma").to(device)
+    x, r = rand(2, 16, device=device), rand(2, 16, device=device)
+    with torch.no_grad():
+        torch.compile(m, backend="flag_gems", options=STRICT)(x, r)
+    files = sorted(os.listdir(tmp_path))
+    for stage in ("dynamo", "aten", "fused", "inference"):
+        assert any(f.endswith(f"_{stage}.py") for f in files), files
+    report = json.load(open(tmp_path / next(f for f in files if f.endswith("_report.json"))))
+    assert report["fused"] == {"add_rms_norm[gemma]": 2}
+    fused_code = open(tmp_path / next(f for f in files if f.endswith("_fused.py"))).read()
+    assert "flag_gems.add_rms_norm" in fused_code and "rsqrt" not in fused_code
+
+
+def test_explain_report_prints_a_table(device):
+    m = ResidualBlock(16, "torch").to(device)
+    x, r = rand(2, 16, device=device), rand(2, 16, device=device)
+    report = flag_gems.explain(m, x, r)
+    text = str(report)
+    assert "fused" in text and "add_rms_norm[aten]" in text and "kept" in text
