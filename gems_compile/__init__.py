@@ -23,20 +23,32 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 from . import lowerings as _lowerings  # noqa: F401  (registers torch.ops.flag_gems.*)
 from .backend import explain, flag_gems_backend
+from .inductor_pass import GemsFusionPass, inductor_pass
+from .lowerings.act_and_mul import gelu_and_mul, gelu_and_mul_fused, silu_and_mul, silu_and_mul_fused
 from .lowerings.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm
+from .lowerings.rotary_embedding import apply_rotary_pos_emb, apply_rotary_pos_emb_hf, rotary_embedding_cache
 
 __version__ = "0.1.0"
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 vendor_name = "nvidia" if torch.cuda.is_available() and torch.version.hip is None else ("amd" if torch.cuda.is_available() else "cpu")
 
-__all__ = ["add_rms_norm", "explain", "flag_gems_backend", "fused_add_rms_norm", "rms_norm", "device", "vendor_name"]
+__all__ = [
+    "GemsFusionPass",
+    "add_rms_norm",
+    "apply_rotary_pos_emb",
+    "apply_rotary_pos_emb_hf",
+    "device",
+    "explain",
+    "flag_gems_backend",
+    "fused_add_rms_norm",
+    "gelu_and_mul",
+    "gelu_and_mul_fused",
+    "inductor_pass",
+    "rms_norm",
+    "rotary_embedding_cache",
+    "silu_and_mul",
+    "silu_and_mul_fused",
+    "vendor_name",
+]
 
-if _lowerings.act_and_mul is not None:
-    from .lowerings.act_and_mul import *  # noqa: F401,F403
-
-    __all__ += list(_lowerings.act_and_mul.__all__)
-if _lowerings.rotary_embedding is not None:
-    from .lowerings.rotary_embedding import *  # noqa: F401,F403
-
-    __all__ += list(_lowerings.rotary_embedding.__all__)

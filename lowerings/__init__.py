@@ -12,13 +12,4 @@ the same registration must also run on CPU tensors through Triton's interpreter 
 ``custom_op`` gives schema, fake tensor, autograd and AOT support with none of that.
 """
 
-from . import add, registry, rms_norm  # noqa: F401  (registers the ops)
-
-try:  # families written in parallel; each registers its ops on import
-    from . import act_and_mul  # noqa: F401
-except ImportError:  # pragma: no cover
-    act_and_mul = None
-try:
-    from . import rotary_embedding  # noqa: F401
-except ImportError:  # pragma: no cover
-    rotary_embedding = None
+from . import act_and_mul, add, registry, rms_norm, rotary_embedding  # noqa: F401  (registers the ops)

@@ -262,3 +262,29 @@ def test_explain_report_prints_a_table(device):
     report = flag_gems.explain(m, x, r)
     text = str(report)
     assert "fused" in text and "add_rms_norm[aten]" in text and "kept" in text
+
+
+# ----------------------------------------------------------------- Inductor as a partner
+
+
+def test_inductor_custom_pass_fuses_and_has_stable_uuid(device):
+    m = ResidualBlock(32, "llama").to(device=device, dtype=torch.bfloat16)
+    x, r = rand(2, 5, 32, dtype=torch.bfloat16, device=device), rand(2, 5, 32, dtype=torch.bfloat16, device=device)
+    p = flag_gems.GemsFusionPass()
+    assert p.uuid() == flag_gems.GemsFusionPass().uuid() == flag_gems.inductor_pass.uuid()
+    assert p.uuid() != flag_gems.GemsFusionPass(fusions=("rms_norm",)).uuid()
+    with torch.no_grad():
+        out, res = torch.compile(m, options={"post_grad_custom_post_pass": p, "fx_graph_cache": False})(x, r)
+    assert sum(rep.fused["add_rms_norm[llama]"] for rep in p.reports) == 2
+    ref_out, ref_res = _reference(m, x, r)
+    assert_close(out, ref_out, torch.bfloat16, tag("inductor_pass.out", out.shape, torch.bfloat16), grad=True)
+
+
+def test_backend_hands_rewritten_graph_to_inductor(device):
+    m = ResidualBlock(32, "gemma").to(device=device, dtype=torch.bfloat16)
+    x, r = rand(2, 5, 32, dtype=torch.bfloat16, device=device), rand(2, 5, 32, dtype=torch.bfloat16, device=device)
+    with torch.no_grad():
+        out, res = torch.compile(m, backend="flag_gems", options={"inductor": True, "strict": True})(x, r)
+    ref_out, ref_res = _reference(m, x, r)
+    assert_close(out, ref_out, torch.bfloat16, tag("backend[inductor].out", out.shape, torch.bfloat16), grad=True)
+    assert_close(res, ref_res, torch.bfloat16, tag("backend[inductor].res", res.shape, torch.bfloat16))
