@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -68,11 +69,19 @@ def check_same_device(**tensors) -> None:
         raise ValueError(f"all tensors must be on one device; got {desc}")
 
 
+# Triton's CPU interpreter patches module-level state while a kernel runs, so two threads
+# interpreting kernels at once corrupt each other; launches are serialized in that mode.
+_INTERPRETER_LOCK = threading.RLock()
+
+
 def device_guard(t: torch.Tensor):
-    """Context that makes ``t``'s CUDA device current for a launch (no-op when it already is)."""
-    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+    """Context for one launch: makes ``t``'s CUDA device current (no-op when it already is);
+    in interpreter mode, holds the lock that serializes interpreted kernels across threads."""
+    if t.device.type == "cuda":
+        if t.device.index is not None and t.device.index != torch.cuda.current_device():
+            return torch.cuda.device(t.device)
+        return contextlib.nullcontext()
+    return _INTERPRETER_LOCK
 
 
 @functools.lru_cache(maxsize=None)

@@ -126,7 +126,7 @@ def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     sa = [0] * pad + sa
     sb = [0] * pad + sb
     with device_guard(out):
-        _add_kernel[(triton.cdiv(n, BLOCK),)](
+        _add_kernel[((n + BLOCK - 1) // BLOCK,)](
             a, b, out, n, sizes[1], sizes[2], sizes[3], *sa, *sb, FLAT=flat, BLOCK=BLOCK, num_warps=4
         )
     return out
