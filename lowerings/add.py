@@ -74,11 +74,14 @@ def _supports_add(self, other, alpha=1):
 
 
 # Opt-in: one add alone moves the same bytes as the native kernel and costs more host
-# time to launch (benchmarks/bench_kernels.py); it pays only inside fused patterns.
-register(
+# time to launch; it pays only inside fused patterns (to be confirmed by the GPU benchmark).
+@register(
     torch.ops.aten.add.Tensor,
-    kernel="flag_gems.add_tensor",
+    kernel="flag_gems.add",
     supports=_supports_add,
     default=False,
     reason="alone, no faster than the native add (same bytes, more host time); fused where part of a pattern",
-)(torch.ops.flag_gems.add_tensor.default)
+)
+def _add_tensor_aten(self, other, alpha=1):
+    """``aten.add.Tensor`` signature over the broadcasting add kernel (after ``_supports_add``)."""
+    return add(self, other)

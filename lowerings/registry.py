@@ -25,7 +25,8 @@ class Lowering:
 
     Attributes:
         target: the aten overload.
-        impl: what replaces it (a ``torch.ops.flag_gems`` overload or a Python function).
+        impl: what replaces it: a function taking exactly the aten overload's arguments
+            (called only after ``supports`` returned None), usually a kernel launcher.
         kernel: the name reports show.
         supports: ``(*args, **kwargs) -> None | reason``: None when ``impl`` handles the call.
         default: whether consumers use it by default (False: only when asked for).
