@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import torch
 
@@ -15,11 +16,19 @@ logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
 # Without a CUDA device, Triton can only run through its CPU interpreter, which reads
-# TRITON_INTERPRET when a kernel is decorated, i.e. during this import. An explicit
-# TRITON_INTERPRET=0 is respected (CPU tensors then get a clear error at launch).
+# TRITON_INTERPRET when a function is decorated: Triton's own library functions are
+# decorated when triton is imported, ours during this import. So the switch is flipped
+# here only if triton is not imported yet; otherwise CPU tensors get a clear error at
+# launch (set TRITON_INTERPRET=1 at process start). An explicit TRITON_INTERPRET=0 is respected.
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-    logger.info("no CUDA device: flag_gems kernels run through Triton's CPU interpreter")
+    if "triton" in sys.modules:
+        logger.warning(
+            "no CUDA device, and triton was imported before flag_gems without TRITON_INTERPRET=1: "
+            "flag_gems kernels cannot run on the CPU in this process; set TRITON_INTERPRET=1 at its start"
+        )
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"
+        logger.info("no CUDA device: flag_gems kernels run through Triton's CPU interpreter")
 
 from . import lowerings as _lowerings  # noqa: F401  (registers torch.ops.flag_gems.*)
 from .backend import explain, flag_gems_backend
