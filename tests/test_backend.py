@@ -288,3 +288,73 @@ def test_backend_hands_rewritten_graph_to_inductor(device):
     ref_out, ref_res = _reference(m, x, r)
     assert_close(out, ref_out, torch.bfloat16, tag("backend[inductor].out", out.shape, torch.bfloat16), grad=True)
     assert_close(res, ref_res, torch.bfloat16, tag("backend[inductor].res", res.shape, torch.bfloat16))
+
+
+# ----------------------------------------------------------------- graph semantics the backend must keep
+
+
+class Norm(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.norm = LlamaRMSNorm(n)
+
+    def forward(self, x, cache):
+        cache.add_(x)  # mutation of a graph input
+        y = self.norm(x + cache)
+        return y, x.view(-1), x.t()  # aliasing outputs
+
+
+@pytest.mark.parametrize("ctx", ["no_grad", "inference_mode", "grad"])
+def test_input_mutation_aliasing_outputs_and_grad_modes(ctx, device):
+    m = Norm(8).to(device)
+    x = rand(8, 8, device=device)
+    cache0 = rand(8, 8, device=device)
+    cm = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad": torch.enable_grad}[ctx]
+    with cm():
+        cache = cache0.clone()
+        y, flat, xt = compile_strict(m)(x, cache)
+        ref_cache = cache0.clone()
+        ry, rflat, rxt = m(x, ref_cache)
+    torch.testing.assert_close(cache, ref_cache)  # the in-place update reached the caller's tensor
+    assert_close(y, ry.detach().double(), torch.float32, tag(f"backend[{ctx}].y", y.shape, torch.float32))
+    assert flat.data_ptr() == x.data_ptr() and xt.data_ptr() == x.data_ptr()  # views stay views
+    assert xt.stride() == rxt.stride()
+
+
+def test_non_contiguous_inputs(device):
+    m = ResidualBlock(24, "llama").to(device)
+    x = rand(24, 5, 2, device=device).permute(2, 1, 0)
+    r = rand(2, 10, 24, device=device)[:, ::2]
+    with torch.no_grad():
+        out, res = compile_strict(m)(x, r)
+    ref_out, ref_res = _reference(m, x, r)
+    assert_close(out, ref_out, torch.float32, tag("backend[non-contiguous]", out.shape, torch.float32))
+    assert_close(res, ref_res, torch.float32, tag("backend[non-contiguous].res", res.shape, torch.float32))
+
+
+def test_ops_without_lowering_stay_aten_and_are_reported(device):
+    def f(x):
+        return torch.cumsum(x, 0).softmax(-1)
+
+    x = rand(5, 7, device=device)
+    report = flag_gems.explain(f, x, options=STRICT)
+    kept = report.graphs[0].kept
+    assert "cumsum.default" in kept and "_softmax.default" in kept, str(report)
+    torch.testing.assert_close(compile_strict(f)(x), f(x))
+
+
+def test_graph_break_code_still_compiles_around_it(device):
+    m = ResidualBlock(16, "llama").to(device)
+
+    def f(x, r):
+        out, res = m(x, r)
+        print_me = out.sum().item()  # a graph break between two compiled graphs
+        return m(out * (print_me > -1e9), res)
+
+    x, r = rand(2, 16, device=device), rand(2, 16, device=device)
+    with torch.no_grad():
+        report = flag_gems.explain(f, x, r)
+        out, res = torch.compile(f, backend="flag_gems", options=STRICT)(x, r)
+        ref_out, ref_res = f(x, r)
+    assert len(report.graphs) == 2 and report.fused["add_rms_norm"] == 4, str(report)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
