@@ -19,11 +19,8 @@ so the script itself is exercised in CI.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +34,9 @@ if "--cpu-smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (see flag_gems/__init__.py)
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_utils import file_tag, run_meta, write_rows  # noqa: E402
 
 LLAMA3_8B_4L = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
@@ -103,13 +103,7 @@ def run(args) -> list[dict]:
     inputs = {"prefill_1x2048": (1, 2048), "decode_8x1": (8, 1)} if not args.cpu_smoke else {"prefill_1x16": (1, 16), "decode_2x1": (2, 1)}
     contenders = args.contenders or (["eager", "flag_gems"] if args.cpu_smoke else list(CONTENDERS))
     model = build_model(cfg, device)
-    meta = dict(
-        gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
-        torch=torch.__version__, date=datetime.date.today().isoformat(), git=_git_sha(),
-    )
-    import triton
-
-    meta["triton"] = triton.__version__
+    meta = run_meta(device)
     rows = []
     for name, (b, s) in inputs.items():
         torch.manual_seed(1)
@@ -137,13 +131,6 @@ def run(args) -> list[dict]:
                 rows.append(dict(meta, input=name, provider=contender, metric=metric, value=value))
             print(f"{name:<16}{contender:<28}{ms:>10.3f} ms  first call {first:>7.2f} s  cosine {cos:.6f}", flush=True)
     return rows
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -178,13 +165,9 @@ def main(argv=None) -> int:
     if args.cpu_smoke:
         args.warmup, args.iters = 0, 1
     rows = run(args)
-    os.makedirs(args.out, exist_ok=True)
-    tag = "cpu-smoke" if args.cpu_smoke else f"{rows[0]['gpu'].replace(' ', '_')}_{rows[0]['date']}"
-    with open(os.path.join(args.out, f"model_{tag}.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    tag = "cpu-smoke" if args.cpu_smoke else file_tag(rows[0])
     text = markdown(rows)
-    with open(os.path.join(args.out, f"model_{tag}.md"), "w") as f:
-        f.write(text + "\n")
+    write_rows(rows, args.out, f"model_{tag}", text)
     print(text)
     return 0
 
