@@ -142,3 +142,29 @@ def set_fake_val(node, fn, *args, **kwargs):
         return
     with fake_mode:
         node.meta["val"] = fn(*vargs, **vkwargs)
+
+
+def node_arg(node, index: int, name: str, default=None):
+    """Argument ``name`` of a call node, passed at position ``index`` or by keyword (else ``default``)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def known_equal(a, b) -> bool:
+    """True if ints / SymInts ``a`` and ``b`` are equal for every shape the graph is valid for.
+
+    Never adds a guard: an equality that holds only for some values of the symbols is False.
+    """
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if isinstance(a, bool) or isinstance(b, bool) or not all(isinstance(v, (int, torch.SymInt)) for v in (a, b)):
+        return False
+    return bool(statically_known_true(a == b))
+
+
+def same_shape(a, b) -> bool:
+    """True if nodes ``a`` and ``b`` hold tensors whose shapes are known to be equal (no guard added)."""
+    sa, sb = shape_of(a), shape_of(b)
+    return sa is not None and sb is not None and len(sa) == len(sb) and all(known_equal(x, y) for x, y in zip(sa, sb))
+
