@@ -358,3 +358,20 @@ def test_graph_break_code_still_compiles_around_it(device):
         ref_out, ref_res = f(x, r)
     assert len(report.graphs) == 2 and report.fused["add_rms_norm"] == 4, str(report)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+
+
+def test_pattern_kept_when_fused_op_refuses_inputs(device, monkeypatch):
+    """CPU tensors outside interpreter mode: the op's fake refuses them, the pattern stays aten."""
+    if device != "cpu":
+        pytest.skip("CPU-only situation")
+    import flag_gems.kernels._common as common
+
+    monkeypatch.setattr(common, "interpreter_mode", lambda: False)
+    m = ResidualBlock(16, "llama")
+    x, r = rand(2, 16), rand(2, 16)
+    with torch.no_grad():
+        report = flag_gems.explain(m, x, r, options=STRICT)
+        out, res = compile_strict(m)(x, r)
+    assert sum(report.fused.values()) == 0
+    assert any("refuses" in reason for reason in report.graphs[0].kept["rms_norm pattern"]), str(report)
+    torch.testing.assert_close(out, m(x, r)[0])

@@ -228,9 +228,14 @@ def fuse_rms_norm(gm: fx.GraphModule, report: GraphReport) -> int:
         if not y.is_contiguous():
             report.keep("rms_norm pattern", "non-contiguous output layout")
             continue
-        _rewrite(gm, m, report)
+        try:
+            _rewrite(gm, m, report)
+        except (TypeError, ValueError, NotImplementedError) as e:
+            # The fused op's fake implementation refused these inputs (device, dtype): keep
+            # the pattern; the unused inserted node is removed with the dead code below.
+            report.keep("rms_norm pattern", f"fused op refuses the inputs: {e}")
+            continue
         count += 1
-    if count:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
     return count
