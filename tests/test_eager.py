@@ -1,0 +1,643 @@
+"""Eager dispatcher mode: ``enable`` / ``only_enable`` / ``disable`` / ``use_gems``, record logs, vendor detection.
+
+Most tests run on a registry table of their own (the ``table`` fixture: a few counting
+entries plus the real ``add.Tensor`` entry), so they test the mechanism whatever the
+default table holds; the Megatron-style test also runs on the real table.
+"""
+
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+import threading
+import warnings
+
+import pytest
+import torch
+
+import flag_gems
+from accuracy import assert_close, rand, ref64, tag
+from flag_gems import eager, runtime
+from flag_gems.lowerings import registry
+from flag_gems.lowerings.registry import REGISTRY, Lowering
+
+aten = torch.ops.aten
+# The real entry (Triton add, through the interpreter on CPU), made opt-in for the test table.
+ADD_ENTRY = dataclasses.replace(REGISTRY[aten.add.Tensor], default=False)
+
+
+@pytest.fixture(autouse=True)
+def _off():
+    eager.disable()
+    yield
+    eager.disable()
+
+
+class Entries:
+    """Test-only registry entries that count the calls their ``impl`` serves."""
+
+    def __init__(self):
+        self.calls = {}
+        self.lock = threading.Lock()
+
+    def count(self, name):
+        with self.lock:
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+    def n(self, name):
+        return self.calls.get(name, 0)
+
+    def lowering(self, target, impl, supports=lambda *a, **k: None, default=True):
+        name = str(target)
+
+        def counted(*args, **kwargs):
+            self.count(name)
+            return impl(*args, **kwargs)
+
+        return Lowering(target, counted, f"test.{name}", supports, default, "test entry")
+
+
+def _float_only(self, *args, **kwargs):
+    return None if self.is_floating_point() else f"dtype {self.dtype}"
+
+
+def _boom(self):
+    raise RuntimeError("kernel bug")
+
+
+@pytest.fixture
+def table():
+    """REGISTRY replaced by test entries + the real add.Tensor entry; restored afterwards."""
+    e = Entries()
+    saved = dict(REGISTRY)
+    REGISTRY.clear()
+    # Inside an impl, aten calls go to the native kernels: these are plain-torch implementations.
+    entries = [
+        e.lowering(aten.abs.default, lambda self: torch.where(self < 0, -self, self), _float_only),
+        e.lowering(aten.abs_.default, lambda self: self.copy_(torch.abs(self)), _float_only),
+        e.lowering(aten.fill_.Scalar, lambda self, value: aten.fill_.Scalar(self, value)),
+        e.lowering(aten.exp.default, lambda self: torch.exp(self), default=False),
+        e.lowering(aten.sin.default, _boom, default=False),
+        e.lowering(aten.mul.Tensor, lambda *a: None, lambda *a, **k: "never", default=False),
+        e.lowering(aten.div.Tensor, lambda *a: None, lambda *a, **k: "never", default=False),
+        e.lowering(aten.mul_.Tensor, lambda *a: None, lambda *a, **k: "never", default=False),
+        e.lowering(aten.mul.out, lambda *a, **k: None, lambda *a, **k: "never", default=False),
+        ADD_ENTRY,
+    ]
+    for entry in entries:
+        REGISTRY[entry.target] = entry
+    yield e
+    eager.disable()
+    REGISTRY.clear()
+    REGISTRY.update(saved)
+
+
+DEFAULTS = ["abs", "abs_", "fill_.Scalar"]
+
+
+# --------------------------------------------------------------------------- enable / disable / use_gems
+
+
+def test_enable_registers_the_default_entries_and_disable_restores(table):
+    x = rand(5, 7)
+    want = x.abs()
+    flag_gems.enable()
+    assert flag_gems.all_registered_ops() == DEFAULTS
+    out = torch.abs(x)
+    assert table.n("aten.abs.default") == 1
+    flag_gems.disable()
+    assert flag_gems.all_registered_ops() == []
+    torch.abs(x)
+    assert table.n("aten.abs.default") == 1
+    assert torch.equal(out, want)
+
+
+def test_second_enable_replaces_the_first(table):
+    x = rand(4)
+    flag_gems.enable()
+    flag_gems.enable(unused=["abs"])
+    assert flag_gems.all_registered_ops() == ["fill_.Scalar"]
+    torch.abs(x)
+    assert table.n("aten.abs.default") == 0
+    flag_gems.enable()
+    assert flag_gems.all_registered_ops() == DEFAULTS
+    torch.abs(x)
+    assert table.n("aten.abs.default") == 1
+
+
+def test_only_enable_takes_opt_in_entries(table):
+    flag_gems.only_enable(include=["exp", "add"])
+    assert flag_gems.all_registered_ops() == ["add.Tensor", "exp"]
+    x = rand(6)
+    out = torch.exp(x)
+    assert table.n("aten.exp.default") == 1
+    flag_gems.disable()
+    assert torch.equal(out, torch.exp(x))
+
+
+def test_use_gems_restores_the_previous_state(table):
+    with flag_gems.use_gems():
+        assert flag_gems.all_registered_ops() == DEFAULTS
+    assert flag_gems.all_registered_ops() == []
+    flag_gems.enable(unused=["abs"])
+    with flag_gems.use_gems():
+        assert flag_gems.all_registered_ops() == DEFAULTS
+        torch.abs(rand(3))
+    assert flag_gems.all_registered_ops() == ["fill_.Scalar"]
+    assert table.n("aten.abs.default") == 1
+    with flag_gems.use_gems(include=["exp"]):
+        assert flag_gems.all_registered_ops() == ["exp"]
+    assert flag_gems.all_registered_ops() == ["fill_.Scalar"]
+
+
+def test_nested_use_gems_blocks(table):
+    with flag_gems.use_gems(include=["exp"]):
+        with flag_gems.use_gems(include=["add", "abs_"]):
+            with flag_gems.use_gems(unused=["abs"]):
+                assert flag_gems.all_registered_ops() == ["fill_.Scalar"]
+            assert flag_gems.all_registered_ops() == ["abs_", "add.Tensor"]
+        with flag_gems.use_gems(include=["exp", "sin"], exclude=["sin"]):
+            assert flag_gems.all_registered_ops() == ["exp"]
+        assert flag_gems.all_registered_ops() == ["exp"]
+    assert flag_gems.all_registered_ops() == []
+
+
+def test_use_gems_restores_on_exception(table):
+    flag_gems.enable(unused=["fill_"])
+    with pytest.raises(KeyError):
+        with flag_gems.use_gems(include=["exp"]):
+            raise KeyError("in the block")
+    assert flag_gems.all_registered_ops() == ["abs", "abs_"]
+    with pytest.raises(ValueError, match="names no aten op"):
+        with flag_gems.use_gems(include=["nope_op"]):
+            pass
+    assert flag_gems.all_registered_ops() == ["abs", "abs_"]
+
+
+def test_use_gems_blocks_exiting_out_of_order(table):
+    outer, inner = flag_gems.use_gems(include=["exp"]), flag_gems.use_gems(include=["abs.default"])
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # another thread's block ends first
+    assert flag_gems.all_registered_ops() == ["abs"]
+    inner.__exit__(None, None, None)
+    assert flag_gems.all_registered_ops() == []
+
+
+def test_disable_inside_a_block_turns_everything_off(table):
+    with flag_gems.use_gems():
+        flag_gems.disable()
+        assert flag_gems.all_registered_ops() == []
+    assert flag_gems.all_registered_ops() == []
+
+
+def test_state_change_costs_only_the_ops_that_differ(table, monkeypatch):
+    made = []
+    real = eager._Registration.__init__
+
+    def spy(self, entry, key):
+        made.append(str(entry.target))
+        real(self, entry, key)
+
+    monkeypatch.setattr(eager._Registration, "__init__", spy)
+    flag_gems.enable()
+    assert len(made) == 3
+    with flag_gems.use_gems():  # the same set: nothing to register
+        pass
+    with flag_gems.use_gems(include=["abs", "exp"]):
+        pass
+    assert made[3:] == ["aten.exp.default", "aten.fill_.Scalar"]  # "abs" covers abs_: kept
+
+
+# --------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize(
+    "names, left",
+    [
+        (["abs"], ["fill_.Scalar"]),  # an op name covers its overloads and its in-place form
+        (["abs_"], ["abs", "fill_.Scalar"]),
+        (["abs.default"], ["abs_", "fill_.Scalar"]),
+        (["aten::fill_.Scalar"], ["abs", "abs_"]),
+        (["FILL_SCALAR_", "abs_"], ["abs"]),  # record-log names
+        (["fill_scalar_"], ["abs", "abs_"]),
+        (["Fill"], ["abs", "abs_"]),
+        ([aten.abs.default], ["abs_", "fill_.Scalar"]),
+        ([aten.abs], ["fill_.Scalar"]),
+        ("abs", ["fill_.Scalar"]),
+        (["sum", "mm"], DEFAULTS),  # aten ops without an entry: nothing to exclude
+    ],
+    ids=str,
+)
+def test_unused_names(table, names, left):
+    flag_gems.enable(unused=names)
+    assert flag_gems.all_registered_ops() == left
+    flag_gems.enable(exclude=names)
+    assert flag_gems.all_registered_ops() == left
+
+
+def test_include_names(table, caplog):
+    flag_gems.only_enable(include=["add.Tensor", "ABS_"])
+    assert flag_gems.all_registered_ops() == ["abs_", "add.Tensor"]
+    with caplog.at_level(logging.WARNING, logger="flag_gems.eager"):
+        flag_gems.only_enable(include=["sum"])
+    assert flag_gems.all_registered_ops() == []
+    assert "sum has no flag_gems kernel" in caplog.text
+
+
+def test_unknown_name_lists_close_matches(table):
+    with pytest.raises(ValueError, match=r"unused: 'abss' names no aten op; close matches: abs"):
+        flag_gems.enable(unused=["abss"])
+    with pytest.raises(ValueError, match=r"include: 'fill_scalr_' names no aten op; close matches: fill_scalar_"):
+        flag_gems.only_enable(include=["fill_scalr_"])
+    with pytest.raises(ValueError, match=r"'add.Tensr' names no aten op"):
+        flag_gems.enable(unused=["add.Tensr"])
+    with pytest.raises(TypeError, match="unused= or its alias exclude=, not both"):
+        flag_gems.enable(unused=["abs"], exclude=["abs"])
+    with pytest.raises(TypeError, match="expected op names"):
+        flag_gems.enable(unused=[3])
+    assert flag_gems.all_registered_ops() == []
+
+
+# --------------------------------------------------------------------------- the override
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_results_equal_torch_and_the_override_runs(table, dtype):
+    x = rand(3, 17, dtype=dtype)
+    y = rand(3, 17, dtype=dtype)
+    with flag_gems.use_gems():
+        a = torch.abs(x)
+        b = x.clone().abs_()
+        c = torch.empty(3, 4, dtype=dtype).fill_(2.5)
+    assert table.n("aten.abs.default") == 1 and table.n("aten.abs_.default") == 1
+    assert table.n("aten.fill_.Scalar") == 1
+    assert torch.equal(a, x.abs()) and torch.equal(b, x.abs()) and torch.equal(c, torch.full((3, 4), 2.5, dtype=dtype))
+    with flag_gems.use_gems(include=["add"]):
+        s = x + y  # the Triton kernel, through the interpreter
+    assert_close(s, ref64(x) + ref64(y), dtype, tag("eager add", s.shape, dtype))
+
+
+def test_in_place_override_returns_self(table):
+    x = rand(4)
+    with flag_gems.use_gems():
+        y = x.fill_(1.5)
+    assert y is x and torch.equal(x, torch.full((4,), 1.5))
+
+
+def test_unsupported_input_falls_back_to_native(table, tmp_path):
+    i = torch.randint(-9, 9, (5, 3))
+    z = torch.randn(4, dtype=torch.complex64)
+    with flag_gems.use_gems(include=["abs", "add"], record=True, path=tmp_path / "log"):
+        a = torch.abs(i)  # the test entry takes floats only
+        c = z + z  # no flag_gems kernel takes complex
+        f = rand(4) + rand(4)
+    assert table.n("aten.abs.default") == 0
+    assert torch.equal(a, i.abs()) and torch.equal(c, z + z) and f.dtype == torch.float32
+    assert (tmp_path / "log").read_text().splitlines() == ["[DEBUG] flag_gems.ops.add: GEMS ADD_TENSOR"]
+
+
+NUMBERS = [True, 3, 2.5, 0.1, 1 + 2j]
+DTYPES_ALL = [torch.bool, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64]
+CALLS = [
+    torch.add,
+    torch.mul,
+    torch.div,
+    lambda x, n: x.clone().mul_(n),
+    lambda x, n: torch.mul(x, n, out=torch.empty_like(x, dtype=torch.result_type(x, n))),
+]
+
+
+def _outcomes(xs, number):
+    out = []
+    for call in CALLS:
+        for x in xs:
+            try:
+                out.append(call(x, number))
+            except RuntimeError as exc:  # e.g. bool - bool: the same error with or without flag_gems
+                out.append(type(exc))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("number", NUMBERS, ids=repr)
+def test_numbers_in_tensor_slots_promote_like_torch(table, number, monkeypatch):
+    # x + number is aten.add.Tensor(x, number) with a "wrapped number" that Python kernels see
+    # as a Python number. Entries that decline it send the native kernel a 0-dim tensor
+    # instead: dtypes and values must equal plain torch's, 1-dim and 0-dim, every dtype.
+    REGISTRY[aten.add.Tensor] = table.lowering(aten.add.Tensor, lambda *a: None, lambda *a, **k: "never")
+    tensorized = []
+    real = eager._tensorize_numbers
+    monkeypatch.setattr(eager, "_tensorize_numbers", lambda *a: tensorized.append(1) or real(*a))
+    xs = [(torch.randn(shape) * 4).to(dtype) for dtype in DTYPES_ALL for shape in [(5,), ()]]
+    want = _outcomes(xs, number)
+    with flag_gems.use_gems(include=["add", "mul", "div"]):
+        got = _outcomes(xs, number)
+    assert len(tensorized) >= sum(not isinstance(w, type) for w in want)  # every call that works went native
+    for g, w in zip(got, want):
+        if isinstance(w, type):
+            assert g is w, f"[number={number!r}] {g} != {w}"
+            continue
+        assert g.dtype == w.dtype and g.shape == w.shape, f"[number={number!r}] {g.dtype} {g.shape} != {w.dtype} {w.shape}"
+        if w.dtype == torch.complex32:  # no equal() kernel for it
+            g, w = g.to(torch.complex64), w.to(torch.complex64)
+        assert torch.equal(g, w), f"[number={number!r} dtype={w.dtype}] values differ"
+
+
+def test_kernel_error_falls_back_with_one_warning(table, caplog):
+    x = rand(6)
+    with caplog.at_level(logging.WARNING, logger="flag_gems.eager"):
+        with flag_gems.use_gems(include=["sin"]):
+            a, b = torch.sin(x), torch.sin(x)
+    assert table.n("aten.sin.default") == 2
+    assert torch.equal(a, torch.sin(x)) and torch.equal(b, a)
+    assert caplog.text.count("the flag_gems kernel test.aten.sin.default raised RuntimeError: kernel bug") == 1
+
+
+def test_bad_input_raises_torchs_own_error(table, caplog):
+    # The add launcher raises ValueError for shapes that do not broadcast; the native kernel
+    # then raises what torch raises, and no kernel-bug warning is logged.
+    with caplog.at_level(logging.WARNING, logger="flag_gems.eager"):
+        with flag_gems.use_gems(include=["add"]), pytest.raises(RuntimeError, match="must match the size"):
+            rand(3) + rand(4)
+    assert "raised" not in caplog.text
+
+
+def test_mutating_kernel_error_is_raised(table):
+    REGISTRY[aten.abs_.default] = table.lowering(aten.abs_.default, lambda self: _boom(self))
+    with flag_gems.use_gems(include=["abs_"]), pytest.raises(RuntimeError, match="kernel bug"):
+        rand(3).abs_()
+
+
+def test_aten_calls_inside_an_impl_go_native(table):
+    # The abs impl calls torch.abs (in abs_'s impl) and aten.fill_ itself: no recursion.
+    with flag_gems.use_gems():
+        x = rand(5).fill_(-2.0)
+        y = x.abs_()
+    assert table.n("aten.fill_.Scalar") == 1 and table.n("aten.abs_.default") == 1 and table.n("aten.abs.default") == 0
+    assert torch.equal(y, torch.full((5,), 2.0))
+
+
+def test_inference_mode_and_no_grad(table):
+    x = rand(4)
+    with flag_gems.use_gems(), torch.inference_mode():
+        a = torch.abs(x)
+    with flag_gems.use_gems(), torch.no_grad():
+        b = torch.abs(x)
+    assert table.n("aten.abs.default") == 2 and torch.equal(a, b)
+
+
+def test_registration_does_not_touch_warning_filters(table):
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        flag_gems.enable()
+        flag_gems.disable()
+    assert list(warnings.filters) == before
+    assert not [w for w in caught if "Overriding a previously registered kernel" in str(w.message)]
+
+
+# --------------------------------------------------------------------------- record
+
+
+def _lines(path):
+    return path.read_text().splitlines()
+
+
+def test_record_format(table, tmp_path):
+    path = tmp_path / "sub" / "gems_debug.log"  # the directory is created
+    flag_gems.enable(record=True, path=str(path))
+    x = torch.empty(3)
+    x.fill_(1.0)
+    x.fill_(-2.0)
+    torch.abs(x)
+    x.abs_()
+    flag_gems.disable()
+    torch.abs(x)  # not recorded
+    assert _lines(path) == [
+        "[DEBUG] flag_gems.ops.fill: GEMS FILL_SCALAR_",
+        "[DEBUG] flag_gems.ops.fill: GEMS FILL_SCALAR_",
+        "[DEBUG] flag_gems.ops.abs: GEMS ABS",
+        "[DEBUG] flag_gems.ops.abs: GEMS ABS_",
+    ]
+    ops_logger = logging.getLogger("flag_gems.ops")
+    assert ops_logger.handlers == [] and ops_logger.propagate and ops_logger.level == logging.NOTSET
+
+
+def test_record_once(table, tmp_path):
+    path = tmp_path / "once.log"
+    with flag_gems.use_gems(record=True, once=True, path=path):
+        for _ in range(3):
+            torch.abs(torch.empty(2).fill_(1.0))
+    assert _lines(path) == ["[DEBUG] flag_gems.ops.fill: GEMS FILL_SCALAR_", "[DEBUG] flag_gems.ops.abs: GEMS ABS"]
+
+
+def test_record_default_path(table, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    flag_gems.enable(record=True)
+    torch.abs(rand(2))
+    flag_gems.disable()
+    assert _lines(tmp_path / ".flaggems" / "oplist.log") == ["[DEBUG] flag_gems.ops.abs: GEMS ABS"]
+
+
+def test_record_names_bisect_with_unused(table, tmp_path):
+    # The bisect loop: record which ops ran, then exclude them by the names the log shows.
+    path = tmp_path / "ops.log"
+    with flag_gems.use_gems(include=["abs.default", "fill_", "add"], record=True, once=True, path=path):
+        torch.abs(torch.empty(2).fill_(1.0)) + rand(2)
+    logged = [line.split("GEMS ")[1] for line in _lines(path)]
+    assert logged == ["FILL_SCALAR_", "ABS", "ADD_TENSOR"]
+    for name in logged:
+        with flag_gems.use_gems(include=["abs.default", "fill_", "add"], unused=[name.lower()], record=True, path=path):
+            torch.abs(torch.empty(2).fill_(1.0)) + rand(2)
+        assert name not in path.read_text() and len(_lines(path)) == 2
+
+
+def test_record_in_nested_blocks(table, tmp_path):
+    path = tmp_path / "nested.log"
+    x = rand(2)
+    flag_gems.enable(record=True, path=path)
+    torch.abs(x)
+    with flag_gems.use_gems():  # record=False inside the block
+        torch.abs(x)
+    with flag_gems.use_gems(record=True, path=path):  # the same file: keeps logging into it
+        x.fill_(1.0)
+    torch.abs(x)
+    flag_gems.disable()
+    assert _lines(path) == [
+        "[DEBUG] flag_gems.ops.abs: GEMS ABS",
+        "[DEBUG] flag_gems.ops.fill: GEMS FILL_SCALAR_",
+        "[DEBUG] flag_gems.ops.abs: GEMS ABS",
+    ]
+    assert table.n("aten.abs.default") == 3
+
+
+def test_bad_record_path_leaves_the_state(table, tmp_path):
+    flag_gems.enable(unused=["abs"])
+    with pytest.raises(IsADirectoryError):
+        flag_gems.enable(record=True, path=tmp_path)  # a directory
+    assert flag_gems.all_registered_ops() == ["fill_.Scalar"]
+    with pytest.raises(IsADirectoryError):
+        with flag_gems.use_gems(record=True, path=tmp_path):
+            pass
+    assert flag_gems.all_registered_ops() == ["fill_.Scalar"]
+    assert logging.getLogger("flag_gems.ops").handlers == []
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_threads(table, tmp_path):
+    path = tmp_path / "threads.log"
+    errors = []
+    results = {}
+    n_threads, n_calls = 4, 20
+
+    def work(seed):
+        try:
+            g = torch.Generator().manual_seed(seed)
+            xs = [torch.randn(33, generator=g) for _ in range(n_calls)]
+            y = torch.randn(40, generator=g)
+            results[seed] = (xs, [torch.abs(x) for x in xs], [torch.empty(3).fill_(float(k)) for k in range(n_calls)], y, y + y)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    with flag_gems.use_gems(include=["abs", "fill_", "add"], record=True, once=True, path=path):
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert table.n("aten.abs.default") == n_threads * n_calls
+    assert table.n("aten.fill_.Scalar") == n_threads * n_calls
+    for xs, abs_, fills, y, y2 in results.values():
+        assert all(torch.equal(a, x.abs()) for a, x in zip(abs_, xs))
+        assert all(torch.equal(f, torch.full((3,), float(k))) for k, f in enumerate(fills))
+        assert torch.equal(y2, y + y)
+    assert sorted(_lines(path)) == [
+        "[DEBUG] flag_gems.ops.abs: GEMS ABS",
+        "[DEBUG] flag_gems.ops.add: GEMS ADD_TENSOR",
+        "[DEBUG] flag_gems.ops.fill: GEMS FILL_SCALAR_",
+    ]
+
+
+def test_blocks_in_threads(table):
+    errors = []
+
+    def work():
+        try:
+            for _ in range(10):
+                with flag_gems.use_gems(include=["exp"]):
+                    torch.exp(torch.zeros(2))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and flag_gems.all_registered_ops() == []
+
+
+# --------------------------------------------------------------------------- Megatron-style training step
+
+
+class TinyBlock(torch.nn.Module):
+    def __init__(self, d=12):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(d, 2 * d)
+        self.fc2 = torch.nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        h = self.fc2(self.fc1(x).abs())
+        return h + x  # residual add: add.Tensor forward; its backward accumulates x's grad with add
+
+
+@pytest.mark.parametrize("which", ["test-table", "real-table"])
+def test_megatron_style_forward_backward(request, which):
+    e = request.getfixturevalue("table") if which == "test-table" else None
+    torch.manual_seed(0)
+    model = TinyBlock()
+    ref_model = TinyBlock()
+    ref_model.load_state_dict(model.state_dict())
+    x = rand(3, 5, 12, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+
+    include = ["abs", "add"] if e is not None else None
+    with flag_gems.use_gems(include=include):
+        loss = model(x).sum()
+        loss.backward()
+    assert flag_gems.all_registered_ops() == []
+    if e is not None:
+        assert e.n("aten.abs.default") == 1
+
+    ref_loss = ref_model(x_ref).sum()
+    ref_loss.backward()
+    dtype = torch.float32
+    assert_close(loss, ref_loss, dtype, tag("megatron loss", (), dtype))
+    assert_close(x.grad, x_ref.grad, dtype, tag("megatron x.grad", x.shape, dtype), grad=True)
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        assert_close(p.grad, p_ref.grad, dtype, tag(f"megatron {name}.grad", p.shape, dtype), grad=True)
+
+
+# --------------------------------------------------------------------------- vendor and import
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({}, (runtime._detected_vendor(), runtime.VENDORS[runtime._detected_vendor()])),
+        ({"GEMS_VENDOR": "cpu"}, ("cpu", "cpu")),
+        ({"GEMS_VENDOR": " NVIDIA "}, ("nvidia", "cuda")),
+        ({"GEMS_VENDOR": "amd"}, ("amd", "cuda")),
+        ({"GEMS_VENDOR": ""}, (runtime._detected_vendor(), runtime.VENDORS[runtime._detected_vendor()])),
+    ],
+    ids=["detected", "cpu", "nvidia", "amd", "empty"],
+)
+def test_detect(env, want):
+    assert runtime.detect(env) == want
+
+
+def test_detect_unknown_vendor():
+    with pytest.raises(ValueError, match=r"GEMS_VENDOR='cambricon' is not a vendor .* expected one of nvidia, amd, cpu"):
+        runtime.detect({"GEMS_VENDOR": "cambricon"})
+
+
+def test_public_device_and_vendor():
+    assert (flag_gems.vendor_name, flag_gems.device) == runtime.detect()
+    assert runtime.dispatch_key == ("CUDA" if flag_gems.device == "cuda" else "CPU")
+    assert registry.REGISTRY is REGISTRY
+
+
+def _python(code, **env):
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_unknown_gems_vendor_fails_at_import():
+    r = _python("import flag_gems", GEMS_VENDOR="bogus")
+    assert r.returncode != 0
+    assert "ValueError: GEMS_VENDOR='bogus' is not a vendor" in r.stderr and "nvidia, amd, cpu" in r.stderr
+
+
+IMPORT_CHECK = """
+import os, subprocess, warnings
+def refuse(*a, **k):
+    raise AssertionError("import flag_gems started a subprocess")
+subprocess.Popen.__init__ = refuse
+os.posix_spawn = os.posix_spawnp = os.fork = os.system = refuse
+import torch, flag_gems
+assert not (torch.cuda.is_available() and torch.cuda.is_initialized()), "import initialized CUDA"
+print(flag_gems.vendor_name, flag_gems.device)
+"""
+
+
+def test_import_is_cheap_and_honours_gems_vendor():
+    # No subprocess, no CUDA context; GEMS_VENDOR overrides detection (with a warning when it disagrees).
+    r = _python(IMPORT_CHECK, GEMS_VENDOR="nvidia")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["nvidia", "cuda"]
