@@ -30,8 +30,11 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
         logger.info("no CUDA device: flag_gems kernels run through Triton's CPU interpreter")
 
+from .runtime import device, vendor_name  # noqa: E402  (GEMS_VENDOR; raises for an unknown vendor)
+
 from . import lowerings as _lowerings  # noqa: F401  (registers torch.ops.flag_gems.*)
 from .backend import explain, flag_gems_backend
+from .eager import all_registered_ops, disable, enable, only_enable, use_gems
 from .inductor_pass import GemsFusionPass, inductor_pass
 from .lowerings.act_and_mul import gelu_and_mul, gelu_and_mul_fused, silu_and_mul, silu_and_mul_fused
 from .lowerings.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm
@@ -39,25 +42,27 @@ from .lowerings.rotary_embedding import apply_rotary_pos_emb, apply_rotary_pos_e
 
 __version__ = "0.1.0"
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
-vendor_name = "nvidia" if torch.cuda.is_available() and torch.version.hip is None else ("amd" if torch.cuda.is_available() else "cpu")
-
 __all__ = [
     "GemsFusionPass",
     "add_rms_norm",
+    "all_registered_ops",
     "apply_rotary_pos_emb",
     "apply_rotary_pos_emb_hf",
     "device",
+    "disable",
+    "enable",
     "explain",
     "flag_gems_backend",
     "fused_add_rms_norm",
     "gelu_and_mul",
     "gelu_and_mul_fused",
     "inductor_pass",
+    "only_enable",
     "rms_norm",
     "rotary_embedding_cache",
     "silu_and_mul",
     "silu_and_mul_fused",
+    "use_gems",
     "vendor_name",
 ]
 
