@@ -35,7 +35,6 @@ from .runtime import device, vendor_name  # noqa: E402  (GEMS_VENDOR; raises for
 from . import lowerings as _lowerings  # noqa: F401  (registers torch.ops.flag_gems.*)
 from .backend import explain, flag_gems_backend
 from .eager import all_registered_ops, disable, enable, only_enable, use_gems
-from .inductor_pass import GemsFusionPass, inductor_pass
 from .lowerings.act_and_mul import gelu_and_mul, gelu_and_mul_fused, silu_and_mul, silu_and_mul_fused
 from .lowerings.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm
 from .lowerings.rotary_embedding import apply_rotary_pos_emb, apply_rotary_pos_emb_hf, rotary_embedding_cache
@@ -66,3 +65,12 @@ __all__ = [
     "vendor_name",
 ]
 
+
+
+def __getattr__(name):
+    # The Inductor pass imports torch._inductor (seconds): only when asked for.
+    if name in ("GemsFusionPass", "inductor_pass"):
+        import importlib
+
+        return getattr(importlib.import_module(".inductor", __name__), name)
+    raise AttributeError(f"module 'flag_gems' has no attribute {name!r}")
