@@ -168,3 +168,105 @@ def same_shape(a, b) -> bool:
     sa, sb = shape_of(a), shape_of(b)
     return sa is not None and sb is not None and len(sa) == len(sb) and all(known_equal(x, y) for x, y in zip(sa, sb))
 
+
+def static_int(x) -> int | None:
+    """``x`` as a Python int when it is one, or a SymInt with a constant value; else None (no guard)."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        return x.node.maybe_as_int()
+    return None
+
+
+def _part_bounds(start, stop, n):
+    # Python slice semantics on a dim of static size n; None when a bound is symbolic.
+    start, stop = (0 if start is None else static_int(start)), (n if stop is None else static_int(stop))
+    if start is None or stop is None:
+        return None
+    start, stop = (start + n if start < 0 else start), (stop + n if stop < 0 else stop)
+    return min(max(start, 0), n), min(max(stop, 0), n)
+
+
+def last_dim_part(node):
+    """``(x, start, stop, step)`` when ``node`` selects a range of ``x``'s last dim, else None.
+
+    Covers ``x[..., a:b:s]`` (``aten.slice``), ``x.narrow(-1, a, n)`` and the pieces of
+    ``x.chunk`` / ``x.split`` / ``x.split_with_sizes`` along the last dim (``getitem`` of
+    them). Bounds are normalized to ``0 <= start <= stop <= n``; the last dim's size ``n``
+    must be static.
+    """
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    src, index = node, None
+    if node.target is operator.getitem:
+        src, index = node.args
+        if not is_op(src, aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default):
+            return None
+    elif not is_op(node, aten.slice.Tensor, aten.narrow.default):
+        return None
+    x = src.args[0]
+    shape = shape_of(x)
+    n = static_int(shape[-1]) if shape else None
+    if n is None:
+        return None
+
+    def arg(i, name, default):
+        return src.args[i] if len(src.args) > i else src.kwargs.get(name, default)
+
+    on_dim1 = src.target in (aten.slice.Tensor, aten.narrow.default)  # dim is argument 1, else 2
+    if arg(1 if on_dim1 else 2, "dim", 0) not in (-1, len(shape) - 1):
+        return None
+    if src.target is aten.slice.Tensor:
+        step = static_int(arg(4, "step", 1))
+        bounds = _part_bounds(arg(2, "start", None), arg(3, "end", None), n)
+        return None if bounds is None or step is None else (x, *bounds, step)
+    if src.target is aten.narrow.default:
+        start, length = static_int(arg(2, "start", None)), static_int(arg(3, "length", None))
+        if start is None or length is None:
+            return None
+        start = start + n if start < 0 else start
+        return x, start, start + length, 1
+    if src.target is aten.split_with_sizes.default:
+        sizes = [static_int(s) for s in arg(1, "split_sizes", ())]
+        if None in sizes or index >= len(sizes):
+            return None
+        return x, sum(sizes[:index]), sum(sizes[: index + 1]), 1
+    if src.target is aten.chunk.default:
+        chunks = static_int(arg(1, "chunks", None))
+        size = -(-n // chunks) if chunks else None
+    else:
+        size = static_int(arg(1, "split_size", None))
+    if not size:
+        return None
+    return x, min(index * size, n), min((index + 1) * size, n), 1
+
+
+def size_arg(graph: fx.Graph, node, dim: int):
+    """Dim ``dim`` of ``node``'s tensor as a graph argument: an int when static, else a new
+    ``aten.sym_size.int`` node (created at the graph's current insertion point)."""
+    v = shape_of(node)[dim]
+    i = static_int(v)
+    if i is not None:
+        return i
+    s = graph.call_function(aten.sym_size.int, (node, dim))
+    s.meta["val"] = v
+    return s
+
+
+def is_full_slice(node) -> bool:
+    """True for an ``aten.slice`` that selects a whole dim with step 1 (``x[:, :]``; the
+    pre-dispatch trace keeps these no-op slices when sizes are symbolic)."""
+    if not is_op(node, aten.slice.Tensor):
+        return False
+    shape = shape_of(node.args[0])
+    if not shape:
+        return False
+    args = list(node.args) + [None] * (5 - len(node.args))
+    dim, start, end, step = (node.kwargs.get(k, a) for k, a in zip(("dim", "start", "end", "step"), args[1:]))
+    dim, step = 0 if dim is None else dim, 1 if step is None else step
+    if static_int(step) != 1 or static_int(start or 0) != 0:
+        return False
+    size = shape[dim]
+    return end is None or (static_int(end) is not None and static_int(end) >= 2**62) or known_equal(end, size)
