@@ -1,8 +1,10 @@
 """``torch.ops.flag_gems.add_tensor``: broadcasting add with autograd (upstream FlagGems schema).
 
-Inputs the kernel does not take (integer dtypes, a CPU scalar beside a CUDA tensor,
-more than 4 non-coalescable dims) fall back to ``torch.add``, so the op is correct on
-every input ``torch.add`` accepts.
+The kernel is the pointwise generator's ``add`` (``kernels/pointwise.py``): any strides,
+broadcasting, torch's type promotion, float/int/bool dtypes. Inputs it does not take
+(complex dtypes, a CPU tensor beside a CUDA one, too many non-coalescable dims...) fall
+back to ``torch.add``, so the op is correct on every input ``torch.add`` accepts. The
+``aten.add.*`` registry entries live with the other pointwise ops in ``pointwise.py``.
 """
 
 from __future__ import annotations
@@ -12,36 +14,42 @@ import logging
 import torch
 from torch import Tensor
 
-from ..kernels.add import add, add_unsupported_reason
-from .registry import register
+from ..kernels.pointwise import OPS
+from . import pointwise  # noqa: F401  (registers the aten pointwise entries, add.Tensor included)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["add_tensor"]
 
+_ADD = OPS["add"]
 _warned: set[str] = set()
 
 
 @torch.library.custom_op("flag_gems::add_tensor", mutates_args=())
 def add_tensor(self: Tensor, other: Tensor) -> Tensor:
-    """``self + other`` with broadcasting (upstream FlagGems ``add_tensor``).
+    """``self + other`` with broadcasting and type promotion (upstream FlagGems ``add_tensor``).
 
     Args:
-        self, other: broadcastable tensors on one device.
+        self, other: broadcastable tensors.
 
     Returns:
         A new tensor of the broadcast shape and promoted dtype.
 
     Raises:
-        RuntimeError: what ``torch.add`` raises for these inputs (e.g. shapes that do not broadcast).
+        ValueError: the shapes do not broadcast.
+        RuntimeError: what ``torch.add`` raises for other bad inputs (e.g. several devices).
     """
-    reason = add_unsupported_reason(self, other)
+    try:
+        torch.broadcast_shapes(self.shape, other.shape)
+    except RuntimeError as e:
+        raise ValueError(f"other: shape {list(other.shape)} does not broadcast with self {list(self.shape)}") from e
+    reason = _ADD.reason(self, other)
     if reason is not None:
         if reason not in _warned:
             _warned.add(reason)
             logger.info("add_tensor falls back to torch.add: %s", reason)
         return torch.add(self, other)
-    return add(self, other)
+    return _ADD(self, other)
 
 
 @add_tensor.register_fake
@@ -65,23 +73,3 @@ def _backward(ctx, grad):
 
 
 add_tensor.register_autograd(_backward, setup_context=_setup)
-
-
-def _supports_add(self, other, alpha=1):
-    if alpha != 1:
-        return "alpha != 1"
-    return add_unsupported_reason(self, other)
-
-
-# Opt-in: one add alone moves the same bytes as the native kernel and costs more host
-# time to launch; it pays only inside fused patterns (to be confirmed by the GPU benchmark).
-@register(
-    torch.ops.aten.add.Tensor,
-    kernel="flag_gems.add",
-    supports=_supports_add,
-    default=False,
-    reason="alone, no faster than the native add (same bytes, more host time); fused where part of a pattern",
-)
-def _add_tensor_aten(self, other, alpha=1):
-    """``aten.add.Tensor`` signature over the broadcasting add kernel (after ``_supports_add``)."""
-    return add(self, other)

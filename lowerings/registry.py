@@ -45,11 +45,6 @@ REGISTRY: dict = {}
 
 # Ops deliberately left to PyTorch, with the reason (one place; a test checks no overlap).
 FALLBACKS: dict = {
-    aten.mul.Tensor: "a single pointwise op: the native kernel already runs at bandwidth; fused where part of a pattern",
-    aten.sub.Tensor: "a single pointwise op: the native kernel already runs at bandwidth",
-    aten.neg.default: "a single pointwise op: fused into rotary embedding where it is part of rotate_half",
-    aten.silu.default: "fused with its mul (act_and_mul); alone, the native kernel is as fast",
-    aten.gelu.default: "fused with its mul (act_and_mul); alone, the native kernel is as fast",
     aten._to_copy.default: "dtype casts are fused into the patterns around them; alone, a native copy is as fast",
     aten.mm.default: "cuBLAS; no Triton GEMM registered by default yet",
     aten.addmm.default: "cuBLAS; no Triton GEMM registered by default yet",

@@ -46,12 +46,16 @@ def test_add_strided_and_promotion(device):
     assert_close(out, ref64(a) + ref64(b), torch.float32, tag("add_tensor[promote]", out.shape, torch.float32))
 
 
-def test_add_falls_back_for_unsupported_dtypes(device):
+def test_add_integer_fp64_and_complex_fallback(device):
+    """Integers and fp64 run on the pointwise kernel; complex falls back to torch.add."""
     a = torch.randint(-5, 5, (4, 3), device=device)
-    b = torch.randint(-5, 5, (3,), device=device)
-    assert torch.equal(torch.ops.flag_gems.add_tensor(a, b), a + b)
+    b = torch.randint(-5, 5, (3,), device=device, dtype=torch.int32)
+    out = torch.ops.flag_gems.add_tensor(a, b)
+    assert out.dtype == torch.int64 and torch.equal(out, a + b)
     c = torch.randn(3, dtype=torch.float64, device=device)
     torch.testing.assert_close(torch.ops.flag_gems.add_tensor(c, c), c + c)
+    z = torch.randn(3, dtype=torch.complex64, device=device)
+    torch.testing.assert_close(torch.ops.flag_gems.add_tensor(z, z), z + z)
 
 
 def test_add_shape_mismatch_is_an_error(device):

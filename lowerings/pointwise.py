@@ -1,0 +1,256 @@
+"""Registry entries for pointwise aten overloads, all served by the generated kernels.
+
+Each aten overload below maps to a :class:`~flag_gems.kernels.pointwise.PointwiseOp`
+(``kernels/pointwise.py``). Per family, a *resolver* turns the overload's arguments into
+``(op, operands)``: it picks the op variant from non-tensor arguments (``alpha``, gelu's
+``approximate``, pow's exponent) and orders the operands. Every overload of a family then
+gets, generated from its schema so they take exactly the overload's arguments:
+
+- ``impl``: functional overloads allocate; in-place ones (``add_.Tensor``) write into
+  ``self`` with its strides; ``out=`` ones write into ``out`` (resizing a 0-element one);
+- ``supports``: the same resolution plus the op's metadata-only check (dtype, device,
+  layout, overlap of ``self``/``out`` with the inputs, scalar ranges), so it runs on
+  FakeTensors and never reads data.
+
+``alpha`` (``add``/``sub``) is a kernel argument like any scalar (``self + alpha * other``,
+as torch computes it); only the combinations torch rejects are refused. Anything the
+kernels do not take (a float ``alpha`` with integer tensors, a bool ``alpha``, complex or
+unsigned-16/32/64 dtypes, more than ``MAX_DIMS`` non-coalescable dims, CPU tensors outside
+the interpreter, a partially overlapping or expanded in-place ``self``, scalars that overflow
+the computation dtype, symbolic pow exponents...) is a ``supports`` reason, so callers
+fall back to PyTorch; ``impl`` raises NotImplementedError for exactly those, before writing.
+
+Defaults: :data:`DEFAULTS` is the one decision table. A default entry is used by the eager
+mode (``flag_gems.enable()``) and also rewritten by the compile backend's aten lowering
+(``lower_aten``, when Inductor is off).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..kernels.pointwise import OPS, PointwiseOp
+from .registry import register
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULTS", "OVERLOADS"]
+
+aten = torch.ops.aten
+_SYM = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+_SAME_BYTES = "memory-bound: expected as fast as native at large shapes (same bytes); to be confirmed by benchmarks/bench_ops on GPU"
+
+# The decision table: family -> (default, reason). Single pointwise ops cannot move fewer
+# bytes than the native kernels, so default=True means "expected as fast at large shapes".
+DEFAULTS: dict[str, tuple[bool, str]] = {
+    "add": (True, _SAME_BYTES),
+    "sub": (True, _SAME_BYTES),
+    "mul": (True, _SAME_BYTES),
+    "div": (True, _SAME_BYTES + "; x / scalar is x * (1 / scalar), as torch's CUDA div"),
+    "neg": (True, _SAME_BYTES),
+    "abs": (True, _SAME_BYTES),
+    "reciprocal": (True, _SAME_BYTES),
+    "exp": (True, _SAME_BYTES + "; libdevice expf, as torch's CUDA kernel"),
+    "log": (True, _SAME_BYTES + "; libdevice logf, as torch's CUDA kernel"),
+    "sqrt": (True, _SAME_BYTES),
+    "rsqrt": (True, _SAME_BYTES),
+    "sin": (True, _SAME_BYTES + "; libdevice sinf, as torch's CUDA kernel"),
+    "cos": (True, _SAME_BYTES + "; libdevice cosf, as torch's CUDA kernel"),
+    "tanh": (True, _SAME_BYTES),
+    "sigmoid": (True, _SAME_BYTES),
+    "silu": (True, _SAME_BYTES + "; fused with its mul (act_and_mul) where a pattern matches"),
+    "gelu": (True, _SAME_BYTES + "; fused with its mul (act_and_mul) where a pattern matches"),
+    "pow": (True, _SAME_BYTES + "; exponents 0, 1, 2, 3, +-0.5, -1, -2 specialized as in torch"),
+    "maximum": (True, _SAME_BYTES),
+    "minimum": (True, _SAME_BYTES),
+    "compare": (True, _SAME_BYTES + "; bool output"),
+    "where": (True, _SAME_BYTES),
+    "masked_fill": (True, _SAME_BYTES + "; out of place in one pass (native: clone + fill)"),
+    "fill": (True, "a pure store, as the native fill; to be confirmed by benchmarks/bench_ops on GPU"),
+}
+
+
+# --------------------------------------------------------------------------- resolvers
+# (aten arguments) -> (PointwiseOp, operands) or a reason string.
+
+
+def _alpha_op(plain: PointwiseOp, scaled: PointwiseOp):
+    def resolve(self, other, alpha=1):
+        if alpha.__class__ is int and alpha == 1:
+            return plain, (self, other)
+        if isinstance(alpha, bool):
+            return "bool alpha"
+        if not isinstance(alpha, (int, float) + _SYM):
+            return f"alpha of type {type(alpha).__name__}"
+        if isinstance(alpha, (float, torch.SymFloat)) and not (_is_float(self) or _is_float(other)):
+            return "a floating-point alpha with integral inputs"
+        return scaled, (self, other, alpha)
+
+    return resolve
+
+
+def _is_float(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.dtype.is_floating_point
+    return isinstance(x, (float, torch.SymFloat))
+
+
+def _binary(op: PointwiseOp):
+    def resolve(self, other):
+        return op, (self, other)
+
+    return resolve
+
+
+def _unary(op: PointwiseOp):
+    def resolve(self):
+        return op, (self,)
+
+    return resolve
+
+
+def _gelu(self, approximate="none"):
+    if approximate == "none":
+        return OPS["gelu"], (self,)
+    if approximate == "tanh":
+        return OPS["gelu_tanh"], (self,)
+    return f"gelu approximate={approximate!r}"
+
+
+# pow(x, e) for the exponents torch's kernel computes without pow (exact results).
+_POW_FORMS = {0: "pow_zero", 1: "pow_one", 2: "pow_square", 3: "pow_cube", 0.5: "pow_sqrt", -0.5: "pow_rsqrt",
+              -1: "pow_reciprocal", -2: "pow_inv_square"}
+
+
+def _pow(self, exponent):
+    if isinstance(exponent, _SYM):
+        return "a symbolic exponent (the kernel form depends on its value)"
+    if not isinstance(exponent, (int, float)):
+        return f"exponent of type {type(exponent).__name__}"
+    form = _POW_FORMS.get(exponent)  # True/False hash as 1/0: torch also copies / fills for them
+    return OPS[form or "pow"], (self, exponent)
+
+
+def _where(condition, self, other):
+    return OPS["where"], (condition, self, other)
+
+
+def _masked_fill(self, mask, value):
+    return OPS["masked_fill"], (self, mask, value)
+
+
+def _fill(self, value):
+    return OPS["fill"], (value,)
+
+
+# family -> (resolver, overloads). Functional, in-place (name ends in "_") and out= forms.
+_CMP = ("Tensor", "Scalar", "Tensor_out", "Scalar_out")
+OVERLOADS: dict[str, tuple] = {
+    "add": (_alpha_op(OPS["add"], OPS["add_alpha"]),
+            [aten.add.Tensor, aten.add.Scalar, aten.add_.Tensor, aten.add_.Scalar, aten.add.out, aten.add.Scalar_out]),
+    "sub": (_alpha_op(OPS["sub"], OPS["sub_alpha"]),
+            [aten.sub.Tensor, aten.sub.Scalar, aten.sub_.Tensor, aten.sub_.Scalar, aten.sub.out, aten.sub.Scalar_out]),
+    "mul": (_binary(OPS["mul"]),
+            [aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.mul_.Scalar, aten.mul.out, aten.mul.Scalar_out]),
+    "div": (_binary(OPS["div"]),
+            [aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div_.Scalar, aten.div.out, aten.div.Scalar_out]),
+    "pow": (_pow, [aten.pow.Tensor_Scalar, aten.pow_.Scalar, aten.pow.Tensor_Scalar_out]),
+    "gelu": (_gelu, [aten.gelu.default, aten.gelu_.default, aten.gelu.out]),
+    "maximum": (_binary(OPS["maximum"]), [aten.maximum.default, aten.maximum.out]),
+    "minimum": (_binary(OPS["minimum"]), [aten.minimum.default, aten.minimum.out]),
+    "compare": None,  # filled below: eq/ne/lt/le/gt/ge
+    "where": (_where, [aten.where.self, aten.where.self_out]),
+    "masked_fill": (_masked_fill, [aten.masked_fill.Scalar, aten.masked_fill_.Scalar, aten.masked_fill.Scalar_out]),
+    "fill": (_fill, [aten.fill.Scalar, aten.fill_.Scalar, aten.fill.Scalar_out]),
+}
+for _name in ("neg", "abs", "reciprocal", "exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "silu"):
+    OVERLOADS[_name] = (_unary(OPS[_name]), [getattr(aten, _name).default, getattr(aten, _name + "_").default,
+                                             getattr(aten, _name).out])
+OVERLOADS["compare"] = [
+    (_binary(OPS[c]), [getattr(getattr(aten, c), o) for o in _CMP] + [getattr(aten, c + "_").Tensor, getattr(aten, c + "_").Scalar])
+    for c in ("eq", "ne", "lt", "le", "gt", "ge")
+]
+
+
+# --------------------------------------------------------------------------- impl / supports
+
+
+def _run(resolve, out, *args):
+    r = resolve(*args)
+    if r.__class__ is str:
+        raise NotImplementedError(f"flag_gems pointwise: {r}")
+    return r[0](*r[1], out=out)
+
+
+def _check(resolve, out, *args):
+    r = resolve(*args)
+    if r.__class__ is str:
+        return r
+    return r[0].reason(*r[1], out=out)
+
+
+def _run_fill(resolve, out, self, value):
+    # fill.Scalar (functional): a new tensor like self, filled.
+    return _run(resolve, torch.empty_like(self), self, value)
+
+
+def _check_fill(resolve, out, self, value):
+    # The new tensor has self's dtype, device and shape: check against self's metadata.
+    return _check(resolve, self, self, value)
+
+
+def _params(target) -> tuple[str, str, str | None]:
+    """(parameter list, arguments to forward in order, name of the written tensor) of an overload."""
+    params, forward, kw_only, written = [], [], False, None
+    for a in target._schema.arguments:
+        if a.kwarg_only and not kw_only:
+            params.append("*")
+            kw_only = True
+        params.append(f"{a.name}={a.default_value!r}" if a.has_default_value() else a.name)
+        if a.alias_info is not None and a.alias_info.is_write:
+            written = a.name
+        if a.name != "out":
+            forward.append(a.name)
+    return ", ".join(params), ", ".join(forward), written
+
+
+def _make(target, resolve, runner, checker):
+    """impl and supports for ``target`` with exactly its schema's parameters (generated source:
+    plain positional forwarding, no argument binding at call time)."""
+    params, forward, written = _params(target)
+    out = written or "None"
+    name = str(target).replace(".", "_")
+    src = (
+        f"def {name}({params}):\n    return _runner(_resolve, {out}, {forward})\n"
+        f"def supports_{name}({params}):\n    return _check(_resolve, {out}, {forward})\n"
+    )
+    ns = {"_runner": runner, "_check": checker, "_resolve": resolve, "__name__": __name__}
+    exec(compile(src, f"<flag_gems.lowerings.pointwise {name}>", "exec"), ns)
+    impl, supports = ns[name], ns[f"supports_{name}"]
+    globals()[name] = impl  # importable by qualified name (FX codegen, pickling of graphs)
+    impl.__doc__ = (
+        f"``{target._schema}`` on the generated pointwise kernels. Raises NotImplementedError "
+        "exactly when ``supports`` gives a reason, before writing anything."
+    )
+    return impl, supports
+
+
+def _register_all():
+    count = 0
+    for family, entry in OVERLOADS.items():
+        default, reason = DEFAULTS[family]
+        groups = entry if isinstance(entry, list) else [entry]
+        for resolve, targets in groups:
+            for target in targets:
+                fill = target is aten.fill.Scalar
+                impl, supports = _make(target, resolve, _run_fill if fill else _run, _check_fill if fill else _check)
+                kernel = f"flag_gems.pointwise.{target.__name__.split('.')[0].rstrip('_')}"
+                register(target, kernel=kernel, supports=supports, default=default, reason=reason)(impl)
+                count += 1
+    logger.debug("registered %d pointwise aten overloads", count)
+
+
+_register_all()
