@@ -25,7 +25,10 @@ in every operand. Each operand then has one access class::
     g  any strides: offset = sum(index_d * stride_d) over the unravelled index, d < MAX_DIMS
 
 A call with no ``g`` operand (same-shape contiguous inputs, or any dense layout shared by
-all operands) runs a flat loop with no index arithmetic. (Deviation from TensorIterator:
+all operands) runs a flat loop with no index arithmetic. Programs over full blocks load and
+store without a mask, so contiguous accesses vectorize to 16 bytes whatever the element
+count (a mask on ``n`` allows that only when ``n % 16 == 0``, checked in the PTX for
+sm_90); the last program is masked. (Deviation from TensorIterator:
 strides of size-1 dims in an allocated output may differ; they address nothing.) Offsets are int32 unless the
 element count or an operand's extent reaches 2**31 (64-bit division is several times
 slower than 32-bit on GPUs).
@@ -757,7 +760,6 @@ def _source(name: str, key) -> str:
 
     body.append("pid = tl.program_id(0)" + (".to(tl.int64)" if index64 else ""))
     body.append("offs = pid * BLOCK + tl.arange(0, BLOCK)")
-    body.append("mask = offs < n")
     if rank:
         body.append("rest = offs")
         for d in range(rank - 1, 0, -1):
@@ -766,29 +768,44 @@ def _source(name: str, key) -> str:
         body.append("i0 = rest")
 
     def strided(prefix):
-        return " + ".join(f"i{d} * {prefix}{d}" for d in range(rank))
+        return "(" + " + ".join(f"i{d} * {prefix}{d}" for d in range(rank)) + ")"
 
-    for i, d in enumerate(descs):
+    for i, d in enumerate(descs):  # scalars and one-element operands: once, outside the branches
         conv = "" if i in bool_args else f".to({T})"
-        if d == "c":
-            body.append(f"x{i} = tl.load(in{i}_ptr + offs, mask=mask, other=0){conv}")
-        elif d == "s":
+        if d == "s":
             body.append(f"x{i} = tl.load(in{i}_ptr){conv}")
-        elif d == "g":
-            body.append(f"x{i} = tl.load(in{i}_ptr + ({strided(f'stride{i}_')}), mask=mask, other=0){conv}")
         elif d == "sbool":
             body.append(f"x{i} = s{i} != 0")
         elif d == "f64":
             body.append(f"x{i} = tl.cast(tl.cast(s{i}, tl.int64), tl.float64, bitcast=True)")
-        else:
+        elif d == "scalar":
             body.append(f"x{i} = tl.cast(s{i}, {T})")
     math_names = _MATH_INTERP if _INTERPRET else _MATH_GPU
     y = expr.format(one=f"tl.full([], 1, {T})", **math_names)
-    # Through the computation dtype (a no-op except for comparisons' int1, which the
-    # interpreter cannot cast to bf16 directly), then to the output's.
-    body.append(f"y = ({y}).to({T}).to(out_ptr.dtype.element_ty)")
-    dst = "offs" if out_cls == "c" else f"({strided('stride_out_')})"
-    body.append(f"tl.store(out_ptr + {dst}, tl.broadcast_to(y, (BLOCK,)), mask=mask)")
+    dst = "offs" if out_cls == "c" else strided("stride_out_")
+
+    def tile(masked: bool) -> list:
+        m = ", mask=mask, other=0" if masked else ""
+        lines = []
+        for i, d in enumerate(descs):
+            conv = "" if i in bool_args else f".to({T})"
+            if d == "c":
+                lines.append(f"x{i} = tl.load(in{i}_ptr + offs{m}){conv}")
+            elif d == "g":
+                lines.append(f"x{i} = tl.load(in{i}_ptr + {strided(f'stride{i}_')}{m}){conv}")
+        # Through the computation dtype (a no-op except for comparisons' int1, which the
+        # interpreter cannot cast to bf16 directly), then to the output's.
+        lines.append(f"y = ({y}).to({T}).to(out_ptr.dtype.element_ty)")
+        lines.append(f"tl.store(out_ptr + {dst}, tl.broadcast_to(y, (BLOCK,)){', mask=mask' if masked else ''})")
+        return lines
+
+    # Full blocks without a mask: their loads and stores vectorize whatever n is (a mask
+    # on n allows 16-byte accesses only when n % 16 == 0); the last block is masked.
+    body.append("if pid * BLOCK + BLOCK <= n:")
+    body += [f"    {line}" for line in tile(False)]
+    body.append("else:")
+    body.append("    mask = offs < n")
+    body += [f"    {line}" for line in tile(True)]
 
     deco = f"@triton.jit(do_not_specialize={dns!r})" if dns else "@triton.jit"
     lines = [f"# flag_gems pointwise {op_name}: {key!r}", deco, f"def {name}("]

@@ -113,7 +113,7 @@ def test_gelu_forms_and_fp64(approximate, dtype, device):
 @pytest.mark.parametrize("target", list(UNARY), ids=lambda t: str(t).removeprefix("aten."))
 def test_unary_fp64_0d_and_empty(target, device):
     fn, domain = UNARY[target]
-    for shape in [(), (0,), (4, 0, 3), (13,)]:
+    for shape in [(), (0,), (4, 0, 3), (13,), (64, 64), (4500,)]:  # 0-d, empty, masked, full blocks
         x = unary_input(domain, *shape, dtype=torch.float64, device=device)
         close(run(target, x), fn(x), tag(target, shape, torch.float64))
 
@@ -141,6 +141,7 @@ SHAPE_PAIRS = [
     ((), (5, 3)),
     ((7, 1, 5, 1, 3), (1, 6, 1, 2, 3)),
     ((0, 3), (3,)),
+    ((3, 1500), (1500,)),  # several programs: unmasked full blocks and a masked tail
 ]
 BINARY = {
     aten.add.Tensor: torch.add,
@@ -665,9 +666,10 @@ def test_backend_lowers_pointwise_nodes(device):
         return torch.where(x > 0, x * 2.0 + y, torch.exp(-x))
 
     x, y = rand(4, 5, device=device), rand(5, device=device)
-    report = flag_gems.explain(f, x, y)
+    torch._dynamo.mark_dynamic(x, 0)  # supports() sees symbolic sizes
+    report = flag_gems.explain(f, x, y, options={"strict": True})
     lowered = " ".join(k for g in report.graphs for k in g.lowered)
-    for op in ("mul.Tensor", "add.Tensor", "gt.Scalar", "exp.default", "where.self"):
+    for op in ("mul.Tensor", "add.Tensor", "gt.Scalar", "exp.default", "where.self", "neg.default"):
         assert op in lowered, str(report)
     compiled = torch.compile(f, backend="flag_gems", dynamic=True)
     for shape in [(4, 5), (7, 5)]:
