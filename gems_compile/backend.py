@@ -150,7 +150,7 @@ class GemsCompiler:
             report.kind = kind if report.kind == "dynamo" else f"{report.kind}+{kind}"
             try:
                 if self.options.lower_aten:
-                    lower_aten(gm, report)
+                    lower_aten(gm, report, everything=self.options.lower_aten == "all")
             except Exception as e:
                 if self.options.strict:
                     raise

@@ -28,7 +28,8 @@ class CompileOptions:
         cudagraphs: replay the compiled inference graph as CUDA graphs (``mode="reduce-overhead"``).
         inductor: hand the rewritten graph to Inductor for the rest, instead of running it as is.
         fusions: the pattern families to fuse (a subset of ``FUSIONS``).
-        lower_aten: rewrite remaining aten nodes that have a registered, faster lowering.
+        lower_aten: rewrite remaining aten nodes whose registry entry is on for graphs
+            (``"all"``: also the entries that are only on for the eager mode).
     """
 
     strict: bool = False
@@ -36,7 +37,7 @@ class CompileOptions:
     cudagraphs: bool = False
     inductor: bool = False
     fusions: tuple[str, ...] = FUSIONS
-    lower_aten: bool = True
+    lower_aten: bool | str = True
 
     @classmethod
     def from_user(cls, mode: str | None = None, options: dict[str, Any] | None = None) -> "CompileOptions":
@@ -55,7 +56,9 @@ class CompileOptions:
             hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
             detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
             raise ValueError(f"flag_gems backend: unknown option {detail}; valid options: {', '.join(valid)}")
-        for key in ("strict", "cudagraphs", "inductor", "lower_aten"):
+        if "lower_aten" in options and options["lower_aten"] not in (True, False, "all"):
+            raise TypeError(f"flag_gems backend: option 'lower_aten' must be True, False or 'all', got {options['lower_aten']!r}")
+        for key in ("strict", "cudagraphs", "inductor"):
             if key in options and not isinstance(options[key], bool):
                 raise TypeError(f"flag_gems backend: option {key!r} must be a bool, got {options[key]!r}")
         if "fusions" in options:

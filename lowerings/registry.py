@@ -29,8 +29,11 @@ class Lowering:
             (called only after ``supports`` returned None), usually a kernel launcher.
         kernel: the name reports show.
         supports: ``(*args, **kwargs) -> None | reason``: None when ``impl`` handles the call.
-        default: whether consumers use it by default (False: only when asked for).
+        default: whether the eager mode uses it by default (False: only when asked for).
         reason: why it is (not) on by default: the measurement behind the choice.
+        in_graphs: whether the compile backend rewrites the aten node in compiled graphs by
+            default. False for single pointwise ops: in a graph the native kernel moves the
+            same bytes and the Triton launch only adds host time (``lower_aten="all"`` forces it).
     """
 
     target: torch._ops.OpOverload
@@ -39,6 +42,7 @@ class Lowering:
     supports: Callable[..., str | None]
     default: bool
     reason: str
+    in_graphs: bool = False
 
 
 REGISTRY: dict = {}
@@ -54,7 +58,9 @@ FALLBACKS: dict = {
 }
 
 
-def register(target, *, kernel: str, supports: Callable[..., str | None], default: bool, reason: str):
+def register(
+    target, *, kernel: str, supports: Callable[..., str | None], default: bool, reason: str, in_graphs: bool = False
+):
     """Decorator registering ``impl`` as the lowering of one aten overload.
 
     Raises:
@@ -70,7 +76,7 @@ def register(target, *, kernel: str, supports: Callable[..., str | None], defaul
         raise ValueError(f"register: {target} is already {'registered' if target in REGISTRY else 'a declared fallback'}")
 
     def deco(impl):
-        REGISTRY[target] = Lowering(target, impl, kernel, supports, default, reason)
+        REGISTRY[target] = Lowering(target, impl, kernel, supports, default, reason, in_graphs)
         return impl
 
     return deco

@@ -11,11 +11,11 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # model type -> (extra config, fusions expected: {pattern: count}); 2 layers each
 MODELS = {
-    "llama": ({}, {"rms_norm": 1, "add_rms_norm": 4, "act_and_mul": 2}),
-    "qwen2": ({}, {"rms_norm": 1, "add_rms_norm": 4, "act_and_mul": 2}),
-    "mistral": ({}, {"rms_norm": 1, "add_rms_norm": 4, "act_and_mul": 2}),
-    "gemma": ({"head_dim": 16}, {"rms_norm": 1, "add_rms_norm": 4, "act_and_mul": 2}),
-    "qwen3": ({"head_dim": 16}, {"rms_norm": 5, "add_rms_norm": 4, "act_and_mul": 2}),  # + per-head q/k norms
+    "llama": ({}, {"rms_norm": 1, "add_rms_norm": 4, "act_and_mul": 2, "rotary_embedding": 2}),
+    "qwen2": ({}, {"rms_norm": 1, "add_rms_norm": 4, "act_and_mul": 2, "rotary_embedding": 2}),
+    "mistral": ({}, {"rms_norm": 1, "add_rms_norm": 4, "act_and_mul": 2, "rotary_embedding": 2}),
+    "gemma": ({"head_dim": 16}, {"rms_norm": 1, "add_rms_norm": 4, "act_and_mul": 2, "rotary_embedding": 2}),
+    "qwen3": ({"head_dim": 16}, {"rms_norm": 5, "add_rms_norm": 4, "act_and_mul": 2, "rotary_embedding": 2}),  # + per-head q/k norms
 }
 
 

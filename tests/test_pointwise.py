@@ -661,17 +661,22 @@ def test_opinfo_samples(device):
 # ------------------------------------------------------------------ compile backend
 
 
-def test_backend_lowers_pointwise_nodes(device):
+def test_backend_lowers_pointwise_nodes_only_when_asked(device):
     def f(x, y):
         return torch.where(x > 0, x * 2.0 + y, torch.exp(-x))
 
     x, y = rand(4, 5, device=device), rand(5, device=device)
     torch._dynamo.mark_dynamic(x, 0)  # supports() sees symbolic sizes
-    report = flag_gems.explain(f, x, y, options={"strict": True})
+    default = flag_gems.explain(f, x, y, options={"strict": True})
+    assert not any(g.lowered for g in default.graphs), str(default)
+    assert any("host time" in r for g in default.graphs for r in g.kept.get("exp.default", {})), str(default)
+    torch._dynamo.reset()
+    report = flag_gems.explain(f, x, y, options={"strict": True, "lower_aten": "all"})
     lowered = " ".join(k for g in report.graphs for k in g.lowered)
     for op in ("mul.Tensor", "add.Tensor", "gt.Scalar", "exp.default", "where.self", "neg.default"):
         assert op in lowered, str(report)
-    compiled = torch.compile(f, backend="flag_gems", dynamic=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="flag_gems", dynamic=True, options={"lower_aten": "all"})
     for shape in [(4, 5), (7, 5)]:
         x = rand(*shape, device=device)
         close(compiled(x, y), f(x, y), tag("compiled pointwise", shape, torch.float32))

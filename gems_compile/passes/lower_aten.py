@@ -24,8 +24,18 @@ def _vals(args):
     return [val(a) if isinstance(a, fx.Node) else a for a in args]
 
 
-def lower_aten(gm: fx.GraphModule, report: GraphReport) -> int:
-    """Rewrite the aten nodes of ``gm`` that have a default lowering; returns how many."""
+GRAPH_REASON = "in a graph the native kernel moves the same bytes; a Triton launch only adds host time"
+
+
+def lower_aten(gm: fx.GraphModule, report: GraphReport, everything: bool = False) -> int:
+    """Rewrite the aten nodes of ``gm`` whose entry is on for graphs; returns how many.
+
+    Args:
+        gm: a post-AOT aten graph.
+        report: where each decision is recorded.
+        everything: also rewrite entries that are only on for the eager mode
+            (``options={"lower_aten": "all"}``, for measuring them in graphs).
+    """
     count = 0
     for node in gm.graph.nodes:
         t = node.target
@@ -43,6 +53,9 @@ def lower_aten(gm: fx.GraphModule, report: GraphReport) -> int:
             continue
         if not entry.default:
             report.keep(name, f"opt-in only: {entry.reason}")
+            continue
+        if not (entry.in_graphs or everything):
+            report.keep(name, GRAPH_REASON)
             continue
         reason = entry.supports(*_vals(node.args), **dict(zip(node.kwargs, _vals(node.kwargs.values()))))
         if reason is not None:
