@@ -22,6 +22,17 @@ GRAD_TOLERANCES = {
     torch.bfloat16: (3e-2, 3e-2),
 }
 
+# torch.library.opcheck utilities every functional op passes (the seeds' use case 8);
+# mutable ops skip the autograd-registration check (torch.library has no autograd for them).
+OPCHECK_UTILS = (
+    "test_schema",
+    "test_autograd_registration",
+    "test_faketensor",
+    "test_aot_dispatch_static",
+    "test_aot_dispatch_dynamic",
+)
+OPCHECK_UTILS_MUTABLE = ("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 

@@ -7,17 +7,9 @@ from torch.library import opcheck
 
 import flag_gems
 from flag_gems.kernels import act_and_mul as kern
-from accuracy import DTYPE_IDS, DTYPES, assert_close, poison, rand, ref64, tag
+from accuracy import DTYPES, DTYPE_IDS, OPCHECK_UTILS, OPCHECK_UTILS_MUTABLE, assert_close, poison, rand, ref64, tag
 
-OPCHECK_UTILS = (
-    "test_schema",
-    "test_autograd_registration",
-    "test_faketensor",
-    "test_aot_dispatch_static",
-    "test_aot_dispatch_dynamic",
-)
 # Utils that apply to an op that mutates ``out`` and has no autograd formula.
-OPCHECK_UTILS_MUTABLE = ("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
 
 # Tokens x d: 1, primes, non-powers of two, 3-D, 0 tokens, a row cut into column blocks.
 SHAPES = [(1, 1), (3, 7), (2, 5, 129), (0, 8), (3, 2500)]

@@ -7,15 +7,8 @@ import torch
 from torch.library import opcheck
 
 import flag_gems  # noqa: F401
-from accuracy import DTYPE_IDS, DTYPES, assert_close, rand, ref64, tag
+from accuracy import DTYPES, DTYPE_IDS, OPCHECK_UTILS, assert_close, rand, ref64, tag
 
-OPCHECK_UTILS = (
-    "test_schema",
-    "test_autograd_registration",
-    "test_faketensor",
-    "test_aot_dispatch_static",
-    "test_aot_dispatch_dynamic",
-)
 SHAPE_PAIRS = [
     ((10,), (10,)),
     ((2, 1, 3), (4, 1)),

@@ -8,16 +8,9 @@ from torch.library import opcheck
 
 import flag_gems
 from flag_gems.kernels.rms_norm import rms_norm_fwd
-from accuracy import DTYPE_IDS, DTYPES, assert_close, poison, rand, ref64, tag
+from accuracy import DTYPES, DTYPE_IDS, OPCHECK_UTILS, assert_close, poison, rand, ref64, tag
 
 EPS = 1e-6
-OPCHECK_UTILS = (
-    "test_schema",
-    "test_autograd_registration",
-    "test_faketensor",
-    "test_aot_dispatch_static",
-    "test_aot_dispatch_dynamic",
-)
 # Rows x hidden: 1, primes, non-powers of two, a one-pass row and a looped row (> 16384).
 SHAPES = [(1, 1), (3, 7), (2, 5, 128), (4, 2880), (2, 4096), (2, 5120), (1, 7168), (2, 20000)]
 

@@ -9,17 +9,10 @@ import torch
 
 import flag_gems.lowerings.rotary_embedding as rope
 import flag_gems.kernels.rotary_embedding as kern
-from accuracy import DTYPE_IDS, DTYPES, assert_close, poison, rand, ref64, tag
+from accuracy import DTYPES, DTYPE_IDS, OPCHECK_UTILS, assert_close, poison, rand, ref64, tag
 
 STYLES = [False, True]
 STYLE_IDS = ["neox", "interleaved"]
-OPCHECK_UTILS = (
-    "test_schema",
-    "test_autograd_registration",
-    "test_faketensor",
-    "test_aot_dispatch_static",
-    "test_aot_dispatch_dynamic",
-)
 
 # ------------------------------------------------------------------- references
 
