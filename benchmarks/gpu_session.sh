@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: install, GPU test suite, kernel benchmark. Logs and results go to $OUT.
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [tests|bench|model|all] [extra bench args]
+# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [tests|bench|model|ops|all] [extra bench args]
 # Each part fits one device call (< 10 min); 'all' runs the three in sequence.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -25,5 +25,8 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
 fi
 if [ "$what" = model ] || [ "$what" = all ]; then
   python3 benchmarks/bench_model.py --out "$OUT" 2>&1 | tee "$OUT/model.log" | tail -30
+fi
+if [ "$what" = ops ] || [ "$what" = all ]; then
+  python3 benchmarks/bench_ops.py --out "$OUT" 2>&1 | tee "$OUT/ops.log" | tail -45
 fi
 exit $rc
