@@ -48,20 +48,24 @@ _TILE_ELEMS = 4096
 _MAX_TILE_ROWS = 64
 # Largest number of partials per row a split reduction writes (reduced by one more tile).
 _MAX_SPLITS = 1024
+# max.dim keeps a value and an int64 index per lane: chunks of at most this many columns,
+# so the per-lane state of a long row stays in registers (not measured yet).
+_MAX_INDEX_BLOCK = 4096
 _BIG_INDEX = tl.constexpr(2**62)  # "no column yet" in max_index (a jit global must be constexpr)
 
 
-def tile_config(n_rows: int, n_cols: int, elem_bytes: int) -> tuple[int, int, int]:
+def tile_config(n_rows: int, n_cols: int, elem_bytes: int, max_block: int = MAX_FUSED_BLOCK) -> tuple[int, int, int]:
     """Tile shape and warp count for the row kernels of this file.
 
     ``BLOCK_N`` is :func:`~flag_gems.kernels._common.row_config`'s (the whole row up to
     MAX_FUSED_BLOCK, else MAX_FUSED_BLOCK chunks); short rows are stacked ``BLOCK_M`` to a
     program, and warps follow row_config's one warp per KiB moved by the tile (1 to 16).
+    ``max_block`` caps ``BLOCK_N`` for kernels that keep more per-lane state.
 
     Returns:
         (BLOCK_M, BLOCK_N, num_warps)
     """
-    block_n, _ = row_config(n_cols, elem_bytes)
+    block_n = min(row_config(n_cols, elem_bytes)[0], max_block)
     block_m = max(1, min(_MAX_TILE_ROWS, _TILE_ELEMS // block_n, triton.next_power_of_2(max(n_rows, 1))))
     warps = max(1, min(16, block_m * block_n * elem_bytes // 1024))
     return block_m, block_n, warps
@@ -411,7 +415,7 @@ def row_max_index(x: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Ten
     indices = torch.empty((n_rows,), dtype=torch.int64, device=x.device)
     if n_rows == 0:
         return values, indices
-    block_m, block_n, warps = tile_config(n_rows, n_cols, x.element_size())
+    block_m, block_n, warps = tile_config(n_rows, n_cols, x.element_size(), max_block=_MAX_INDEX_BLOCK)
     with device_guard(x):
         _max_index_kernel[(triton.cdiv(n_rows, block_m),)](
             x, values, indices, n_rows, n_cols, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps
