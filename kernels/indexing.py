@@ -29,7 +29,9 @@ Embedding backward (deterministic, no atomics): the token ids are sorted (stable
 ids keep token order); one program per sorted position that starts a run of equal ids
 sums that run's gradient rows in fp32, in token order, and writes the weight row once.
 Every element is therefore summed in the same order on every run. Ids outside
-``[0, num_weights)`` and ``padding_idx`` contribute nothing.
+``[0, num_weights)`` and ``padding_idx`` contribute nothing. Cost: one program walks a
+whole run, so a very frequent id (thousands of tokens) is summed serially by one program
+per column block; a split of long runs is left for the GPU benchmark to ask for.
 
 All offsets are int64.
 """

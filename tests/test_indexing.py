@@ -299,7 +299,7 @@ def test_fallbacks_give_torchs_exact_result(device, tmp_path):
     assert log.read_text() == ""  # every call went native
 
 
-def test_hf_style_snippet_under_use_gems(device):
+def test_hf_style_snippet_under_use_gems(device, tmp_path):
     """Token embedding, a cat of the past and new ids' positions, position ids from a padded attention
     mask (cumsum), last-token gather: forward and the embedding's backward, as in eager."""
     torch.manual_seed(0)
@@ -321,8 +321,12 @@ def test_hf_style_snippet_under_use_gems(device):
 
     want = step(emb)
     emb.weight.grad = None
-    with flag_gems.use_gems(include=["embedding", "embedding_dense_backward", "cat", "cumsum", "gather", "arange"]):
+    log = tmp_path / "log"
+    with flag_gems.use_gems(include=["embedding", "embedding_dense_backward", "cat", "cumsum", "gather", "arange"],
+                            record=True, once=True, path=log):
         got = step(emb)
+    ran = {line.split("GEMS ")[-1] for line in log.read_text().splitlines()}
+    assert ran == {"EMBEDDING", "EMBEDDING_DENSE_BACKWARD", "CAT", "CUMSUM", "GATHER", "ARANGE_START"}, ran
     for name, g, w in zip(["h", "pos", "last"], got[:3], want[:3]):
         same(g, w, tag(f"hf snippet {name}", w.shape, w.dtype))
     assert_close(got[3], ref64(want[3]), torch.float32, tag("hf snippet weight.grad", want[3].shape, torch.float32), grad=True)
