@@ -68,6 +68,8 @@ from torch import fx
 
 from ..report import GraphReport
 from .matching import (
+    F32,
+    FLOAT_DTYPES,
     aten,
     cast_target,
     dtype_of,
@@ -86,8 +88,6 @@ logger = logging.getLogger(__name__)
 
 NAME = "act_and_mul"
 PATTERN = "act_and_mul pattern"
-F32 = torch.float32
-DTYPES = (torch.float16, torch.bfloat16, F32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +289,7 @@ def _match(root: fx.Node) -> _Match | str | None:
     if up is out:
         return None  # act(g) ** 2: not a gated activation
     d = dtype_of(gate)
-    if d not in DTYPES:
+    if d not in FLOAT_DTYPES:
         return f"dtype {d} (the kernels take fp16, bf16, fp32)"
     if not dtype_of(out) == dtype_of(up) == dtype_of(mul) == d:
         return f"gate/up/output dtypes differ (act({d}) * {dtype_of(up)} -> {dtype_of(mul)})"

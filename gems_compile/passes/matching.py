@@ -17,6 +17,9 @@ from torch import fx
 aten = torch.ops.aten
 prims = torch.ops.prims
 
+F32 = torch.float32
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the fused kernels take
+
 CAST_OPS = {
     aten.to.dtype,
     aten._to_copy.default,

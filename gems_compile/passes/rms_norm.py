@@ -33,6 +33,8 @@ from torch import fx
 
 from ..report import GraphReport
 from .matching import (
+    F32,
+    FLOAT_DTYPES,
     aten,
     binary_operands,
     cast_target,
@@ -52,7 +54,6 @@ from .matching import (
 logger = logging.getLogger(__name__)
 
 NAME = "rms_norm"
-F32 = torch.float32
 
 
 @dataclasses.dataclass
@@ -68,7 +69,7 @@ class _Match:
 
 def _weight_ok(w, n) -> bool:
     v = val(w)
-    return isinstance(v, torch.Tensor) and tuple(v.shape) == (n,) and v.dtype in (torch.float16, torch.bfloat16, F32)
+    return isinstance(v, torch.Tensor) and tuple(v.shape) == (n,) and v.dtype in FLOAT_DTYPES
 
 
 def _match_decomposed(rsqrt: fx.Node) -> _Match | str | None:
@@ -98,7 +99,7 @@ def _match_decomposed(rsqrt: fx.Node) -> _Match | str | None:
         return "normalization computed below fp32 (fusing would change numerics)"
     h, casts = strip_casts(x)
     d = dtype_of(h)
-    if d not in (torch.float16, torch.bfloat16, F32) or shape_of(h) != shape_of(x):
+    if d not in FLOAT_DTYPES or shape_of(h) != shape_of(x):
         return f"input dtype {d}"
     n = shape_of(x)[-1]
 
@@ -154,7 +155,7 @@ def _match_aten(node: fx.Node) -> _Match | str | None:
     if not isinstance(shape, (list, tuple)) or len(shape) != 1:
         return "normalized_shape spans several dims"
     d = dtype_of(x)
-    if d not in (torch.float16, torch.bfloat16, F32) or dtype_of(out) != d:
+    if d not in FLOAT_DTYPES or dtype_of(out) != d:
         return f"input/output dtype {d} -> {dtype_of(out)}"
     if w is not None and not _weight_ok(w, shape_of(x)[-1]):
         return "weight is not a [hidden] tensor"

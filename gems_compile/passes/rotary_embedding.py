@@ -86,6 +86,8 @@ from torch import fx
 
 from ..report import GraphReport
 from .matching import (
+    F32,
+    FLOAT_DTYPES,
     aten,
     binary_operands,
     cast_target,
@@ -110,8 +112,6 @@ logger = logging.getLogger(__name__)
 
 NAME = "rotary_embedding"
 PATTERN = "rotary pattern"
-F32 = torch.float32
-FLOATS = (torch.float16, torch.bfloat16, F32)
 _OPS = torch.ops.flag_gems
 
 
@@ -416,7 +416,7 @@ def _complete(y: fx.Node, x: fx.Node, style: _Style, form: str, cos, sin):
         return "head_dim is not static"
     if head_dim % 2:
         return f"odd head_dim {head_dim}"
-    if d not in FLOATS or e not in (d, F32) or c not in (d, F32):
+    if d not in FLOAT_DTYPES or e not in (d, F32) or c not in (d, F32):
         return f"rotation computed in {c} on a {d} tensor"
     if any(t not in (d, F32) for t in (*in_casts, *out_casts)):
         return f"rounded to another dtype than the input's {d} or fp32 on the way"
@@ -424,7 +424,7 @@ def _complete(y: fx.Node, x: fx.Node, style: _Style, form: str, cos, sin):
         return "output shape differs from the rotated tensor's"
     tw = width if form == "full" else width // 2
     for t in (cos, sin):
-        if dtype_of(t) not in FLOATS or shape_of(t) is None or static_int(shape_of(t)[-1]) != tw:
+        if dtype_of(t) not in FLOAT_DTYPES or shape_of(t) is None or static_int(shape_of(t)[-1]) != tw:
             return f"cos / sin {shape_of(t)} ({dtype_of(t)}) are not [.., {tw}] float tables"
     if not same_shape(cos, sin):
         return f"cos {shape_of(cos)} and sin {shape_of(sin)} differ in shape"
