@@ -196,7 +196,8 @@ class GemsCompiler:
 
                 report.kind = "inductor"
                 self._finish(report)
-                return compile_fx(fused, example_inputs)
+                patches = {"max_autotune": self.options.max_autotune, "triton.cudagraphs": self.options.cudagraphs}
+                return compile_fx(fused, example_inputs, config_patches=patches)
             from torch._functorch.aot_autograd import aot_module_simplified
 
             return aot_module_simplified(

@@ -30,6 +30,8 @@ class CompileOptions:
         fusions: the pattern families to fuse (a subset of ``FUSIONS``).
         lower_aten: rewrite remaining aten nodes whose registry entry is on for graphs
             (``"all"``: also the entries that are only on for the eager mode).
+        max_autotune: with ``inductor``, let Inductor autotune (``mode="max-autotune"``);
+            without ``inductor`` the backend has nothing to autotune and ignores it.
     """
 
     strict: bool = False
@@ -38,6 +40,7 @@ class CompileOptions:
     inductor: bool = False
     fusions: tuple[str, ...] = FUSIONS
     lower_aten: bool | str = True
+    max_autotune: bool = False
 
     @classmethod
     def from_user(cls, mode: str | None = None, options: dict[str, Any] | None = None) -> "CompileOptions":
@@ -58,7 +61,7 @@ class CompileOptions:
             raise ValueError(f"flag_gems backend: unknown option {detail}; valid options: {', '.join(valid)}")
         if "lower_aten" in options and options["lower_aten"] not in (True, False, "all"):
             raise TypeError(f"flag_gems backend: option 'lower_aten' must be True, False or 'all', got {options['lower_aten']!r}")
-        for key in ("strict", "cudagraphs", "inductor"):
+        for key in ("strict", "cudagraphs", "inductor", "max_autotune"):
             if key in options and not isinstance(options[key], bool):
                 raise TypeError(f"flag_gems backend: option {key!r} must be a bool, got {options[key]!r}")
         if "fusions" in options:
@@ -69,5 +72,8 @@ class CompileOptions:
             options["fusions"] = fusions
         if mode == "reduce-overhead":
             options.setdefault("cudagraphs", True)
+        if mode in ("max-autotune", "max-autotune-no-cudagraphs"):
+            options.setdefault("max_autotune", True)
+            options.setdefault("cudagraphs", mode == "max-autotune")
         options.setdefault("dump_dir", os.environ.get("GEMS_DUMP_DIR") or None)
         return cls(**options)

@@ -124,6 +124,8 @@ def test_unknown_option_lists_valid_ones():
     with pytest.raises(TypeError, match="'strict' must be a bool"):
         CompileOptions.from_user(None, {"strict": "yes"})
     assert CompileOptions.from_user("reduce-overhead", None).cudagraphs
+    auto = CompileOptions.from_user("max-autotune-no-cudagraphs", {"inductor": True})
+    assert auto.max_autotune and not auto.cudagraphs
 
 
 def test_unknown_option_through_torch_compile(device):
