@@ -64,19 +64,21 @@ class GraphReport:
         }
 
     def table(self) -> str:
-        """The report as readable text."""
+        """The report as readable text: fusions, lowerings, then the kept ops grouped by reason."""
         lines = [f"graph {self.graph_id} ({self.kind})"]
         if self.fallback:
             lines.append(f"  FALLBACK to the unmodified graph: {self.fallback}")
-        rows = [("fused", k, v) for k, v in sorted(self.fused.items())]
-        rows += [("lowered", k, v) for k, v in sorted(self.lowered.items())]
+        for title, counts in (("fused", self.fused), ("lowered", self.lowered)):
+            if counts:
+                lines.append(f"  {title}: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+        by_reason = collections.defaultdict(list)
         for op, reasons in sorted(self.kept.items()):
-            for reason, n in sorted(reasons.items()):
-                rows.append(("kept", f"{op}: {reason}", n))
-        if rows:
-            w = max(len(r[1]) for r in rows)
-            lines += [f"  {kind:<8}{what:<{w}}  x{n}" for kind, what, n in rows]
-        else:
+            for reason, n in reasons.items():
+                by_reason[reason].append(f"{op} x{n}")
+        if by_reason:
+            lines.append("  kept as aten, by reason:")
+            lines += [f"    - {reason}: {', '.join(ops)}" for reason, ops in sorted(by_reason.items())]
+        if not (self.fused or self.lowered or by_reason):
             lines.append("  (nothing fused or lowered)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
