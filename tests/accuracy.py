@@ -74,3 +74,20 @@ def assert_close(out, ref, dtype, what: str, grad: bool = False):
 def tag(op, shape, dtype) -> str:
     """Message prefix ``[op=.. shape=.. dtype=..]``."""
     return f"[op={op} shape={tuple(shape)} dtype={str(dtype).replace('torch.', '')}]"
+
+
+def run(target, *args, **kwargs):
+    """A registry entry's impl, after asserting that its supports() accepts the call."""
+    from flag_gems.lowerings.registry import REGISTRY
+
+    entry = REGISTRY[target]
+    why = entry.supports(*args, **kwargs)
+    assert why is None, f"[op={target}] supports() refused: {why}"
+    return entry.impl(*args, **kwargs)
+
+
+def reason(target, *args, **kwargs):
+    """A registry entry's supports() answer: None, or why it declines the call."""
+    from flag_gems.lowerings.registry import REGISTRY
+
+    return REGISTRY[target].supports(*args, **kwargs)

@@ -35,6 +35,13 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """An empty Dynamo cache: compile tests reuse the same forward code with new modules and dtypes."""
+    torch._dynamo.reset()
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different but reproducible seed per test: fresh inputs, no flaky reruns.

@@ -17,11 +17,7 @@ from accuracy import DTYPE_IDS, DTYPES, assert_close, rand, ref64, tag
 STRICT = {"strict": True}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    # Each test compiles the same forward code with new modules/dtypes: start from an empty cache.
-    torch._dynamo.reset()
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def compile_strict(m, **kw):

@@ -14,6 +14,7 @@ from torch import nn
 import flag_gems
 from flag_gems.backend import GemsCompiler
 from flag_gems.options import CompileOptions
+from test_backend import compile_strict
 from accuracy import DTYPE_IDS, DTYPES, assert_close, rand, ref64, tag
 
 try:  # HF's activation table: what the models' MLPs call
@@ -25,14 +26,8 @@ STRICT = {"strict": True}
 N, M = 24, 40  # hidden, intermediate (gate/up width)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
-
-def compile_strict(m, **kw):
-    return torch.compile(m, backend="flag_gems", options=STRICT, fullgraph=True, **kw)
 
 
 # ----------------------------------------------------------------- MLPs in the styles models use

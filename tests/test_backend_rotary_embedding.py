@@ -12,6 +12,7 @@ import torch._dynamo.testing
 import flag_gems
 from flag_gems.backend import GemsCompiler
 from flag_gems.options import CompileOptions
+from test_backend import compile_strict
 from accuracy import assert_close, rand, ref64, tag
 
 STRICT = {"strict": True}
@@ -19,14 +20,8 @@ BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 PATTERN = "rotary pattern"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
-
-def compile_strict(m, **kw):
-    return torch.compile(m, backend="flag_gems", options=STRICT, fullgraph=True, **kw)
 
 
 def run(m, *args):

@@ -8,13 +8,8 @@ from flag_gems.cudagraphs import CUDAGraphRunner
 from accuracy import assert_close, rand, tag
 from test_backend import ResidualBlock, _reference
 
-pytestmark = pytest.mark.gpu
 
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_dynamo")]
 
 
 def test_replay_with_changing_inputs_and_held_outputs():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flag_gems
-from accuracy import DTYPE_IDS, DTYPES, assert_close, rand, ref64, tag
+from accuracy import DTYPES, DTYPE_IDS, assert_close, rand, reason, ref64, run, tag
 from flag_gems import eager
 from flag_gems.lowerings import indexing as li
 from flag_gems.lowerings.registry import FALLBACKS, REGISTRY
@@ -44,16 +44,6 @@ def same(out, ref, what):
     assert out.stride() == ref.stride() or out.numel() <= 1, f"{what} strides {out.stride()} != {ref.stride()}"
     assert torch.equal(out, ref), f"{what} values differ"
 
-
-def run(target, *args, **kwargs):
-    entry = REGISTRY[target]
-    why = entry.supports(*args, **kwargs)
-    assert why is None, f"[op={target}] refused: {why}"
-    return entry.impl(*args, **kwargs)
-
-
-def reason(target, *args, **kwargs):
-    return REGISTRY[target].supports(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- embedding / index_select

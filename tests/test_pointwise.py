@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flag_gems  # noqa: F401
-from accuracy import DTYPE_IDS, DTYPES, assert_close, poison, rand, tag
+from accuracy import DTYPES, DTYPE_IDS, assert_close, poison, rand, reason, run, tag
 from flag_gems.kernels import pointwise as pw
 from flag_gems.lowerings import pointwise as lp
 from flag_gems.lowerings.registry import FALLBACKS, REGISTRY
@@ -22,17 +22,6 @@ aten = torch.ops.aten
 NAN, INF = float("nan"), float("inf")
 INT_DTYPES = [torch.int32, torch.int64, torch.int8, torch.uint8]
 
-
-def run(target, *args, **kwargs):
-    """The registry entry's impl, after asserting its supports() accepts the call."""
-    entry = REGISTRY[target]
-    why = entry.supports(*args, **kwargs)
-    assert why is None, f"[op={target}] supports() refused: {why}"
-    return entry.impl(*args, **kwargs)
-
-
-def reason(target, *args, **kwargs):
-    return REGISTRY[target].supports(*args, **kwargs)
 
 
 def layout(x: torch.Tensor, kind: str) -> torch.Tensor:

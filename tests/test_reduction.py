@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flag_gems
-from accuracy import DTYPE_IDS, DTYPES, GRAD_TOLERANCES, TOLERANCES, assert_close, rand, ref64, tag
+from accuracy import DTYPES, DTYPE_IDS, GRAD_TOLERANCES, TOLERANCES, assert_close, rand, reason, ref64, run, tag
 from flag_gems import eager
 from flag_gems.kernels import reduction as kr
 from flag_gems.kernels._common import MAX_FUSED_BLOCK
@@ -34,17 +34,6 @@ def _off():
     yield
     eager.disable()
 
-
-def run(target, *args, **kwargs):
-    """The registry entry's impl, after asserting its supports() accepts the call."""
-    entry = REGISTRY[target]
-    why = entry.supports(*args, **kwargs)
-    assert why is None, f"[op={target}] supports() refused: {why}"
-    return entry.impl(*args, **kwargs)
-
-
-def reason(target, *args, **kwargs):
-    return REGISTRY[target].supports(*args, **kwargs)
 
 
 def close_nan(out, ref, dtype, what, grad=False):
