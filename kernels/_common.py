@@ -91,7 +91,7 @@ def row_config(n_cols: int, elem_bytes: int) -> tuple[int, int]:
     A row of up to MAX_FUSED_BLOCK elements is held whole in registers; longer rows
     are walked in MAX_FUSED_BLOCK chunks. Warps scale with the bytes a row moves so
     that each thread keeps 16-byte accesses in flight: about one warp per 1 KiB of
-    row, between 1 and 16 (the H100 sweep in benchmarks/NOTES.md).
+    row, between 1 and 16. Not measured yet: the GPU sweep is planned in benchmarks/NOTES.md.
 
     Returns:
         (BLOCK_N, num_warps)

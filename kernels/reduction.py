@@ -43,7 +43,7 @@ OP_SUM, OP_MAX, OP_ALL = 0, 1, 2
 
 # Rows per tile: short rows are packed up to this many elements per program (at most
 # _MAX_TILE_ROWS rows). Not measured yet: it keeps a tile's register footprint near that
-# of one 4096-element row, which row_config's sweep (benchmarks/NOTES.md) found cheap.
+# of one 4096-element row; the GPU sweep is planned in benchmarks/NOTES.md.
 _TILE_ELEMS = 4096
 _MAX_TILE_ROWS = 64
 # Largest number of partials per row a split reduction writes (reduced by one more tile).
