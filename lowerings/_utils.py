@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels._common import FLOAT_DTYPES, interpreter_mode
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 _functorch_active = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
@@ -36,3 +38,35 @@ def eager_fast_path(*tensors) -> bool:
         if grad and t.requires_grad:
             return False
     return True
+
+
+def row_tensor_reason(t, name: str, dtypes=FLOAT_DTYPES, optional: bool = False) -> str | None:
+    """Why the row kernels cannot read ``t`` (None when they can), from metadata only.
+
+    Shared by the registry entries' ``supports()``: safe on FakeTensors, adds no guards.
+
+    Args:
+        t: the argument.
+        name: its name in the reason.
+        dtypes: accepted dtypes.
+        optional: None is acceptable.
+
+    Returns:
+        None, or a reason naming the argument: not a tensor, dtype, device, symbolic sizes,
+        non-contiguous.
+    """
+    if t is None and optional:
+        return None
+    if not isinstance(t, torch.Tensor):
+        return f"{name} is a {type(t).__name__}, not a tensor"
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        return f"{name} dtype {t.dtype} (the kernels take {names})"
+    dev = t.device.type
+    if not (dev == "cuda" or (dev == "cpu" and interpreter_mode())):
+        return f"device {t.device} is not supported (CUDA, or CPU through Triton's interpreter)"
+    if any(isinstance(s, torch.SymInt) for s in t.shape):
+        return f"{name} has symbolic sizes (left to aten/Inductor)"
+    if not t.is_contiguous():
+        return f"a non-contiguous {name} (the kernels read contiguous rows)"
+    return None

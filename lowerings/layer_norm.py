@@ -29,7 +29,7 @@ import logging
 import torch
 
 from ..kernels import layer_norm as kl
-from ..kernels._common import FLOAT_DTYPES, interpreter_mode
+from ._utils import row_tensor_reason
 from .registry import register
 
 logger = logging.getLogger(__name__)
@@ -45,20 +45,7 @@ _REDUCED = (torch.float16, torch.bfloat16)
 
 def _tensor_reason(t, name: str, optional: bool = False) -> str | None:
     """Why the kernels cannot read ``t`` (None when they can). Metadata only."""
-    if t is None and optional:
-        return None
-    if not isinstance(t, torch.Tensor):
-        return f"{name} is a {type(t).__name__}, not a tensor"
-    if t.dtype not in FLOAT_DTYPES:
-        return f"{name} dtype {t.dtype} (the kernels take float16, bfloat16, float32)"
-    dev = t.device.type
-    if not (dev == "cuda" or (dev == "cpu" and interpreter_mode())):
-        return f"device {t.device} is not supported (CUDA, or CPU through Triton's interpreter)"
-    if any(isinstance(s, torch.SymInt) for s in t.shape):
-        return f"{name} has symbolic sizes (left to aten/Inductor)"
-    if not t.is_contiguous():
-        return f"a non-contiguous {name} (the kernels read contiguous rows)"
-    return None
+    return row_tensor_reason(t, name, optional=optional)
 
 
 def _shape_reason(input, normalized_shape) -> str | None:

@@ -33,7 +33,8 @@ import logging
 import torch
 
 from ..kernels import reduction as kr
-from ..kernels._common import FLOAT_DTYPES, interpreter_mode
+from ..kernels._common import FLOAT_DTYPES
+from ._utils import row_tensor_reason
 from .registry import register
 
 logger = logging.getLogger(__name__)
@@ -55,18 +56,7 @@ _FLOAT_NAMES = "float16, bfloat16, float32"
 
 def _input_reason(x, dtypes=FLOAT_DTYPES, name: str = "self") -> str | None:
     """Why the kernels cannot read ``x`` (None when they can). Metadata only."""
-    if not isinstance(x, torch.Tensor):
-        return f"{name} is a {type(x).__name__}, not a tensor"
-    if x.dtype not in dtypes:
-        return f"{name} dtype {x.dtype} (the kernels take {', '.join(str(d).replace('torch.', '') for d in dtypes)})"
-    dev = x.device.type
-    if not (dev == "cuda" or (dev == "cpu" and interpreter_mode())):
-        return f"device {x.device} is not supported (CUDA, or CPU through Triton's interpreter)"
-    if any(isinstance(s, torch.SymInt) for s in x.shape):
-        return "symbolic sizes (left to aten/Inductor)"
-    if not x.is_contiguous():
-        return "a non-contiguous input (the kernels read contiguous rows)"
-    return None
+    return row_tensor_reason(x, name, dtypes)
 
 
 def _trailing(x: torch.Tensor, dim) -> tuple[int, list[int]] | str:
