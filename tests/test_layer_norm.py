@@ -7,7 +7,6 @@ FakeTensors; ``torch.nn.LayerNorm`` under ``use_gems`` equals eager and the reco
 shows both entries ran; declined calls give torch's exact result.
 """
 
-import inspect
 
 import pytest
 import torch
@@ -250,10 +249,6 @@ def test_registry_entries_match_schemas():
         entry = REGISTRY[target]
         assert target not in FALLBACKS
         assert entry.default and not entry.in_graphs and entry.reason == ll.DEFAULT_REASON
-        names = [a.name for a in target._schema.arguments]
-        for fn in (entry.impl, entry.supports):
-            params = inspect.signature(fn).parameters
-            assert list(params) == names, f"[op={target}] {fn.__name__}{inspect.signature(fn)} vs {target._schema}"
 
 
 def test_launcher_errors(device):

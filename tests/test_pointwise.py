@@ -7,7 +7,6 @@ and out= forms with aliasing; the kernel cache; supports() on fake and symbolic 
 PyTorch's OpInfo samples.
 """
 
-import inspect
 
 import pytest
 import torch
@@ -538,13 +537,6 @@ def test_registry_entries_match_schemas():
         if not entry.kernel.startswith("flag_gems.pointwise"):
             continue
         assert target not in FALLBACKS
-        names = [a.name for a in target._schema.arguments]
-        for fn in (entry.impl, entry.supports):
-            params = inspect.signature(fn).parameters
-            assert list(params) == names, f"[op={target}] {fn.__name__}{inspect.signature(fn)} vs {target._schema}"
-            for a in target._schema.arguments:
-                kind = params[a.name].kind
-                assert (kind is inspect.Parameter.KEYWORD_ONLY) == a.kwarg_only, f"[op={target}] {a.name}"
         assert "bench_ops" in entry.reason
         assert entry.impl.__module__ == "flag_gems.lowerings.pointwise"
 
