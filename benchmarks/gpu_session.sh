@@ -1,32 +1,51 @@
 #!/usr/bin/env bash
-# One GPU session: install, GPU test suite, kernel benchmark. Logs and results go to $OUT.
-# Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh [tests|bench|model|ops|all] [extra bench args]
-# Each part fits one device call (< 10 min); 'all' runs the three in sequence.
+# One GPU device call: install, then the named parts in order. Logs and results go to $OUT.
+# Usage (on the GPU machine, repo root):
+#   bash benchmarks/gpu_session.sh PARTS
+# PARTS is a comma-separated list of: tests (GPU test suite incl. gpu/slow tests, 8 xdist workers),
+# sweep (launch-heuristic sweep), bench (kernel table, issue 2), model (model table, issue 3),
+# ops (op + model table, issue 4). Each part runs under its own time limit (seconds, overridable
+# with e.g. TESTS_S=200) so that the parts chosen for one call end inside the call's 10 minutes.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gems_out}
 mkdir -p "$OUT"
-what=${1:-all}
-shift || true
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+parts=${1:-tests}
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
 if ls .carry/liger_kernel-*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-deps --target /tmp/liger .carry/liger_kernel-*.whl >>"$OUT/install.log" 2>&1
+  python3 -m pip install -q --no-deps --target /tmp/liger .carry/liger_kernel-*.whl >>/tmp/install.log 2>&1
   export PYTHONPATH=/tmp/liger${PYTHONPATH:+:$PYTHONPATH}
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >"$OUT/gpu.txt" 2>&1
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} >"$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
 rc=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout 330 python3 -m pytest tests -q --maxfail=25 -p no:cacheprovider --runslow 2>&1 | tee "$OUT/tests_gpu.log" | tail -25
-  rc=${PIPESTATUS[0]}
-fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 benchmarks/bench_kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -80
-fi
-if [ "$what" = model ] || [ "$what" = all ]; then
-  python3 benchmarks/bench_model.py --out "$OUT" 2>&1 | tee "$OUT/model.log" | tail -30
-fi
-if [ "$what" = ops ] || [ "$what" = all ]; then
-  python3 benchmarks/bench_ops.py --out "$OUT" 2>&1 | tee "$OUT/ops.log" | tail -45
-fi
+run_part() {  # name, seconds, command...
+  local name=$1 secs=$2
+  shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${secs}s)"
+  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+  local st=$?
+  echo "=== $name: exit $st after $((SECONDS - t0))s"
+  [ "$st" = 0 ] || rc=$st
+}
+IFS=, read -ra list <<<"$parts"
+for part in "${list[@]}"; do
+  case $part in
+    tests) run_part tests "${TESTS_S:-300}" python3 -m pytest tests -q -n 8 --maxfail=40 -p no:cacheprovider --runslow -rfE
+           tail -40 "$OUT/tests.log" ;;
+    sweep) run_part sweep "${SWEEP_S:-200}" python3 benchmarks/sweep.py --out "$OUT"
+           grep -E "current|best|Error" "$OUT/sweep.log" | tail -40 ;;
+    bench) run_part bench "${BENCH_S:-240}" python3 benchmarks/bench_kernels.py --out "$OUT" --time-budget "$(( ${BENCH_S:-240} - 20 ))"
+           tail -60 "$OUT/bench.log" ;;
+    model) run_part model "${MODEL_S:-240}" python3 benchmarks/bench_model.py --out "$OUT"
+           tail -30 "$OUT/model.log" ;;
+    ops)   run_part ops "${OPS_S:-240}" python3 benchmarks/bench_ops.py --out "$OUT"
+           tail -60 "$OUT/ops.log" ;;
+    *) echo "unknown part: $part"; rc=2 ;;
+  esac
+done
 exit $rc
