@@ -98,7 +98,7 @@ def cosine(a, b) -> float:
 
 
 def run(args) -> list[dict]:
-    device = "cpu" if args.cpu_smoke else "cuda"
+    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
     cfg = TINY if args.cpu_smoke else LLAMA3_8B_4L
     inputs = {"prefill_1x2048": (1, 2048), "decode_8x1": (8, 1)} if not args.cpu_smoke else {"prefill_1x16": (1, 16), "decode_2x1": (2, 1)}
     contenders = args.contenders or (["eager", "flag_gems"] if args.cpu_smoke else list(CONTENDERS))
@@ -140,16 +140,18 @@ def markdown(rows: list[dict]) -> str:
     lines = [
         f"GPU: {rows[0]['gpu']} · torch {rows[0]['torch']} · triton {rows[0]['triton']} · {rows[0]['date']} · git {rows[0]['git']}",
         "",
-        "| input | contender | steady ms | vs eager | first call s | cosine vs eager |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| input | contender | steady ms | vs eager | vs inductor | first call s | cosine vs eager |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (inp, prov), m in table.items():
         if "error" in m:
-            lines.append(f"| {inp} | {prov} | failed: {m['error']} | | | |")
+            lines.append(f"| {inp} | {prov} | failed: {m['error']} | | | | |")
             continue
-        eager = table.get((inp, "eager"), {}).get("ms")
-        ratio = f"{eager / m['ms']:.2f}x" if eager else ""
-        lines.append(f"| {inp} | {prov} | {m['ms']:.3f} | {ratio} | {m['first_call_s']:.2f} | {m['cosine_vs_eager']:.6f} |")
+        ratios = []
+        for base in ("eager", "inductor"):
+            t = table.get((inp, base), {}).get("ms")
+            ratios.append(f"{t / m['ms']:.2f}x" if t else "")
+        lines.append(f"| {inp} | {prov} | {m['ms']:.3f} | {ratios[0]} | {ratios[1]} | {m['first_call_s']:.2f} | {m['cosine_vs_eager']:.6f} |")
     return "\n".join(lines)
 
 

@@ -116,6 +116,16 @@ def _row_offsets(rows, n_inner, stride_o, stride_i, HAS_OUTER: tl.constexpr):
 
 
 @triton.jit
+def _tile_ids(n_cols, BLOCK_N: tl.constexpr):
+    # One flat grid, column blocks fastest: programs that run together walk a row's
+    # contiguous bytes (a 2-D grid with rows on axis 0 had neighbours a row stride apart,
+    # measured 2-4 % slower at d=14336), and rows are not limited to axis 1's 65535.
+    n_col_blocks = tl.cdiv(n_cols, BLOCK_N)
+    pid = tl.program_id(0).to(tl.int64)
+    return pid // n_col_blocks, pid % n_col_blocks
+
+
+@triton.jit
 def _act_and_mul_fwd_kernel(
     a_ptr,  # [n_outer, n_inner, n_cols] activation input
     b_ptr,  # [n_outer, n_inner, n_cols] multiplier, at column offset b_off of its rows
@@ -132,8 +142,7 @@ def _act_and_mul_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(n_cols, BLOCK_N)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int64
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
@@ -168,8 +177,7 @@ def _act_and_mul_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(n_cols, BLOCK_N)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int64
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_b = cols + b_off
@@ -193,9 +201,8 @@ def _act_and_mul_bwd_kernel(
 # Launch heuristics
 # ---------------------------------------------------------------------------
 
-# Output elements one program covers at most: 4 KiB of fp16/bf16 output (8 KiB read) at
-# 4 warps, 8 KiB of fp32 output at 8 warps; either way two 16-byte vectors per thread
-# per tensor.
+# Output elements one program covers at most: 4 KiB of fp16/bf16 output (8 KiB read),
+# 8 KiB of fp32, on 16 warps.
 _TILE = 2048
 # Fewest elements per program when the launch is shrunk to fill the GPU.
 _MIN_TILE = 512
@@ -221,11 +228,12 @@ def _launch_config(rows_bucket: int, n_cols: int, elem_bytes: int, sms: int) -> 
     * ``BLOCK_M``: rows batched per program until the tile is full (short rows).
     * Few rows (decode): the tile is halved, rows first, down to ``_MIN_TILE``
       elements, until there are about two programs per SM.
-    * warps: one thread per two 16-byte vectors of the tile, between 1 and 8 warps.
+    * warps: four elements per thread, between 1 and 16 warps. H100 sweep (bf16, d=14336,
+      benchmarks/NOTES.md): 16 warps on 2048-element tiles beat 4 by 1.5 % at M >= 4096,
+      and 8 warps on 1024 are best at decode sizes.
 
-    The constants are the usual bandwidth-bound elementwise choices (Triton's
-    vector-add tutorial range); they are not yet confirmed by an H100 sweep
-    (benchmarks/NOTES.md will hold it). What is checked (sm_90 PTX, compiled ahead
+    Tile sizes are the usual bandwidth-bound elementwise choices; no other tile beat
+    them by more than the run-to-run spread in the H100 sweep. What is checked (sm_90 PTX, compiled ahead
     of time): at d=14336 every thread issues 128-bit ``ld/st.global.v4`` accesses,
     two per tensor, for all three dtypes and both layouts. Triton proves that
     alignment from its multiple-of-16 specialization of the strides and of ``b_off``,
@@ -251,8 +259,7 @@ def _launch_config(rows_bucket: int, n_cols: int, elem_bytes: int, sms: int) -> 
             block_m //= 2
         else:
             block_n //= 2
-    vec = max(1, 16 // elem_bytes)
-    warps = max(1, min(8, (block_m * block_n) // (2 * vec * 32)))
+    warps = max(1, min(16, (block_m * block_n) // 128))
     return block_m, block_n, warps
 
 
@@ -437,7 +444,7 @@ def _launch_fwd(a, b, out, b_off, n_cols, code):
     n_rows = out.numel() // n_cols
     (a, b), (o,), n_outer, n_inner, st, wb = _prepare(lead, [a, b], [out])
     block_m, block_n, warps = _config(n_rows, n_cols, out)
-    grid = (_cdiv(n_rows, block_m), _cdiv(n_cols, block_n))
+    grid = (_cdiv(n_rows, block_m) * _cdiv(n_cols, block_n),)
     with device_guard(out):
         _act_and_mul_fwd_kernel[grid](
             a, b, o,
@@ -535,7 +542,7 @@ def _launch_bwd(dout, a, b, da, db, b_off, n_cols, code):
     n_rows = dout.numel() // n_cols
     (dout, a, b), (da, db), n_outer, n_inner, st, _ = _prepare(lead, [dout, a, b], [da, db])
     block_m, block_n, warps = _config(n_rows, n_cols, a)
-    grid = (_cdiv(n_rows, block_m), _cdiv(n_cols, block_n))
+    grid = (_cdiv(n_rows, block_m) * _cdiv(n_cols, block_n),)
     with device_guard(a):
         _act_and_mul_bwd_kernel[grid](
             dout, a, b, da, db,

@@ -206,7 +206,8 @@ def rope_config(n_q_heads: int, n_k_heads: int, half_rot: int, head_dim: int, el
     in bf16), enough to hide latency while keeping several programs per token for
     parallelism at small token counts (Llama-3-8B, 32 q / 8 kv heads, D=128: blocks of 16
     q heads and 8 k heads, 3 programs per token). Warps are sized so that a thread moves
-    16 bytes per access. Not yet swept on an H100: tune here.
+    two 16-byte vectors per half of a pair tile: the H100 sweep (benchmarks/NOTES.md) put
+    2 warps ahead of 4 at every token count, by 3-12 %.
 
     Returns:
         (BLOCK_HQ, BLOCK_HK, BLOCK_R2, BLOCK_P, num_warps)
@@ -217,7 +218,7 @@ def rope_config(n_q_heads: int, n_k_heads: int, half_rot: int, head_dim: int, el
     block_hk = min(triton.next_power_of_2(max(n_k_heads, 1)), cap)
     block_p = triton.next_power_of_2(head_dim - 2 * half_rot) if copy_pass else 1
     vec = max(1, 16 // elem_bytes)
-    warps = max(1, min(8, (block_hq * block_r2) // (vec * 32)))
+    warps = max(1, min(8, (block_hq * block_r2) // (2 * vec * 32)))
     return block_hq, block_hk, block_r2, block_p, warps
 
 

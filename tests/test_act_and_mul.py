@@ -342,9 +342,9 @@ def test_launch_config():
     """The heuristic: full tiles along d for large M, rows batched for small d, shrunk for decode."""
     cfg = kern._launch_config
     bm, bn, w = cfg(1 << 16, 14336, 2, 132)
-    assert (bm, bn, w) == (1, 2048, 4)
+    assert (bm, bn, w) == (1, 2048, 16)
     bm, bn, w = cfg(1 << 16, 14336, 4, 132)
-    assert (bm, bn, w) == (1, 2048, 8)
+    assert (bm, bn, w) == (1, 2048, 16)
     bm, bn, _ = cfg(1 << 16, 64, 2, 132)
     assert bn == 64 and bm * bn == 2048
     bm, bn, w = cfg(1, 14336, 2, 132)  # decode: more, smaller programs
@@ -353,7 +353,7 @@ def test_launch_config():
         for d in (1, 7, 129, 4096, 14336, 20000):
             for eb in (2, 4):
                 bm, bn, w = cfg(rows, d, eb, 132)
-                assert bm * bn <= 2048 and 1 <= w <= 8 and bm >= 1 and bn >= 1
+                assert bm * bn <= 2048 and 1 <= w <= 16 and bm >= 1 and bn >= 1
 
 
 # ------------------------------------------------------------------ bad input, empty

@@ -95,7 +95,7 @@ def _reference(module, *inputs):
     """float64 copy of the module run on float64 inputs (detached)."""
     import copy
 
-    m64 = copy.deepcopy(module).to(torch.float64)
+    m64 = copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
     with torch.no_grad():
         return m64(*[ref64(t) for t in inputs])
 
@@ -204,7 +204,7 @@ def test_training_uses_fused_backward(dtype, device, tmp_path):
 
     import copy
 
-    m64 = copy.deepcopy(m).to(torch.float64)
+    m64 = copy.deepcopy(m).to(device="cpu", dtype=torch.float64)
     x64, r64 = ref64(x).requires_grad_(), ref64(r).requires_grad_()
     o64, res64 = m64(x64, r64)
     (o64.square().sum() + res64.sum()).backward()

@@ -92,7 +92,7 @@ STYLES = {
 
 
 def _reference(module, *inputs):
-    m64 = copy.deepcopy(module).to(torch.float64)
+    m64 = copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
     with torch.no_grad():
         return m64(*[ref64(t) for t in inputs])
 
@@ -193,7 +193,7 @@ def test_training_uses_fused_backward(style, dtype, device, tmp_path):
     names = [n for n, _ in m.named_parameters()]
     grads = [x.grad] + [p.grad for p in m.parameters()]
 
-    m64 = copy.deepcopy(m).to(torch.float64)
+    m64 = copy.deepcopy(m).to(device="cpu", dtype=torch.float64)
     x64 = ref64(x).requires_grad_()
     m64(x64).square().sum().backward()
     refs = [x64.grad] + [p.grad for p in m64.parameters()]

@@ -13,7 +13,8 @@ import flag_gems
 from flag_gems.backend import GemsCompiler
 from flag_gems.options import CompileOptions
 from test_backend import compile_strict
-from accuracy import assert_close, rand, ref64, tag
+from accuracy import assert_close, ref64, tag
+from accuracy import rand as _rand
 
 STRICT = {"strict": True}
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -22,6 +23,19 @@ PATTERN = "rotary pattern"
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
+# Modules, tables, positions and inputs are all made on the test device (the GPU when there
+# is one); the float64 reference runs on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rand(*shape, **kwargs):
+    return _rand(*shape, device=DEVICE, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    with torch.device(DEVICE):
+        yield
 
 
 def run(m, *args):
@@ -36,9 +50,9 @@ def run(m, *args):
 
 def reference(m, *args):
     """float64 copy of ``m`` run on float64 copies of the floating-point inputs."""
-    m64 = copy.deepcopy(m).to(torch.float64)
-    with torch.no_grad():
-        return m64(*[ref64(a) if a is not None and a.is_floating_point() else a for a in args])
+    m64 = copy.deepcopy(m).to(device="cpu", dtype=torch.float64)
+    with torch.no_grad(), torch.device("cpu"):
+        return m64(*[a if a is None else ref64(a) if a.is_floating_point() else a.cpu() for a in args])
 
 
 def check(outs, refs, dtype, what):
@@ -306,9 +320,10 @@ def test_training_uses_fused_backward(tmp_path):
     (q.square().sum() + (k * k.detach().sin()).sum()).backward()
     grads = [h.grad, m.q_proj.weight.grad, m.k_proj.weight.grad]
 
-    m64 = copy.deepcopy(m).to(torch.float64)
+    m64 = copy.deepcopy(m).to(device="cpu", dtype=torch.float64)
     h64 = ref64(h).requires_grad_()
-    q64, k64 = m64(h64, pos)
+    with torch.device("cpu"):
+        q64, k64 = m64(h64, pos.cpu())
     (q64.square().sum() + (k64 * k64.detach().sin()).sum()).backward()
     refs = [h64.grad, m64.q_proj.weight.grad, m64.k_proj.weight.grad]
     for name, g, rg in zip(["h", "q_proj.weight", "k_proj.weight"], grads, refs):

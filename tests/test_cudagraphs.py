@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_dynamo")]
 
 def test_replay_with_changing_inputs_and_held_outputs():
     m = ResidualBlock(256, "llama").cuda().to(torch.bfloat16)
-    f = torch.compile(m, backend="flag_gems", mode="reduce-overhead", options={"strict": True})
+    # torch.compile takes mode or options, not both: this is how users ask for CUDA graphs.
+    f = torch.compile(m, backend="flag_gems", mode="reduce-overhead")
     held = []
     with torch.no_grad():
         for i in range(5):  # warm-up, record, then replays with new values each time
@@ -32,7 +33,7 @@ def test_new_shape_records_a_new_graph_and_mutation_reaches_caller():
         cache.mul_(0.5).add_(x)
         return cache.sum(-1)
 
-    f = torch.compile(step, backend="flag_gems", mode="reduce-overhead", options={"strict": True})
+    f = torch.compile(step, backend="flag_gems", options={"strict": True, "cudagraphs": True})
     for n in (4, 4, 4, 6, 6, 6):
         x, cache = rand(n, 32, device="cuda"), rand(n, 32, device="cuda")
         expect_cache = cache * 0.5 + x

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import flag_gems
-from accuracy import assert_close, rand, ref64, tag
+from accuracy import assert_close, ref64, tag
+from accuracy import rand as _rand
 from flag_gems import eager, runtime
 from flag_gems.lowerings import registry
 from flag_gems.lowerings.registry import REGISTRY, Lowering
@@ -27,10 +28,20 @@ aten = torch.ops.aten
 ADD_ENTRY = dataclasses.replace(REGISTRY[aten.add.Tensor], default=False)
 
 
+# The overrides sit on the device's dispatch key (CUDA with a GPU, CPU under the interpreter):
+# every tensor of these tests is made there, factories included.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rand(*shape, **kwargs):
+    return _rand(*shape, device=DEVICE, **kwargs)
+
+
 @pytest.fixture(autouse=True)
 def _off():
     eager.disable()
-    yield
+    with torch.device(DEVICE):
+        yield
     eager.disable()
 
 
@@ -497,9 +508,10 @@ def test_threads(table, tmp_path):
     def work(seed):
         try:
             g = torch.Generator().manual_seed(seed)
-            xs = [torch.randn(33, generator=g) for _ in range(n_calls)]
-            y = torch.randn(40, generator=g)
-            results[seed] = (xs, [torch.abs(x) for x in xs], [torch.empty(3).fill_(float(k)) for k in range(n_calls)], y, y + y)
+            xs = [torch.randn(33, generator=g, device="cpu").to(DEVICE) for _ in range(n_calls)]
+            y = torch.randn(40, generator=g, device="cpu").to(DEVICE)
+            fills = [torch.empty(3, device=DEVICE).fill_(float(k)) for k in range(n_calls)]
+            results[seed] = (xs, [torch.abs(x) for x in xs], fills, y, y + y)
         except Exception as exc:  # noqa: BLE001
             errors.append(repr(exc))
 
@@ -530,7 +542,7 @@ def test_blocks_in_threads(table):
         try:
             for _ in range(10):
                 with flag_gems.use_gems(include=["exp"]):
-                    torch.exp(torch.zeros(2))
+                    torch.exp(torch.zeros(2, device=DEVICE))
         except Exception as exc:  # noqa: BLE001
             errors.append(repr(exc))
 
