@@ -209,6 +209,10 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30, **timing) -> tuple[float,
 
 
 def _git_sha() -> str:
+    # GEMS_GIT_SHA names the commit when the tree was copied without its current .git
+    # (the device machine's copy carries the checkout's history as of the session start).
+    if os.environ.get("GEMS_GIT_SHA"):
+        return os.environ["GEMS_GIT_SHA"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)

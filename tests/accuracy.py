@@ -37,6 +37,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 
+# The test device: the GPU when there is one, else the CPU (kernels through the interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False):
     """Fresh normal random tensor (never zeros)."""
     t = (torch.randn(shape, dtype=torch.float32) * scale).to(dtype=dtype, device=device)

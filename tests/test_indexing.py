@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flag_gems
-from accuracy import DTYPES, DTYPE_IDS, assert_close, rand, reason, ref64, run, tag
+from accuracy import DEVICE, DTYPES, DTYPE_IDS, assert_close, rand, reason, ref64, run, tag
 from flag_gems import eager
 from flag_gems.lowerings import indexing as li
 from flag_gems.lowerings.registry import FALLBACKS, REGISTRY
@@ -342,7 +342,7 @@ def test_registry_contract():
 def test_supports_on_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode():
+    with FakeTensorMode(), torch.device(DEVICE):
         w, ids = torch.empty(10, 4), torch.empty(2, 3, dtype=torch.int64)
         x, idx = torch.empty(3, 5), torch.empty(3, 2, dtype=torch.int64)
         calls = [

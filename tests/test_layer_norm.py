@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flag_gems
-from accuracy import DTYPE_IDS, DTYPES, assert_close, poison, rand, ref64, tag
+from accuracy import DEVICE, DTYPE_IDS, DTYPES, assert_close, poison, rand, ref64, tag
 from flag_gems import eager
 from flag_gems.kernels import layer_norm as kl
 from flag_gems.kernels._common import MAX_FUSED_BLOCK
@@ -230,7 +230,7 @@ def test_nn_layer_norm_under_use_gems(dtype, device, tmp_path):
 def test_supports_on_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode() as mode:
+    with FakeTensorMode() as mode, torch.device(DEVICE):
         def t(*shape, dtype=torch.float32):
             return mode.from_tensor(torch.empty(shape, dtype=dtype))
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flag_gems  # noqa: F401
-from accuracy import DTYPES, DTYPE_IDS, assert_close, poison, rand, reason, run, tag
+from accuracy import DEVICE, DTYPES, DTYPE_IDS, assert_close, poison, rand, reason, run, tag
 from flag_gems.kernels import pointwise as pw
 from flag_gems.lowerings import pointwise as lp
 from flag_gems.lowerings.registry import FALLBACKS, REGISTRY
@@ -269,7 +269,7 @@ def test_index64_chosen_by_extent():
     """int64 offsets only when an extent reaches 2**31 (planned on fake tensors: no memory)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode():
+    with FakeTensorMode(), torch.device(DEVICE):
         big = torch.empty(2**31 + 8, dtype=torch.float16)
         small = torch.empty(1000, dtype=torch.float16)
         strided = torch.empty(2, 2**30 + 16, dtype=torch.int8)[:, ::2]
@@ -503,7 +503,7 @@ def test_supports_on_fake_tensors_for_every_entry():
 
     ours = [t for t, e in REGISTRY.items() if e.kernel.startswith("flag_gems.pointwise")]
     assert len(ours) > 100
-    with FakeTensorMode() as mode:
+    with FakeTensorMode() as mode, torch.device(DEVICE):
         for target in ours:
             args, kwargs = _example_args(target, mode)
             why = REGISTRY[target].supports(*args, **kwargs)  # a fake tensor's data cannot be read
@@ -524,7 +524,7 @@ def test_supports_on_symbolic_shapes_adds_no_guards():
         seen["guards"] = list(detect_fake_mode([x]).shape_env.guards)
         return x + y
 
-    make_fx(f, tracing_mode="symbolic")(torch.randn(3, 4), torch.randn(4))
+    make_fx(f, tracing_mode="symbolic")(torch.randn(3, 4, device=DEVICE), torch.randn(4, device=DEVICE))
     assert seen["add"] is None and seen["mul_sym"] is None
     assert seen["add_"] is not None and seen["pow"] is not None  # refused, not guarded
     assert seen["guards"] == []

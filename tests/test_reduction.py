@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flag_gems
-from accuracy import DTYPES, DTYPE_IDS, GRAD_TOLERANCES, TOLERANCES, assert_close, rand, reason, ref64, run, tag
+from accuracy import DEVICE, DTYPES, DTYPE_IDS, GRAD_TOLERANCES, TOLERANCES, assert_close, rand, reason, ref64, run, tag
 from flag_gems import eager
 from flag_gems.kernels import reduction as kr
 from flag_gems.kernels._common import MAX_FUSED_BLOCK
@@ -89,8 +89,9 @@ def test_sum_trailing_full_and_dtype(dtype, device):
 
 def test_sum_many_long_rows_loop_without_split(device):
     # Enough row programs that the rows are not split: each program loops over its row.
-    x = rand(9, LONG, device=device)
-    assert kr._splits(9, LONG, 1, MAX_FUSED_BLOCK, x.device) == 1
+    rows = 2 * kr.num_sms(torch.device(device)) + 1  # 9 under the interpreter
+    x = rand(rows, LONG, device=device)
+    assert kr._splits(rows, LONG, 1, MAX_FUSED_BLOCK, x.device) == 1
     close_nan(run(aten.sum.dim_IntList, x, [-1]), ref64(x).sum(-1), torch.float32, tag("sum loop", x.shape, torch.float32))
 
 
@@ -361,7 +362,7 @@ def _fake_cases(mode):
 def test_supports_on_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode() as mode:
+    with FakeTensorMode() as mode, torch.device(DEVICE):
         cases = _fake_cases(mode)
         assert set(cases) == set(lr.TARGETS)
         for target, (args, kwargs) in cases.items():

@@ -1,0 +1,78 @@
+"""Where the model's time goes: torch.profiler over the bench_model model, per contender and input.
+
+Prints, per (input, contender), the device kernels by total time (top N), the number of kernel
+launches per call and the device / host time per call, plus the flag_gems report of the
+prefill graph. A diagnosis aid for benchmarks/NOTES.md, not a benchmark (the profiler adds
+host overhead).
+
+Usage (GPU)::
+
+    python benchmarks/profile_model.py [--top 12] [--contenders eager inductor flag_gems]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_model as bm  # noqa: E402
+
+import flag_gems  # noqa: E402
+
+
+def _device_us(evt) -> float:
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(evt, name):
+            return getattr(evt, name)
+    return 0.0
+
+
+def profile_one(fn, calls: int, top: int) -> str:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=_device_us, reverse=True)
+    total = sum(_device_us(e) for e in kernels)
+    launches = sum(e.count for e in kernels)
+    lines = [f"  device {total / calls:9.1f} us/call, {launches / calls:.0f} kernels/call"]
+    for e in kernels[:top]:
+        lines.append(f"    {_device_us(e) / calls:9.1f} us  x{e.count // calls:<4d} {e.key[:110]}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--contenders", nargs="+", default=["eager", "inductor", "flag_gems"], choices=list(bm.CONTENDERS))
+    args = p.parse_args(argv)
+    model = bm.build_model(bm.LLAMA3_8B_4L, "cuda")
+    inputs = {"prefill_1x2048": (1, 2048), "decode_8x1": (8, 1)}
+    for name, (b, s) in inputs.items():
+        ids = torch.randint(0, bm.LLAMA3_8B_4L["vocab_size"], (b, s), device="cuda")
+        if name.startswith("prefill"):
+            with torch.no_grad():
+                torch._dynamo.reset()
+                print(flag_gems.explain(model, ids, use_cache=False), flush=True)
+        for contender in args.contenders:
+            torch._dynamo.reset()
+            kw = bm.CONTENDERS[contender]
+            fn = model if kw is None else torch.compile(model, **kw)
+            with torch.no_grad():
+                print(f"== {name} {contender}", flush=True)
+                print(profile_one(lambda: fn(ids, use_cache=False), args.calls, args.top), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
