@@ -7,6 +7,8 @@
 # ops (op + model table, issue 4), profile (where the model's time goes), retest (pytest on $RETEST). Each part runs under its own time limit (seconds, overridable
 # with e.g. TESTS_S=200) so that the parts chosen for one call end inside the call's 10 minutes.
 set -uo pipefail
+PROFILE_ARGS=${PROFILE_ARGS:-}
+RETEST=${RETEST:-tests}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gems_out}
 mkdir -p "$OUT"
@@ -45,7 +47,7 @@ for part in "${list[@]}"; do
            tail -30 "$OUT/model.log" ;;
     ops)   run_part ops "${OPS_S:-240}" python3 benchmarks/bench_ops.py --out "$OUT"
            tail -60 "$OUT/ops.log" ;;
-    profile) run_part profile "${PROFILE_S:-150}" python3 benchmarks/profile_model.py
+    profile) run_part profile "${PROFILE_S:-150}" python3 benchmarks/profile_model.py $PROFILE_ARGS
            grep -vE "^\s+-? *$" "$OUT/profile.log" | tail -120 ;;
     retest) run_part retest "${RETEST_S:-120}" python3 -m pytest -q -n 8 -p no:cacheprovider --runslow -rfE $RETEST
             tail -15 "$OUT/retest.log" ;;

@@ -7,7 +7,7 @@ host overhead).
 
 Usage (GPU)::
 
-    python benchmarks/profile_model.py [--top 12] [--contenders eager inductor flag_gems]
+    python benchmarks/profile_model.py [--top 12] [--contenders eager inductor flag_gems] [--host]
 """
 
 from __future__ import annotations
@@ -50,17 +50,46 @@ def profile_one(fn, calls: int, top: int) -> str:
     return "\n".join(lines)
 
 
+def host_view(fn, calls: int, top: int) -> str:
+    """Host µs per call issued without syncs (median of ``calls``), and a cProfile of one call."""
+    import cProfile
+    import io
+    import pstats
+    import statistics
+    import time
+
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()][:top + 8]
+    return f"  host {statistics.median(samples):9.1f} us/call (no sync)\n" + "\n".join("    " + ln for ln in lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--host", action="store_true", help="host time per call and a cProfile instead of kernels")
     p.add_argument("--contenders", nargs="+", default=["eager", "inductor", "flag_gems"], choices=list(bm.CONTENDERS))
     args = p.parse_args(argv)
     model = bm.build_model(bm.LLAMA3_8B_4L, "cuda")
     inputs = {"prefill_1x2048": (1, 2048), "decode_8x1": (8, 1)}
     for name, (b, s) in inputs.items():
         ids = torch.randint(0, bm.LLAMA3_8B_4L["vocab_size"], (b, s), device="cuda")
-        if name.startswith("prefill"):
+        if name.startswith("prefill") and not args.host:
             with torch.no_grad():
                 torch._dynamo.reset()
                 print(flag_gems.explain(model, ids, use_cache=False), flush=True)
@@ -70,7 +99,8 @@ def main(argv=None) -> int:
             fn = model if kw is None else torch.compile(model, **kw)
             with torch.no_grad():
                 print(f"== {name} {contender}", flush=True)
-                print(profile_one(lambda: fn(ids, use_cache=False), args.calls, args.top), flush=True)
+                call = lambda: fn(ids, use_cache=False)  # noqa: E731
+                print(host_view(call, 10, args.top) if args.host else profile_one(call, args.calls, args.top), flush=True)
     return 0
 
 

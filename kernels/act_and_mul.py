@@ -116,16 +116,6 @@ def _row_offsets(rows, n_inner, stride_o, stride_i, HAS_OUTER: tl.constexpr):
 
 
 @triton.jit
-def _tile_ids(n_cols, BLOCK_N: tl.constexpr):
-    # One flat grid, column blocks fastest: programs that run together walk a row's
-    # contiguous bytes (a 2-D grid with rows on axis 0 had neighbours a row stride apart,
-    # measured 2-4 % slower at d=14336), and rows are not limited to axis 1's 65535.
-    n_col_blocks = tl.cdiv(n_cols, BLOCK_N)
-    pid = tl.program_id(0).to(tl.int64)
-    return pid // n_col_blocks, pid % n_col_blocks
-
-
-@triton.jit
 def _act_and_mul_fwd_kernel(
     a_ptr,  # [n_outer, n_inner, n_cols] activation input
     b_ptr,  # [n_outer, n_inner, n_cols] multiplier, at column offset b_off of its rows
@@ -142,7 +132,8 @@ def _act_and_mul_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(n_cols, BLOCK_N)
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int64
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
@@ -177,7 +168,8 @@ def _act_and_mul_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(n_cols, BLOCK_N)
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int64
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_b = cols + b_off
@@ -201,9 +193,12 @@ def _act_and_mul_bwd_kernel(
 # Launch heuristics
 # ---------------------------------------------------------------------------
 
-# Output elements one program covers at most: 4 KiB of fp16/bf16 output (8 KiB read),
-# 8 KiB of fp32, on 16 warps.
+# Output elements one program covers at most: 4 KiB of fp16/bf16 output (8 KiB read) at
+# 4 warps, 8 KiB of fp32 output at 8 warps; either way two 16-byte vectors per thread
+# per tensor.
 _TILE = 2048
+# From this many rows (bucketed) full tiles run on 16 warps (measured, see _launch_config).
+_MANY_ROWS = 4096
 # Fewest elements per program when the launch is shrunk to fill the GPU.
 _MIN_TILE = 512
 
@@ -228,9 +223,11 @@ def _launch_config(rows_bucket: int, n_cols: int, elem_bytes: int, sms: int) -> 
     * ``BLOCK_M``: rows batched per program until the tile is full (short rows).
     * Few rows (decode): the tile is halved, rows first, down to ``_MIN_TILE``
       elements, until there are about two programs per SM.
-    * warps: four elements per thread, between 1 and 16 warps. H100 sweep (bf16, d=14336,
-      benchmarks/NOTES.md): 16 warps on 2048-element tiles beat 4 by 1.5 % at M >= 4096,
-      and 8 warps on 1024 are best at decode sizes.
+    * warps: one thread per two 16-byte vectors of the tile (1 to 8 warps), except 16
+      warps on full tiles from ``_MANY_ROWS`` rows. H100 sweep (bf16, d=14336,
+      benchmarks/NOTES.md): 16 warps beat 4 by 1.3-1.6 % at M >= 4096 and lose 6 % at
+      M = 512; a flat column-fastest grid measured no better at large M and 15 %
+      slower at M = 64, so the grid stays (row blocks, column blocks).
 
     Tile sizes are the usual bandwidth-bound elementwise choices; no other tile beat
     them by more than the run-to-run spread in the H100 sweep. What is checked (sm_90 PTX, compiled ahead
@@ -259,7 +256,10 @@ def _launch_config(rows_bucket: int, n_cols: int, elem_bytes: int, sms: int) -> 
             block_m //= 2
         else:
             block_n //= 2
-    warps = max(1, min(16, (block_m * block_n) // 128))
+    vec = max(1, 16 // elem_bytes)
+    warps = max(1, min(8, (block_m * block_n) // (2 * vec * 32)))
+    if rows_bucket >= _MANY_ROWS and block_m * block_n == _TILE:
+        warps = 16
     return block_m, block_n, warps
 
 
@@ -444,7 +444,7 @@ def _launch_fwd(a, b, out, b_off, n_cols, code):
     n_rows = out.numel() // n_cols
     (a, b), (o,), n_outer, n_inner, st, wb = _prepare(lead, [a, b], [out])
     block_m, block_n, warps = _config(n_rows, n_cols, out)
-    grid = (_cdiv(n_rows, block_m) * _cdiv(n_cols, block_n),)
+    grid = (_cdiv(n_rows, block_m), _cdiv(n_cols, block_n))
     with device_guard(out):
         _act_and_mul_fwd_kernel[grid](
             a, b, o,
@@ -542,7 +542,7 @@ def _launch_bwd(dout, a, b, da, db, b_off, n_cols, code):
     n_rows = dout.numel() // n_cols
     (dout, a, b), (da, db), n_outer, n_inner, st, _ = _prepare(lead, [dout, a, b], [da, db])
     block_m, block_n, warps = _config(n_rows, n_cols, a)
-    grid = (_cdiv(n_rows, block_m) * _cdiv(n_cols, block_n),)
+    grid = (_cdiv(n_rows, block_m), _cdiv(n_cols, block_n))
     with device_guard(a):
         _act_and_mul_bwd_kernel[grid](
             dout, a, b, da, db,

@@ -343,8 +343,10 @@ def test_launch_config():
     cfg = kern._launch_config
     bm, bn, w = cfg(1 << 16, 14336, 2, 132)
     assert (bm, bn, w) == (1, 2048, 16)
-    bm, bn, w = cfg(1 << 16, 14336, 4, 132)
-    assert (bm, bn, w) == (1, 2048, 16)
+    bm, bn, w = cfg(512, 14336, 2, 132)
+    assert (bm, bn, w) == (1, 2048, 4)
+    bm, bn, w = cfg(512, 14336, 4, 132)
+    assert (bm, bn, w) == (1, 2048, 8)
     bm, bn, _ = cfg(1 << 16, 64, 2, 132)
     assert bn == 64 and bm * bn == 2048
     bm, bn, w = cfg(1, 14336, 2, 132)  # decode: more, smaller programs

@@ -55,3 +55,29 @@ def test_runner_runs_eagerly_when_grad_is_needed():
     for _ in range(3):
         (y,) = runner([x])
     assert len(calls) == 3 and not runner.recorded
+
+
+def test_parameters_are_read_in_place_not_copied():
+    # AOT autograd may not list lifted parameters as static inputs; the runner still must
+    # not copy them before each replay (a model's weights would be copied every call).
+    calls = []
+
+    def fn(args):
+        calls.append(1)
+        return [args[0] @ args[1]]
+
+    w = torch.nn.Parameter(rand(8, 8, device="cuda"))
+    runner = CUDAGraphRunner(fn, static_indices=(), mutated_indices=())
+    with torch.no_grad():
+        for _ in range(4):
+            x = rand(4, 8, device="cuda")
+            (y,) = runner([x, w])
+            torch.testing.assert_close(y, x @ w.detach())
+        assert len(runner.recorded) == 1 and runner.static_all == {1}
+        (rec,) = runner.recorded.values()
+        assert rec.static_inputs[1] is w  # the parameter itself, not a copy
+        w.mul_(2)  # updated in place (an optimizer step): the replay sees the new values
+        x = rand(4, 8, device="cuda")
+        (y,) = runner([x, w])
+    torch.testing.assert_close(y, x @ w.detach())
+    assert len(calls) == 2  # one warm-up call and one capture; the rest were replays

@@ -352,7 +352,7 @@ def test_supports_on_fake_tensors():
             (aten.gather.default, (x, 1, idx), {}),
             (aten.cat.default, ([x, x], -1), {}),
             (aten.cumsum.default, (x, 1), {"dtype": torch.float64}),
-            (aten.arange.start_step, (0, 5, 1), {"device": torch.device("cpu")}),
+            (aten.arange.start_step, (0, 5, 1), {"device": torch.device(DEVICE)}),
         ]
         for target, args, kwargs in calls:
             assert reason(target, *args, **kwargs) is None, f"[op={target}] on fake tensors: {reason(target, *args, **kwargs)}"
