@@ -144,6 +144,7 @@ class GemsCompiler:
     def _graph_compiler(self, report: GraphReport, kind: str):
         from functorch.compile import make_boxed_func
 
+        from .passes.direct_calls import direct_calls
         from .passes.lower_aten import lower_aten
 
         def compile_graph(gm: fx.GraphModule, example_inputs):
@@ -156,6 +157,12 @@ class GemsCompiler:
                     raise
                 report.notes.append(f"aten lowering skipped on the {kind} graph: {type(e).__name__}: {e}")
             self._dump(report, kind, gm)
+            try:
+                direct_calls(gm)
+            except Exception as e:  # the dispatcher calls stay: slower, still right
+                if self.options.strict:
+                    raise
+                report.notes.append(f"direct calls skipped on the {kind} graph: {type(e).__name__}: {e}")
             fn = make_boxed_func(gm.forward)
             if self.options.cudagraphs and kind == "inference":
                 fn = self._cudagraphs(gm, fn, report)
