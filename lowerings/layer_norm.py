@@ -38,7 +38,7 @@ __all__ = ["DEFAULT_REASON", "TARGETS"]
 
 aten = torch.ops.aten
 
-DEFAULT_REASON = "memory-bound row kernel: expected as fast as native; to be confirmed by benchmarks/bench_ops on GPU"
+DEFAULT_REASON = "memory-bound row kernel, same bytes as native; not in the GPU benchmark yet: opt-in (include=...) until measured"
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
@@ -124,7 +124,7 @@ def _supports_native_layer_norm(input, normalized_shape, weight, bias, eps):
 
 
 @register(aten.native_layer_norm.default, kernel="flag_gems.layer_norm.fwd", supports=_supports_native_layer_norm,
-          default=True, reason=DEFAULT_REASON)
+          default=False, reason=DEFAULT_REASON)
 def native_layer_norm(input, normalized_shape, weight, bias, eps):
     """``aten::native_layer_norm``: ``(out, mean, rstd)`` over the trailing normalized dims."""
     _refuse(_supports_native_layer_norm(input, normalized_shape, weight, bias, eps))
@@ -173,7 +173,7 @@ def _supports_native_layer_norm_backward(grad_out, input, normalized_shape, mean
 
 
 @register(aten.native_layer_norm_backward.default, kernel="flag_gems.layer_norm.bwd",
-          supports=_supports_native_layer_norm_backward, default=True, reason=DEFAULT_REASON)
+          supports=_supports_native_layer_norm_backward, default=False, reason=DEFAULT_REASON)
 def native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask):
     """``aten::native_layer_norm_backward``: ``(dx, dw, db)``, None where ``output_mask`` is False."""
     _refuse(_supports_native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias,

@@ -3,13 +3,14 @@
 Random-weight models built from small configs: greedy ``generate`` gives the same tokens as
 eager PyTorch, BERT's last hidden state in fp16/fp32/bf16 matches an fp32 reference, and the
 causal LMs' logits match eager in bf16. Each test also checks from the record log that the
-default registry actually served the forward (a test that ran only native kernels proves nothing).
+registry's entries actually served the forward (a test that ran only native kernels proves nothing).
 """
 
 import pytest
 import torch
 
 import flag_gems
+from flag_gems.lowerings.registry import REGISTRY
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,6 +19,10 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
 EXTRA = {"llama": {}, "qwen2": {}, "mistral": {}, "gemma": {"head_dim": 16}}
 BERT = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64, type_vocab_size=2)
+
+
+# Every registered entry, default or opt-in: these tests check the kernels inside real models.
+ALL = sorted(f"{t._opname}.{t._overloadname}" for t in REGISTRY)
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +54,7 @@ def test_causal_lm_logits_bf16(model_type, device, tmp_path):
     log = tmp_path / "ops.log"
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
-        with flag_gems.use_gems(record=True, once=True, path=log):
+        with flag_gems.use_gems(include=ALL, record=True, once=True, path=log):
             out = model(ids, use_cache=False).logits
     assert flag_gems.all_registered_ops() == []
     assert torch.isfinite(out).all()
@@ -67,7 +72,7 @@ def test_llama_greedy_generate_same_tokens(device, tmp_path):
     for ids in prompts:
         with torch.no_grad():
             ref = model.generate(ids, **kw)
-            with flag_gems.use_gems(record=True, once=True, path=log):
+            with flag_gems.use_gems(include=ALL, record=True, once=True, path=log):
                 out = model.generate(ids, **kw)
         assert out.shape == ref.shape and torch.equal(out, ref), (out.tolist(), ref.tolist())
     assert {"MUL_TENSOR", "SILU", "COS", "SIN"} <= served(log)
@@ -86,9 +91,22 @@ def test_bert_last_hidden_state(dtype, device, tmp_path):
     log = tmp_path / "ops.log"
     with torch.no_grad():
         ref = ref_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        with flag_gems.use_gems(record=True, once=True, path=log):
+        with flag_gems.use_gems(include=ALL, record=True, once=True, path=log):
             out = model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert cosine(out, ref) >= 0.99
     ops = served(log)
     assert {"NATIVE_LAYER_NORM", "GELU"} <= ops, sorted(ops)
+
+
+def test_default_entries_keep_the_model_exact(device, tmp_path):
+    # The default set (measured wins only) on a causal LM: what use_gems() users get.
+    model = causal_lm("llama", torch.float32, device)
+    ids = torch.randint(3, BASE["vocab_size"], (2, 9), device=device)
+    log = tmp_path / "ops.log"
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        with flag_gems.use_gems(record=True, once=True, path=log):
+            out = model(ids, use_cache=False).logits
+    assert cosine(out, ref) >= 0.99999
+    assert "MEAN_DIM" in served(log)

@@ -248,7 +248,8 @@ def test_registry_entries_match_schemas():
     for target in ll.TARGETS:
         entry = REGISTRY[target]
         assert target not in FALLBACKS
-        assert entry.default and not entry.in_graphs and entry.reason == ll.DEFAULT_REASON
+        # Not in the GPU benchmark yet: opt-in until measured.
+        assert not entry.default and not entry.in_graphs and entry.reason == ll.DEFAULT_REASON
 
 
 def test_launcher_errors(device):

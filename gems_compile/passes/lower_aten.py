@@ -33,8 +33,9 @@ def lower_aten(gm: fx.GraphModule, report: GraphReport, everything: bool = False
     Args:
         gm: a post-AOT aten graph.
         report: where each decision is recorded.
-        everything: also rewrite entries that are only on for the eager mode
-            (``options={"lower_aten": "all"}``, for measuring them in graphs).
+        everything: rewrite every registered entry whose ``supports`` passes, opt-in ones
+            and those on for the eager mode only included (``options={"lower_aten": "all"}``,
+            for measuring them in graphs).
     """
     count = 0
     for node in gm.graph.nodes:
@@ -51,7 +52,7 @@ def lower_aten(gm: fx.GraphModule, report: GraphReport, everything: bool = False
             else:
                 report.keep(name, "no lowering registered")
             continue
-        if not entry.default:
+        if not (entry.default or everything):
             report.keep(name, f"opt-in only: {entry.reason}")
             continue
         if not (entry.in_graphs or everything):
