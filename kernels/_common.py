@@ -91,7 +91,8 @@ def row_config(n_cols: int, elem_bytes: int) -> tuple[int, int]:
     A row of up to MAX_FUSED_BLOCK elements is held whole in registers; longer rows
     are walked in MAX_FUSED_BLOCK chunks. Warps scale with the bytes a row moves so
     that each thread keeps 16-byte accesses in flight: about one warp per 1 KiB of
-    row, between 1 and 16. Not measured yet: the GPU sweep is planned in benchmarks/NOTES.md.
+    row, between 1 and 16. H100 sweep (benchmarks/NOTES.md, add+RMSNorm at hidden 4096 and
+    7168, M = 1..16384): no other warp count was faster beyond the run-to-run spread.
 
     Returns:
         (BLOCK_N, num_warps)

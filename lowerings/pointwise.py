@@ -20,9 +20,10 @@ the interpreter, a partially overlapping or expanded in-place ``self``, scalars 
 the computation dtype, symbolic pow exponents...) is a ``supports`` reason, so callers
 fall back to PyTorch; ``impl`` raises NotImplementedError for exactly those, before writing.
 
-Defaults: :data:`DEFAULTS` is the one decision table. A default entry is used by the eager
-mode (``flag_gems.enable()``) and also rewritten by the compile backend's aten lowering
-(``lower_aten``, when Inductor is off).
+Defaults: :data:`DEFAULTS` is the one decision table, set from the H100 ops table: only
+``masked_fill`` (1.8-2.0x native) is on by default; every other family is opt-in
+(``include=...``) for the eager mode, and the compile backend lowers them only with
+``options={"lower_aten": "all"}``.
 """
 
 from __future__ import annotations
