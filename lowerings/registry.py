@@ -49,10 +49,6 @@ REGISTRY: dict = {}
 
 # Ops deliberately left to PyTorch, with the reason (one place; a test checks no overlap).
 FALLBACKS: dict = {
-    aten._to_copy.default: "dtype casts are fused into the patterns around them; alone, a native copy is as fast",
-    aten.mm.default: "cuBLAS; no Triton GEMM registered by default yet",
-    aten.addmm.default: "cuBLAS; no Triton GEMM registered by default yet",
-    aten.bmm.default: "cuBLAS; no Triton GEMM registered by default yet",
     aten._scaled_dot_product_flash_attention.default: "native flash attention",
     aten._scaled_dot_product_efficient_attention.default: "native memory-efficient attention",
 }
