@@ -18,8 +18,9 @@ asking for the gradient of an absent parameter, devices the kernels do not run o
 ``supports`` reads metadata only, so it works on FakeTensors; ``impl`` re-checks and
 raises NotImplementedError for the same reasons.
 
-Defaults: on. A row kernel that reads the input once and writes the output once, as the
-native kernel: memory-bound, expected as fast; in graphs Inductor's fused norm stays.
+Defaults: off until measured (``include=["native_layer_norm"]``). A row kernel that reads
+the input once and writes the output once, as the native kernel: memory-bound, expected as
+fast, but not in the GPU ops benchmark yet; in graphs Inductor's fused norm stays.
 """
 
 from __future__ import annotations

@@ -22,6 +22,14 @@ GRAD_TOLERANCES = {
     torch.bfloat16: (3e-2, 3e-2),
 }
 
+# GEMMs: |out - ref| <= rtol * sqrt(K) * (|a| @ |b|) elementwise (fp32 accumulation, one
+# rounding to the output dtype; the bound scales with the summed magnitudes, not the result).
+GEMM_RTOL = {
+    torch.float32: 1e-6,
+    torch.float16: 1e-3,
+    torch.bfloat16: 8e-3,
+}
+
 # torch.library.opcheck utilities every functional op passes (the seeds' use case 8);
 # mutable ops skip the autograd-registration check (torch.library has no autograd for them).
 OPCHECK_UTILS = (

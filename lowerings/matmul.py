@@ -1,0 +1,125 @@
+"""Registry entries for ``mm``, ``bmm`` and ``addmm``, served by ``kernels/matmul.py``.
+
+Overloads (each ``impl`` takes exactly the overload's arguments)::
+
+    mm.default  bmm.default  addmm.default
+
+Scope: fp16/bf16/fp32 operands of one dtype, any strides, on CUDA (or the CPU under
+Triton's interpreter); ``addmm``'s ``self`` broadcastable to ``[M, N]`` with at most 2 dims;
+real scalars ``beta``/``alpha``. Everything else (integer or complex dtypes, mixed dtypes,
+shapes that do not multiply, symbolic sizes, batches above 65535) is a ``supports`` reason,
+so the eager mode runs cuBLAS and torch raises its own errors.
+
+Defaults: off (opt-in with ``include=["mm", "bmm", "addmm"]``). cuBLAS is the reference
+to beat and this fixed-tile kernel has not been benchmarked against it on a GPU; the issue's
+rule is that a GEMM is on by default only where it is at least as fast. Not rewritten in
+compiled graphs (cuBLAS or Inductor's templates do that work there).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..kernels import matmul as km
+from ._utils import row_tensor_reason
+from .registry import register
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["REASON", "TARGETS"]
+
+aten = torch.ops.aten
+
+REASON = ("Triton GEMM with a fixed tile table (no autotuning); not benchmarked against cuBLAS on a GPU yet: "
+          "opt-in (include=...)")
+
+
+def _operand_reason(t, name: str) -> str | None:
+    why = row_tensor_reason(t, name)
+    if why is not None and "non-contiguous" in why:
+        return None  # any strides
+    return why
+
+
+def _pair_reason(a, b, rank: int) -> str | None:
+    why = _operand_reason(a, "self") or _operand_reason(b, "mat2")
+    if why is not None:
+        return why
+    if a.dtype != b.dtype:
+        return f"mixed dtypes {a.dtype} and {b.dtype} (torch raises)"
+    if a.device != b.device:
+        return f"operands on {a.device} and {b.device}"
+    if a.dim() != rank or b.dim() != rank:
+        return f"expected two {rank}-D tensors, got {a.dim()}-D and {b.dim()}-D (torch raises)"
+    if a.shape[-1] != b.shape[-2]:
+        return f"shapes {list(a.shape)} and {list(b.shape)} do not multiply (torch raises)"
+    if rank == 3:
+        if a.shape[0] != b.shape[0]:
+            return f"batch sizes {a.shape[0]} and {b.shape[0]} differ (torch raises)"
+        if a.shape[0] > km.MAX_BATCH:
+            return f"batch {a.shape[0]} above {km.MAX_BATCH}"
+    return None
+
+
+def _scalar_reason(name: str, v) -> str | None:
+    if isinstance(v, torch.SymFloat | torch.SymInt):
+        return f"symbolic {name}"
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return f"{name} of type {type(v).__name__}"
+    return None
+
+
+def _refuse(reason: str | None) -> None:
+    if reason is not None:
+        raise NotImplementedError(f"flag_gems matmul: {reason}")
+
+
+def _supports_mm(self, mat2):
+    return _pair_reason(self, mat2, 2)
+
+
+def _supports_bmm(self, mat2):
+    return _pair_reason(self, mat2, 3)
+
+
+def _supports_addmm(self, mat1, mat2, *, beta=1, alpha=1):
+    why = _pair_reason(mat1, mat2, 2) or _operand_reason(self, "self")
+    if why is not None:
+        return why
+    if self.dtype != mat1.dtype:
+        return f"self dtype {self.dtype} with {mat1.dtype} operands (torch raises)"
+    if self.device != mat1.device:
+        return f"self on {self.device}, operands on {mat1.device}"
+    if self.dim() > 2:
+        return f"self has {self.dim()} dims (torch raises above 2)"
+    out = (mat1.shape[0], mat2.shape[1])
+    for have, want in zip(reversed(self.shape), reversed(out)):
+        if have not in (1, want):
+            return f"self shape {list(self.shape)} does not broadcast to {list(out)} (torch raises)"
+    return _scalar_reason("beta", beta) or _scalar_reason("alpha", alpha)
+
+
+@register(aten.mm.default, kernel="flag_gems.matmul", supports=_supports_mm, default=False, reason=REASON)
+def mm(self, mat2):
+    """``aten::mm``: ``self [M, K] @ mat2 [K, N]``."""
+    _refuse(_supports_mm(self, mat2))
+    return km.matmul(self, mat2)
+
+
+@register(aten.bmm.default, kernel="flag_gems.matmul", supports=_supports_bmm, default=False, reason=REASON)
+def bmm(self, mat2):
+    """``aten::bmm``: ``self [B, M, K] @ mat2 [B, K, N]``."""
+    _refuse(_supports_bmm(self, mat2))
+    return km.matmul(self, mat2)
+
+
+@register(aten.addmm.default, kernel="flag_gems.matmul", supports=_supports_addmm, default=False, reason=REASON)
+def addmm(self, mat1, mat2, *, beta=1, alpha=1):
+    """``aten::addmm``: ``beta * self + alpha * (mat1 @ mat2)``; ``self`` is ignored when ``beta == 0``."""
+    _refuse(_supports_addmm(self, mat1, mat2, beta=beta, alpha=alpha))
+    return km.matmul(mat1, mat2, self, beta=beta, alpha=alpha)
+
+
+TARGETS = (aten.mm.default, aten.bmm.default, aten.addmm.default)
