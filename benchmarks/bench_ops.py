@@ -43,7 +43,11 @@ def _t(shape, dtype=torch.bfloat16, device="cuda"):
     return torch.randn(shape, dtype=dtype, device=device)
 
 
-# name -> (overload, builder(rows, cols, device) -> args). Bytes are counted from the tensors.
+class Call(tuple):
+    """A builder's result when the call takes keyword arguments: ``Call((args, kwargs))``."""
+
+
+# name -> (overload, builder(rows, cols, device) -> args or Call). Bytes are counted from the tensors.
 CASES = {
     "add.Tensor": (aten.add.Tensor, lambda m, n, d: (_t((m, n), device=d), _t((m, n), device=d))),
     "add.Tensor[bcast]": (aten.add.Tensor, lambda m, n, d: (_t((m, n), device=d), _t((n,), device=d))),
@@ -59,7 +63,7 @@ CASES = {
     "tanh.default": (aten.tanh.default, lambda m, n, d: (_t((m, n), device=d),)),
     "sigmoid.default": (aten.sigmoid.default, lambda m, n, d: (_t((m, n), device=d),)),
     "pow.Tensor_Scalar": (aten.pow.Tensor_Scalar, lambda m, n, d: (_t((m, n), device=d, dtype=torch.float32), 2)),
-    "_to_copy[bf16->fp32]": (aten._to_copy.default, lambda m, n, d: (_t((m, n), device=d),)),
+    "_to_copy[bf16->fp32]": (aten._to_copy.default, lambda m, n, d: Call(((_t((m, n), device=d),), {"dtype": torch.float32}))),
     "where.self": (aten.where.self, lambda m, n, d: (_t((m, n), device=d) > 0, _t((m, n), device=d), _t((m, n), device=d))),
     "masked_fill.Scalar": (aten.masked_fill.Scalar, lambda m, n, d: (_t((m, n), device=d), _t((m, n), device=d) > 0, -1e4)),
     "eq.Scalar": (aten.eq.Scalar, lambda m, n, d: (torch.randint(0, 4, (m, n), device=d), 1)),
@@ -72,6 +76,11 @@ CASES = {
     "index_select.default": (aten.index_select.default, lambda m, n, d: (_t((8192, n), device=d), 0, torch.randint(0, 8192, (m,), device=d))),
     "cat.default": (aten.cat.default, lambda m, n, d: ([_t((m, n // 2), device=d), _t((m, n // 2), device=d)], -1)),
     "cumsum.default": (aten.cumsum.default, lambda m, n, d: (torch.randint(0, 2, (m, n), device=d), -1)),
+    # GEMMs at Llama projection shapes: [M, 4096] @ [4096, 4096]; bmm as attention scores.
+    "mm.default": (aten.mm.default, lambda m, n, d: (_t((m, n), device=d), _t((n, n), device=d))),
+    "addmm.default": (aten.addmm.default, lambda m, n, d: (_t((n,), device=d), _t((m, n), device=d), _t((n, n), device=d))),
+    "bmm.default": (aten.bmm.default, lambda m, n, d: (_t((32, min(m, 2048), 128), device=d), _t((32, 128, min(m, 2048)), device=d))),
+    "_fused_rms_norm.default": (aten._fused_rms_norm.default, lambda m, n, d: (_t((m, n), device=d), [n], _t((n,), device=d), 1e-6)),
 }
 
 
@@ -99,22 +108,23 @@ def bench_ops(args, meta, device) -> list[dict]:
         for shape_name, (m, n) in shapes.items():
             torch.manual_seed(0)
             a = build(m, n, device)
-            reason = entry.supports(*a)
+            a, kw = a if isinstance(a, Call) else (a, {})
+            reason = entry.supports(*a, **kw)
             if reason is not None:
                 rows.append(dict(meta, op=name, provider="flag_gems", shape=shape_name, metric="skipped", value=reason))
                 continue
             t0 = time.perf_counter()
-            out = entry.impl(*a)
+            out = entry.impl(*a, **kw)
             if device == "cuda":
                 torch.cuda.synchronize()
             first = time.perf_counter() - t0
             nbytes = _nbytes(a, out)
             timer = device_time_us if device == "cuda" else (lambda f: wall_time_us(f))
-            native_us = timer(lambda: op(*a))
-            ours_us = timer(lambda: entry.impl(*a))
-            host_native = host_time_us(lambda: op(*a), calls=50 if device == "cuda" else 5, batches=3)
+            native_us = timer(lambda: op(*a, **kw))
+            ours_us = timer(lambda: entry.impl(*a, **kw))
+            host_native = host_time_us(lambda: op(*a, **kw), calls=50 if device == "cuda" else 5, batches=3)
             with flag_gems.use_gems(include=[str(op).removeprefix("aten.")]):
-                host_ours = host_time_us(lambda: op(*a), calls=50 if device == "cuda" else 5, batches=3)
+                host_ours = host_time_us(lambda: op(*a, **kw), calls=50 if device == "cuda" else 5, batches=3)
             for provider, metric, value in (
                 ("native", "device_us", native_us), ("flag_gems", "device_us", ours_us),
                 ("native", "host_us", host_native), ("flag_gems", "host_us", host_ours),
