@@ -16,6 +16,11 @@ Backward, with ``xn = h * rstd`` and ``g = dy * (weight_offset + w)``::
     dh = rstd * (g - xn * mean(xn * g)) (+ the incoming gradient of h)
     dw = sum over rows of dy * xn
 
+Optionally (``rstd_out=``) the forward also stores each row's fp32 ``rstd``, as aten's
+``_fused_rms_norm`` returns it, and the backward (``rstd=``) reads it instead of recomputing
+it (aten's ``_fused_rms_norm_backward`` has no eps). Both are constexpr-gated: the other
+calls compile as before.
+
 Rows: a row of up to MAX_FUSED_BLOCK elements is held in registers (one read of each
 input); a longer row is walked in chunks, twice. Token (row) dims may have any strides:
 tensors are seen as ``[n_outer, n_inner, n_cols]`` with unit stride on the last dim.
@@ -46,6 +51,7 @@ def _rms_norm_fwd_kernel(
     w_ptr,  # [n_cols] weight (unused without HAS_WEIGHT)
     y_ptr,  # [n_outer, n_inner, n_cols] normalized output
     h_ptr,  # [n_outer, n_inner, n_cols] x + residual (unused without HAS_RESIDUAL)
+    rstd_ptr,  # [n_outer * n_inner] fp32 per-row rstd (unused without HAS_RSTD)
     stride_x_o, stride_x_i,
     stride_r_o, stride_r_i,
     stride_y_o, stride_y_i,
@@ -57,6 +63,7 @@ def _rms_norm_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     ROUND_BEFORE_WEIGHT: tl.constexpr,
+    HAS_RSTD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ONE_PASS: tl.constexpr,
 ):
@@ -78,6 +85,8 @@ def _rms_norm_fwd_kernel(
             tl.store(h_row + cols, h, mask=mask)
             x = h.to(tl.float32)  # normalize the rounded sum (what the backward sees)
         rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        if HAS_RSTD:
+            tl.store(rstd_ptr + pid, rstd)  # row pid = o * n_inner + i: row-major over the token dims
         xn = x * rstd
         if HAS_WEIGHT:
             w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -100,6 +109,8 @@ def _rms_norm_fwd_kernel(
                 x = h.to(tl.float32)
             acc += x * x
         rstd = tl.math.rsqrt(tl.sum(acc, axis=0) / n_cols + eps)
+        if HAS_RSTD:
+            tl.store(rstd_ptr + pid, rstd)
         tl.debug_barrier()
         for start in range(0, n_cols, BLOCK_N):
             c = start + cols
@@ -125,6 +136,7 @@ def _rms_norm_bwd_kernel(
     dh_ptr,  # [n_outer, n_inner, n_cols] incoming gradient of h (unused without HAS_DH)
     dx_ptr,  # [n_rows, n_cols] output gradient, contiguous
     dw_ptr,  # [n_programs, n_cols] fp32 partial weight gradients (unused without HAS_WEIGHT)
+    rstd_ptr,  # [n_rows] fp32 per-row rstd of the forward (unused without HAS_RSTD: recomputed)
     stride_dy_o, stride_dy_i,
     stride_x_o, stride_x_i,
     stride_dh_o, stride_dh_i,
@@ -137,6 +149,7 @@ def _rms_norm_bwd_kernel(
     HAS_DH: tl.constexpr,
     ROUND_BEFORE_WEIGHT: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
+    HAS_RSTD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ONE_PASS: tl.constexpr,
 ):
@@ -155,7 +168,10 @@ def _rms_norm_bwd_kernel(
             i = row % n_inner
             x = tl.load(x_ptr + o * stride_x_o + i * stride_x_i + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + o * stride_dy_o + i * stride_dy_i + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+            if HAS_RSTD:
+                rstd = tl.load(rstd_ptr + row).to(tl.float32)  # the forward's (aten's backward has no eps)
+            else:
+                rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
             xn = x * rstd
             g = dy
             if HAS_WEIGHT:
@@ -192,9 +208,13 @@ def _rms_norm_bwd_kernel(
                 g = tl.load(dy_row + c, mask=mask, other=0.0).to(tl.float32)
                 if HAS_WEIGHT:
                     g = g * (tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32) + weight_offset)
-                ss += x * x
+                if not HAS_RSTD:
+                    ss += x * x
                 dot += x * g
-            rstd = tl.math.rsqrt(tl.sum(ss, axis=0) / n_cols + eps)
+            if HAS_RSTD:
+                rstd = tl.load(rstd_ptr + row).to(tl.float32)
+            else:
+                rstd = tl.math.rsqrt(tl.sum(ss, axis=0) / n_cols + eps)
             mean_dot = tl.sum(dot, axis=0) * rstd / n_cols  # mean(xn * g)
             for start in range(0, n_cols, BLOCK_N):
                 c = start + cols
@@ -280,6 +300,18 @@ def check_rms_norm_args(x, weight, residual):
     check_same_device(x=x, weight=weight, residual=residual)
 
 
+def _check_rstd(name: str, rstd: torch.Tensor, x: torch.Tensor) -> None:
+    """Validate a per-row rstd tensor: fp32, contiguous, one value per row of ``x``, x's device."""
+    n_cols = x.shape[-1]
+    n_rows = x.numel() // n_cols if n_cols else 0
+    if not isinstance(rstd, torch.Tensor) or rstd.dtype != torch.float32:
+        raise TypeError(f"{name}: expected a float32 tensor, got {getattr(rstd, 'dtype', type(rstd).__name__)}")
+    if rstd.numel() != n_rows or not rstd.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor of {n_rows} elements (one per row of x), "
+                         f"got shape {list(rstd.shape)} with strides {list(rstd.stride())}")
+    check_same_device(x=x, **{name: rstd})
+
+
 def rms_norm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -290,6 +322,7 @@ def rms_norm_fwd(
     round_before_weight: bool = False,
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    rstd_out: torch.Tensor | None = None,
 ):
     """RMSNorm over the last dim, optionally of ``x + residual``.
 
@@ -302,6 +335,9 @@ def rms_norm_fwd(
         round_before_weight: round the normalized row to x's dtype before the weight multiply.
         out: where to write y (x's shape and dtype); a new tensor when None. May be ``x``.
         residual_out: where to write ``h`` (with a residual); a new tensor when None. May be ``residual``.
+        rstd_out: where to write each row's fp32 ``rsqrt(mean(h * h) + eps)`` (what aten's
+            ``_fused_rms_norm`` returns): a contiguous fp32 tensor of ``x.numel() // n_cols``
+            elements on x's device, rows in row-major order of x's leading dims; or None.
 
     Returns:
         ``(y, h)``; ``h`` is None without a residual.
@@ -310,6 +346,8 @@ def rms_norm_fwd(
         TypeError / ValueError / NotImplementedError: unsupported dtype, shape or device.
     """
     check_rms_norm_args(x, weight, residual)
+    if rstd_out is not None:
+        _check_rstd("rstd_out", rstd_out, x)
     if weight is None and round_before_weight:
         round_before_weight = False
     y = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
@@ -325,6 +363,7 @@ def rms_norm_fwd(
     with device_guard(x):
         _rms_norm_fwd_kernel[(n_rows,)](
             xv, rv if rv is not None else xv, weight if weight is not None else xv, yv, hv if hv is not None else yv,
+            rstd_out if rstd_out is not None else yv,
             xv.stride(0), xv.stride(1),
             *(rv.stride()[:2] if rv is not None else (0, 0)),
             yv.stride(0), yv.stride(1),
@@ -333,6 +372,7 @@ def rms_norm_fwd(
             HAS_RESIDUAL=residual is not None,
             HAS_WEIGHT=weight is not None,
             ROUND_BEFORE_WEIGHT=round_before_weight,
+            HAS_RSTD=rstd_out is not None,
             BLOCK_N=block,
             ONE_PASS=n_cols <= MAX_FUSED_BLOCK,
             num_warps=warps,
@@ -355,8 +395,9 @@ def rms_norm_bwd(
     weight_offset: float = 0.0,
     round_before_weight: bool = False,
     compute_dw: bool = True,
+    rstd: torch.Tensor | None = None,
 ):
-    """Gradients of :func:`rms_norm_fwd` (recomputing rstd from the saved input).
+    """Gradients of :func:`rms_norm_fwd` (recomputing rstd from the saved input unless given).
 
     Args:
         dy: gradient of y, x's shape.
@@ -364,14 +405,21 @@ def rms_norm_bwd(
         weight, eps, weight_offset, round_before_weight: as in the forward.
         dh: gradient of the forward's ``h`` output, or None.
         compute_dw: whether to compute the weight's gradient (it still scales dx).
+        rstd: the forward's per-row fp32 rstd (as ``rms_norm_fwd(..., rstd_out=)`` writes it),
+            used instead of recomputing it (``eps`` is then unused); or None.
 
     Returns:
         ``(dx, dw)``: dx has x's shape and dtype (contiguous); dw is None without a weight
         or with ``compute_dw=False``.
+
+    Raises:
+        TypeError / ValueError / NotImplementedError: unsupported dtype, shape or device.
     """
     check_rms_norm_args(x, weight, None)
     if dy.shape != x.shape:
         raise ValueError(f"dy: expected shape {list(x.shape)}, got {list(dy.shape)}")
+    if rstd is not None:
+        _check_rstd("rstd", rstd, x)
     n_cols = x.shape[-1]
     n_rows = x.numel() // n_cols if n_cols else 0
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -385,6 +433,7 @@ def rms_norm_bwd(
     with device_guard(x):
         _rms_norm_bwd_kernel[(n_progs,)](
             dyv, xv, weight if weight is not None else xv, dhv if dhv is not None else dyv, dx, partial,
+            rstd if rstd is not None else dx,
             dyv.stride(0), dyv.stride(1),
             xv.stride(0), xv.stride(1),
             *(dhv.stride()[:2] if dhv is not None else (0, 0)),
@@ -393,6 +442,7 @@ def rms_norm_bwd(
             HAS_DH=dh is not None,
             ROUND_BEFORE_WEIGHT=round_before_weight,
             COMPUTE_DW=compute_dw,
+            HAS_RSTD=rstd is not None,
             BLOCK_N=block,
             ONE_PASS=n_cols <= MAX_FUSED_BLOCK,
             num_warps=warps,
