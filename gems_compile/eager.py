@@ -446,6 +446,16 @@ _NATIVE: dict = {}  # (target, key) -> the kernel our registration replaces, cap
 _KERNELS: dict = {}  # (entry, key) -> the function registered for it, built once
 
 
+class _NoNative:
+    """Stands in for a native kernel an op does not have on a key: a fallback to it raises."""
+
+    def __init__(self, qualname: str, key: str):
+        self.what = f"{qualname} has no native {key} kernel"
+
+    def call_boxed(self, *args, **kwargs):
+        raise NotImplementedError(f"{self.what} and flag_gems' kernel does not take these inputs")
+
+
 def _native_kernel(target: _OpOverload, key: str):
     """The kernel ``target`` runs on ``key`` without us, captured on the first registration.
 
@@ -456,9 +466,14 @@ def _native_kernel(target: _OpOverload, key: str):
     native = _NATIVE.get((target, key))
     if native is None:
         qualname = target.name()
-        native = torch._C._dispatch_get_computed_kernel_for_dispatch_key(qualname, key)
+        if torch._C._dispatch_has_computed_kernel_for_dispatch_key(qualname, key):
+            native = torch._C._dispatch_get_computed_kernel_for_dispatch_key(qualname, key)
+        else:  # e.g. _fused_rms_norm_backward on the CPU: ours is the only kernel there
+            native = _NoNative(qualname, key)
         _NATIVE[(target, key)] = native
-        if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeImplicitAutograd"):
+        has = torch._C._dispatch_has_kernel_for_dispatch_key
+        own_autograd = has(qualname, "Autograd") or has(qualname, f"Autograd{key}")
+        if has(qualname, "CompositeImplicitAutograd") and not own_autograd:
             logger.warning(
                 "%s decomposes above the %s key (CompositeImplicitAutograd); its flag_gems kernel "
                 "runs only under torch.inference_mode()",

@@ -12,4 +12,4 @@ the same registration must also run on CPU tensors through Triton's interpreter 
 ``custom_op`` gives schema, fake tensor, autograd and AOT support with none of that.
 """
 
-from . import act_and_mul, add, indexing, layer_norm, matmul, pointwise, reduction, registry, rms_norm, rotary_embedding  # noqa: F401  (registers the ops)
+from . import act_and_mul, add, fused_rms_norm, indexing, layer_norm, matmul, pointwise, reduction, registry, rms_norm, rotary_embedding  # noqa: F401  (registers the ops)

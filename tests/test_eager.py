@@ -653,3 +653,17 @@ def test_import_is_cheap_and_honours_gems_vendor():
     r = _python(IMPORT_CHECK, GEMS_VENDOR="nvidia")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["nvidia", "cuda"]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CUDA has a native _fused_rms_norm_backward")
+def test_op_without_a_native_kernel_on_the_key():
+    # _fused_rms_norm_backward has no CPU kernel: ours serves what it takes, and anything it
+    # refuses is a clear NotImplementedError, not a failure to register.
+    x = rand(3, 8, dtype=torch.float64)  # float64: refused by our entry
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    with flag_gems.use_gems(include=["_fused_rms_norm_backward"]):
+        with pytest.raises(NotImplementedError, match="no native CPU kernel"):
+            aten._fused_rms_norm_backward.default(x, x, [8], rstd, None, [True, False])
+        dx, _ = aten._fused_rms_norm_backward.default(x.float(), x.float(), [8], rstd.float(), None, [True, False])
+    ref = torch.func.vjp(lambda t: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6), x)[1](x)[0]
+    torch.testing.assert_close(dx.double(), ref, atol=1e-4, rtol=1e-4)
