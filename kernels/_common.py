@@ -17,7 +17,6 @@ import os
 import threading
 
 import torch
-import triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -74,6 +73,18 @@ def check_same_device(**tensors) -> None:
 _INTERPRETER_LOCK = threading.RLock()
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host. Plain Python: ``triton.cdiv`` is jit-wrapped in recent
+    Triton and costs microseconds per call on a launch path (measured: 7 such calls were
+    most of an eager ``mean`` call's host time)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= ``n`` (1 for n <= 1), without ``triton.next_power_of_2``'s jit wrapper."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def device_guard(t: torch.Tensor):
     """Context for one launch: makes ``t``'s CUDA device current (no-op when it already is);
     in interpreter mode, holds the lock that serializes interpreted kernels across threads."""
@@ -97,7 +108,7 @@ def row_config(n_cols: int, elem_bytes: int) -> tuple[int, int]:
     Returns:
         (BLOCK_N, num_warps)
     """
-    block = min(triton.next_power_of_2(max(n_cols, 1)), MAX_FUSED_BLOCK)
+    block = min(next_pow2(n_cols), MAX_FUSED_BLOCK)
     row_bytes = block * elem_bytes
     warps = max(1, min(16, row_bytes // 1024))
     return block, warps

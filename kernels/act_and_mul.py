@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, check_tensor, device_guard, num_sms
+from ._common import cdiv, check_same_device, check_tensor, device_guard, next_pow2, num_sms
 
 __all__ = [
     "act_and_mul_fwd",
@@ -203,16 +203,6 @@ _MANY_ROWS = 4096
 _MIN_TILE = 512
 
 
-def _cdiv(a: int, b: int) -> int:
-    # Plain Python: triton.cdiv / next_power_of_2 are jit-wrapped in recent Triton and
-    # cost microseconds each on the host.
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 @functools.lru_cache(maxsize=None)
 def _launch_config(rows_bucket: int, n_cols: int, elem_bytes: int, sms: int) -> tuple[int, int, int]:
     """Tile shape and warp count for the 2-D grid (the one block/warp heuristic here).
@@ -245,11 +235,11 @@ def _launch_config(rows_bucket: int, n_cols: int, elem_bytes: int, sms: int) -> 
     Returns:
         (BLOCK_M, BLOCK_N, num_warps)
     """
-    block_n = min(_next_pow2(n_cols), _TILE)
+    block_n = min(next_pow2(n_cols), _TILE)
     block_m = max(1, min(_TILE // block_n, rows_bucket))
 
     def n_programs(bm, bn):
-        return _cdiv(rows_bucket, bm) * _cdiv(n_cols, bn)
+        return cdiv(rows_bucket, bm) * cdiv(n_cols, bn)
 
     while n_programs(block_m, block_n) < 2 * sms and block_m * block_n > _MIN_TILE:
         if block_m > 1:
@@ -267,7 +257,7 @@ _ROWS_BUCKET_CAP = 1 << 16  # beyond this the heuristic no longer changes
 
 
 def _config(n_rows: int, n_cols: int, t: torch.Tensor) -> tuple[int, int, int]:
-    bucket = min(_next_pow2(n_rows), _ROWS_BUCKET_CAP)
+    bucket = min(next_pow2(n_rows), _ROWS_BUCKET_CAP)
     return _launch_config(bucket, n_cols, t.element_size(), num_sms(t.device))
 
 
@@ -444,7 +434,7 @@ def _launch_fwd(a, b, out, b_off, n_cols, code):
     n_rows = out.numel() // n_cols
     (a, b), (o,), n_outer, n_inner, st, wb = _prepare(lead, [a, b], [out])
     block_m, block_n, warps = _config(n_rows, n_cols, out)
-    grid = (_cdiv(n_rows, block_m), _cdiv(n_cols, block_n))
+    grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
     with device_guard(out):
         _act_and_mul_fwd_kernel[grid](
             a, b, o,
@@ -542,7 +532,7 @@ def _launch_bwd(dout, a, b, da, db, b_off, n_cols, code):
     n_rows = dout.numel() // n_cols
     (dout, a, b), (da, db), n_outer, n_inner, st, _ = _prepare(lead, [dout, a, b], [da, db])
     block_m, block_n, warps = _config(n_rows, n_cols, a)
-    grid = (_cdiv(n_rows, block_m), _cdiv(n_cols, block_n))
+    grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
     with device_guard(a):
         _act_and_mul_bwd_kernel[grid](
             dout, a, b, da, db,

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard
+from ._common import cdiv, device_guard, next_pow2
 
 __all__ = [
     "MAX_DIMS",
@@ -61,7 +61,7 @@ _MAX_GRID_1 = 65535  # CUDA limit on grid dims 1 and 2
 
 
 def _row_block(n_cols: int) -> int:
-    return min(_BLOCK, triton.next_power_of_2(max(n_cols, 1)))
+    return min(_BLOCK, next_pow2(n_cols))
 
 
 # --------------------------------------------------------------------------- row gather
@@ -246,7 +246,7 @@ def gather(src: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     sstr = [0] * pad + list(src.stride())
     istr = [0] * pad + list(index.stride())
     with device_guard(src):
-        _gather_kernel[(triton.cdiv(n, _BLOCK),)](
+        _gather_kernel[(cdiv(n, _BLOCK),)](
             src, index, out, n, isize[1], isize[2], isize[3], *sstr, *istr,
             src.shape[dim], src.stride(dim), DIM=dim + pad, BLOCK=_BLOCK,
         )
@@ -321,7 +321,7 @@ def cat(tensors, dim: int) -> torch.Tensor:
             # t as [n_outer, cols]: dims [dim:] merge into one stride, dims [:dim] into another
             tv, (_, _, _), (so, _, sc) = rows_view(t.unsqueeze(dim), dim)
             # rows_view on the unsqueezed tensor: outer = t's dims before dim, inner = dims [dim:]
-            nb = triton.cdiv(cols, _row_block(cols))
+            nb = cdiv(cols, _row_block(cols))
             _copy_2d_kernel[(n_outer, min(nb, _MAX_GRID_1))](
                 tv, out.view(-1)[offset:], cols, nb, so, sc, out_cols, BLOCK=_row_block(cols),
             )
@@ -437,7 +437,7 @@ def arange(start, step, n: int, dtype: torch.dtype, device) -> torch.Tensor:
     in_memory = acc == tl.float64
     params = torch.tensor([start, step], dtype=torch.float64, device=out.device) if in_memory else out
     with device_guard(out):
-        _arange_kernel[(triton.cdiv(n, _BLOCK),)](
+        _arange_kernel[(cdiv(n, _BLOCK),)](
             out, params, n, start, step, ACC=acc, PARAMS_IN_MEMORY=in_memory,
             VIA_FP32=in_memory and dtype in (torch.float16, torch.bfloat16), BLOCK=_BLOCK,
         )
@@ -507,7 +507,7 @@ def embedding_dense_backward(grad: torch.Tensor, ids: torch.Tensor, num_weights:
     sorted_ids, perm = torch.sort(ids.reshape(-1).to(torch.int64), stable=True)
     block = _row_block(n_cols)
     with device_guard(grad):
-        _embedding_bwd_kernel[(n_tokens, triton.cdiv(n_cols, block))](
+        _embedding_bwd_kernel[(n_tokens, cdiv(n_cols, block))](
             g, sorted_ids, perm, out, n_tokens, n_cols, num_weights, padding_idx, g.stride(0),
             SCALE_BY_FREQ=scale_grad_by_freq, BLOCK=block,
         )

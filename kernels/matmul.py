@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, check_tensor, device_guard, interpreter_mode
+from ._common import cdiv, check_same_device, check_tensor, device_guard, interpreter_mode
 
 __all__ = ["matmul", "tile_config"]
 
@@ -181,7 +181,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
     interp = interpreter_mode()
     if interp:
         precision = "ieee"
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), a3.shape[0])
+    grid = (cdiv(m, bm) * cdiv(n, bn), a3.shape[0])
     with device_guard(a):
         _matmul_kernel[grid](
             a3, b3, c3, bias_v,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, MAX_FUSED_BLOCK, check_tensor, device_guard, num_sms, row_config
+from ._common import FLOAT_DTYPES, MAX_FUSED_BLOCK, cdiv, check_tensor, device_guard, next_pow2, num_sms, row_config
 
 __all__ = [
     "OP_ALL",
@@ -68,7 +68,7 @@ def tile_config(n_rows: int, n_cols: int, elem_bytes: int, max_block: int = MAX_
         (BLOCK_M, BLOCK_N, num_warps)
     """
     block_n = min(row_config(n_cols, elem_bytes)[0], max_block)
-    block_m = max(1, min(_MAX_TILE_ROWS, _TILE_ELEMS // block_n, triton.next_power_of_2(max(n_rows, 1))))
+    block_m = max(1, min(_MAX_TILE_ROWS, _TILE_ELEMS // block_n, next_pow2(n_rows)))
     warps = max(1, min(16, block_m * block_n * elem_bytes // 1024))
     return block_m, block_n, warps
 
@@ -292,8 +292,8 @@ def _rows(name: str, x: torch.Tensor, n_cols: int, dtypes=FLOAT_DTYPES) -> int:
 
 def _splits(n_rows: int, n_cols: int, block_m: int, block_n: int, device) -> int:
     """How many programs share each row: >1 only for a few long rows."""
-    row_programs = triton.cdiv(n_rows, block_m)
-    chunks = triton.cdiv(n_cols, block_n)
+    row_programs = cdiv(n_rows, block_m)
+    chunks = cdiv(n_cols, block_n)
     if n_cols <= MAX_FUSED_BLOCK or row_programs >= 2 * num_sms(device):
         return 1
     return max(1, min(chunks, _MAX_SPLITS, (2 * num_sms(device)) // row_programs))
@@ -303,9 +303,9 @@ def _reduce(x: torch.Tensor, n_cols: int, op: int, out: torch.Tensor, scale: flo
     n_rows = x.numel() // n_cols
     block_m, block_n, warps = tile_config(n_rows, n_cols, x.element_size())
     n_splits = _splits(n_rows, n_cols, block_m, block_n, x.device)
-    span = triton.cdiv(triton.cdiv(n_cols, n_splits), block_n) * block_n
-    n_splits = triton.cdiv(n_cols, span)
-    grid = (triton.cdiv(n_rows, block_m), n_splits)
+    span = cdiv(cdiv(n_cols, n_splits), block_n) * block_n
+    n_splits = cdiv(n_cols, span)
+    grid = (cdiv(n_rows, block_m), n_splits)
     with device_guard(x):
         if n_splits == 1:
             _reduce_kernel[grid](x, out, n_rows, n_cols, span, scale,
@@ -315,8 +315,8 @@ def _reduce(x: torch.Tensor, n_cols: int, op: int, out: torch.Tensor, scale: flo
         _reduce_kernel[grid](x, partial, n_rows, n_cols, span, 1.0,
                              OP=op, FINAL=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
         block_m, block_n, warps = tile_config(n_rows, n_splits, 4)
-        grid = (triton.cdiv(n_rows, block_m), 1)
-        _reduce_kernel[grid](partial, out, n_rows, n_splits, triton.cdiv(n_splits, block_n) * block_n, scale,
+        grid = (cdiv(n_rows, block_m), 1)
+        _reduce_kernel[grid](partial, out, n_rows, n_splits, cdiv(n_splits, block_n) * block_n, scale,
                              OP=op, FINAL=True, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return out
 
@@ -419,7 +419,7 @@ def row_max_index(x: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Ten
         return values, indices
     block_m, block_n, warps = tile_config(n_rows, n_cols, x.element_size(), max_block=_MAX_INDEX_BLOCK)
     with device_guard(x):
-        _max_index_kernel[(triton.cdiv(n_rows, block_m),)](
+        _max_index_kernel[(cdiv(n_rows, block_m),)](
             x, values, indices, n_rows, n_cols, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps
         )
     return values, indices
@@ -451,7 +451,7 @@ def softmax_fwd(x: torch.Tensor, *, log: bool = False, out_dtype: torch.dtype | 
         return y
     block_m, block_n, warps = tile_config(n_rows, n_cols, x.element_size())
     with device_guard(x):
-        _softmax_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        _softmax_fwd_kernel[(cdiv(n_rows, block_m),)](
             x, y, n_rows, n_cols, LOG=log, ONE_PASS=n_cols <= MAX_FUSED_BLOCK,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )
@@ -493,7 +493,7 @@ def softmax_bwd(
         return dx
     block_m, block_n, warps = tile_config(n_rows, n_cols, y.element_size())
     with device_guard(y):
-        _softmax_bwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        _softmax_bwd_kernel[(cdiv(n_rows, block_m),)](
             grad, y, dx, n_rows, n_cols, LOG=log, ONE_PASS=n_cols <= MAX_FUSED_BLOCK,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, check_tensor, device_guard
+from ._common import cdiv, check_same_device, check_tensor, device_guard, next_pow2
 
 __all__ = [
     "rope_fwd",
@@ -212,11 +212,11 @@ def rope_config(n_q_heads: int, n_k_heads: int, half_rot: int, head_dim: int, el
     Returns:
         (BLOCK_HQ, BLOCK_HK, BLOCK_R2, BLOCK_P, num_warps)
     """
-    block_r2 = triton.next_power_of_2(max(half_rot, 1))
+    block_r2 = next_pow2(half_rot)
     cap = max(1, 1024 // block_r2)
-    block_hq = min(triton.next_power_of_2(max(n_q_heads, 1)), cap)
-    block_hk = min(triton.next_power_of_2(max(n_k_heads, 1)), cap)
-    block_p = triton.next_power_of_2(head_dim - 2 * half_rot) if copy_pass else 1
+    block_hq = min(next_pow2(n_q_heads), cap)
+    block_hk = min(next_pow2(n_k_heads), cap)
+    block_p = next_pow2(head_dim - 2 * half_rot) if copy_pass else 1
     vec = max(1, 16 // elem_bytes)
     warps = max(1, min(8, (block_hq * block_r2) // (2 * vec * 32)))
     return block_hq, block_hk, block_r2, block_p, warps
@@ -467,8 +467,8 @@ def _run_tokens(q, k, q_out, k_out, splits, cos, sin, table_strides, pos, n_pos,
     out_of_place = qot is not qt or kot is not kt
     copy_pass = out_of_place and 2 * half_rot < head_dim
     bhq, bhk, br2, bp, warps = rope_config(n_q_heads, n_k_heads, half_rot, head_dim, q.element_size(), copy_pass)
-    n_q_blocks = (n_q_heads + bhq - 1) // bhq  # not triton.cdiv: a jit call costs microseconds here
-    n_k_blocks = (n_k_heads + bhk - 1) // bhk
+    n_q_blocks = cdiv(n_q_heads, bhq)
+    n_k_blocks = cdiv(n_k_heads, bhk)
     with device_guard(q):
         _rope_kernel[(n_outer * n_inner, n_q_blocks + n_k_blocks)](
             qt, kt, qot, kot, cos, sin, pos if has_pos else cos,
