@@ -62,6 +62,14 @@ library torch's kernels call: ``expf``, ``logf``, ``sinf``, ``tanhf``, ``erff``,
 IEEE ``div_rn``/``sqrt_rn``), in the interpreter numpy's through ``tl`` (libdevice does
 not run there); maximum/minimum propagate NaN; a division by a scalar multiplies by the
 reciprocal computed in the computation dtype, as torch's CUDA ``div`` does for a CPU scalar.
+In the interpreter, bf16 values convert through bit helpers (its own fp32 -> bf16 conversion
+truncates and its bf16 -> fp32 one mishandles subnormals), so CPU runs round as the GPU does.
+
+Casts (``aten._to_copy``): :func:`cast_op` gives ``OPS["to_copy"]`` with a result dtype and
+an output memory format; its plan lays the output out as torch's ``_to_copy`` does (the
+input's strides when it is non-overlapping and dense, else a dense layout in its dim order;
+or contiguous / channels-last as asked), and the conversion is one Triton cast in the
+result's opmath, which gives torch's values (see :func:`cast_op`).
 """
 
 from __future__ import annotations
@@ -81,7 +89,7 @@ from triton.language.extra import libdevice
 
 from ._common import device_guard, interpreter_mode
 
-__all__ = ["MAX_DIMS", "OPS", "PointwiseOp", "kernel_cache_info", "kernel_source", "launch_config"]
+__all__ = ["CAST_DTYPES", "MAX_DIMS", "OPS", "PointwiseOp", "cast_op", "kernel_cache_info", "kernel_source", "launch_config"]
 
 # Most dims of a strided (class g) index space after coalescing; more -> a reason.
 MAX_DIMS = 8
@@ -182,6 +190,27 @@ def _div_interp(a, b):
     return a / b  # numpy division: IEEE round to nearest
 
 
+@triton.jit
+def _upcast_interp(x, dtype: tl.constexpr):
+    # Interpreter only: its bf16 -> fp32 conversion flushes subnormals wrongly. A bf16 is
+    # the upper half of an fp32, so the bits shift exactly.
+    if x.dtype == tl.bfloat16:
+        x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _downcast_interp(x, dtype: tl.constexpr):
+    # Interpreter only: its fp32 -> bf16 conversion truncates. Round to nearest even on the
+    # bits, as c10::BFloat16 and the GPU's cvt.rn.bf16.f32 do (overflow gives inf, NaN stays NaN).
+    if dtype == tl.bfloat16:
+        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where(x != x, 0x7FC0, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
 # Math functions by backend: on the GPU libdevice (CUDA's math library, as torch's
 # kernels), in the interpreter tl.* (numpy) and the fp64 helpers above.
 _MATH_GPU = {
@@ -210,7 +239,10 @@ class PointwiseOp:
             the computation dtype.
         promotion: ``"default"`` (result = promoted dtype), ``"int_to_float"`` (integer
             results become the default float dtype), ``"bool"`` (comparisons: computed in the
-            promoted dtype, result bool) or ``"out"`` (result = ``out``'s dtype; no inputs promote).
+            promoted dtype, result bool), ``"out"`` (result = ``out``'s dtype; no inputs promote)
+            or ``"cast"`` (result = ``dtype``, or operand 0's dtype when None; computed in the
+            result's opmath, so fp64 and integers reach fp16/bf16 through fp32 as in torch's
+            casts; a bool result is computed in operand 0's opmath).
         accepts: dtype categories (``float``, ``int``, ``bool``) of the promoted dtype the op
             is defined on (torch raises on the others; we return a reason).
         promote: operands taking part in type promotion (None: all but ``bool_args``).
@@ -219,6 +251,12 @@ class PointwiseOp:
         checked_scalars: scalar operands cast to the result dtype with torch's overflow check
             (``fill_``'s and ``masked_fill``'s value).
         contiguous_out: the functional form returns a contiguous tensor (``masked_fill``).
+        dtype: the result dtype of a ``"cast"`` op (None: operand 0's).
+        out_format: the allocated output's layout from operand 0's (which has the result's
+            shape), as ``torch._to_copy`` lays it out for this memory format:
+            ``torch.preserve_format`` (operand 0's strides when it is non-overlapping and
+            dense, else a dense layout in its dim order), ``contiguous_format``,
+            ``channels_last`` (4-d) or ``channels_last_3d`` (5-d). None: TensorIterator's rule.
         scalar_divisor: operand 1 is a divisor; when it is a scalar the kernel computes
             ``x0 * x1`` with ``x1 = 1 / divisor`` rounded to the computation dtype (as
             torch's CUDA div does for a CPU scalar).
@@ -234,6 +272,8 @@ class PointwiseOp:
     checked_scalars: tuple = ()
     contiguous_out: bool = False
     scalar_divisor: bool = False
+    dtype: torch.dtype | None = None
+    out_format: torch.memory_format | None = None
 
     def reason(self, *operands, out=None) -> str | None:
         """Why this op's kernel cannot take these operands (None when it can). Metadata only.
@@ -331,7 +371,49 @@ OPS: dict[str, PointwiseOp] = dict([
     _op("where", 3, "tl.where(x0, x1, x2)", bool_args=(0,), promote=(1, 2)),
     _op("masked_fill", 3, "tl.where(x1, x2, x0)", bool_args=(1,), promote=(0,), checked_scalars=(2,), contiguous_out=True),
     _op("fill", 1, "x0", promotion="out", promote=(), checked_scalars=(0,)),
+    # A copy that keeps the dtype; cast_op() gives the variants with a result dtype and a layout.
+    _op("to_copy", 1, "x0", promotion="cast", out_format=torch.preserve_format),
 ])
+
+# Result dtypes of cast_op (the storage dtypes the kernels take).
+CAST_DTYPES = tuple(_TL_DTYPES)
+# Output layouts of cast_op, with the rank each requires (None: any).
+_FORMAT_RANK = {torch.preserve_format: None, torch.contiguous_format: None, torch.channels_last: 4,
+                torch.channels_last_3d: 5}
+_CASTS: dict = {}
+
+
+def cast_op(dtype: torch.dtype, memory_format: torch.memory_format = torch.preserve_format) -> PointwiseOp:
+    """``OPS["to_copy"]`` to ``dtype`` with ``memory_format``'s output layout: ``torch._to_copy``.
+
+    Values as torch's casts: floats to integers truncate toward zero (NaN, infinities and
+    out-of-range values are undefined in torch too), anything to bool is ``x != 0`` (NaN is
+    True), fp64 and integers reach fp16/bf16 through fp32 (torch rounds twice as well), other
+    float narrowing rounds to nearest even. One op object per (dtype, format), so plans cache
+    per pair; the generated kernels are shared (the result dtype is not in a kernel's signature).
+
+    Args:
+        dtype: the result dtype, one of :data:`CAST_DTYPES`.
+        memory_format: ``torch.preserve_format``, ``contiguous_format``, ``channels_last`` or
+            ``channels_last_3d`` (see ``PointwiseOp.out_format``).
+
+    Returns:
+        The PointwiseOp (arity 1).
+
+    Raises:
+        ValueError: an unsupported dtype or memory format.
+    """
+    op = _CASTS.get((dtype, memory_format))
+    if op is None:
+        if dtype not in _TL_DTYPES:
+            raise ValueError(f"cast_op: dtype {dtype} is not supported (expected one of {list(CAST_DTYPES)})")
+        if memory_format not in _FORMAT_RANK:
+            raise ValueError(f"cast_op: memory_format {memory_format} is not supported (expected one of {list(_FORMAT_RANK)})")
+        expr = "x0 != 0" if dtype is torch.bool else "x0"
+        op = _CASTS.setdefault(
+            (dtype, memory_format), dataclasses.replace(OPS["to_copy"], expr=expr, dtype=dtype, out_format=memory_format)
+        )
+    return op
 
 
 # --------------------------------------------------------------------------- planning
@@ -477,6 +559,9 @@ def _build(op: PointwiseOp, operands, out, symbolic: bool):
         if out is None:
             return "the output dtype comes from out="
         common = result = out.dtype
+    elif op.promotion == "cast":
+        common = operands[0].dtype if isinstance(operands[0], torch.Tensor) else None
+        result = common if op.dtype is None else op.dtype
     else:
         args = [operands[i] for i in promote]
         common = elementwise_dtypes(*args, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)[1]
@@ -485,15 +570,26 @@ def _build(op: PointwiseOp, operands, out, symbolic: bool):
             result = elementwise_dtypes(*args, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.INT_TO_FLOAT)[1]
         elif op.promotion == "bool":
             result = torch.bool
+    if common is None:
+        return "operand 0 must be a tensor"
     for d in (common, result):
         if d not in _TL_DTYPES:
             return f"dtype {d} is not supported"
     if _category(common) not in op.accepts:
         return f"{op.name} is not defined for {common}"
-    base = result if op.promotion == "int_to_float" else common
+    if op.promotion == "cast":
+        base = common if result is torch.bool else result  # a bool result is x != 0 in the input's dtype
+    else:
+        base = result if op.promotion == "int_to_float" else common
     compute = _OPMATH.get(base, base)
     if out is not None and not torch.can_cast(result, out.dtype):
         return f"result type {result} can't be cast to the output dtype {out.dtype}"
+    if op.out_format is not None:
+        if ptrs != [0] or op.arity != 1:
+            return f"{op.name} takes one tensor on the kernel's device"
+        rank = _FORMAT_RANK.get(op.out_format)
+        if rank is not None and operands[0].dim() != rank:
+            return f"memory_format={op.out_format} needs a {rank}-d tensor, got {operands[0].dim()}-d"
 
     if symbolic:
         # Dynamic shapes (compile backend): no layout analysis, hence no guards on sizes; the
@@ -534,6 +630,9 @@ def _build(op: PointwiseOp, operands, out, symbolic: bool):
         out_strides = list(out.stride())
         if _may_overlap(shape, out_strides):
             return "out has overlapping elements (expanded or strided onto itself)"
+    elif op.out_format is not None:  # operand 0 has the result's shape (checked above)
+        alloc = _format_strides(op.out_format, shape, tuple(operands[0].stride()))
+        out_strides = _dense_strides(shape, range(nd)) if alloc is None else list(alloc)
     elif op.contiguous_out or all(operands[i].is_contiguous() and tuple(operands[i].shape) == shape for i in ptrs):
         out_strides = _dense_strides(shape, range(nd))
     else:
@@ -659,6 +758,54 @@ def _iteration_order(shape, strides_list) -> list:
     return perm[::-1]
 
 
+def _format_strides(memory_format, shape, strides) -> tuple | None:
+    """Strides of ``torch._to_copy``'s output for an input of this shape and strides (None:
+    contiguous, as ``torch.empty`` lays it out).
+
+    preserve_format: the input's own strides when it is non-overlapping and dense, else
+    ATen's ``infer_dense_strides`` (TensorIterator's dim order: stride-0 dims keep their
+    place, size-0/1 dims add no extent); channels_last(_3d): c10's channels-last strides.
+    """
+    if memory_format == torch.preserve_format:
+        if _non_overlapping_and_dense(shape, strides):
+            return None if strides == _contiguous_strides(shape) else strides
+        out, step = [0] * len(shape), 1
+        for d in reversed(_iteration_order(shape, [strides])):  # innermost first
+            out[d] = step
+            step *= max(shape[d], 1)
+        out = tuple(out)
+        return None if out == _contiguous_strides(shape) else out
+    if memory_format == torch.channels_last:
+        n, c, h, w = shape
+        return (h * w * c, 1, w * c, c)
+    if memory_format == torch.channels_last_3d:
+        n, c, d, h, w = shape
+        return (d * h * w * c, 1, h * w * c, w * c, c)
+    return None  # contiguous_format
+
+
+def _non_overlapping_and_dense(shape, strides) -> bool:
+    """c10's is_non_overlapping_and_dense: an empty tensor, or one whose dims of size > 1,
+    sorted by stride, are contiguous."""
+    if 0 in shape:
+        return True
+    step = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(shape, strides) if sz > 1):
+        if stride != step:
+            return False
+        step *= size
+    return True
+
+
+def _contiguous_strides(shape) -> tuple:
+    """``torch.empty(shape).stride()``."""
+    out, step = [0] * len(shape), 1
+    for d in range(len(shape) - 1, -1, -1):
+        out[d] = step
+        step *= max(shape[d], 1)
+    return tuple(out)
+
+
 def _dense_strides(shape, order) -> list:
     """Strides of a dense tensor whose dims, outermost first, are ``order``."""
     strides = [0] * len(shape)
@@ -733,6 +880,7 @@ _KERNELS_LOCK = threading.Lock()
 _NAMESPACE = {
     "triton": triton, "tl": tl, "libdevice": libdevice, "_maximum": _maximum, "_minimum": _minimum,
     "_tanh_interp": _tanh_interp, "_pow_interp": _pow_interp, "_div_interp": _div_interp,
+    "_upcast_interp": _upcast_interp, "_downcast_interp": _downcast_interp,
     "__name__": __name__ + "_generated",
 }
 
@@ -771,10 +919,17 @@ def _source(name: str, key) -> str:
     def strided(prefix):
         return "(" + " + ".join(f"i{d} * {prefix}{d}" for d in range(rank)) + ")"
 
+    def load(i, addr):
+        """Load operand i, converted to the computation dtype (bool operands as they are)."""
+        if i in bool_args:
+            return f"tl.load({addr})"
+        if _INTERPRET:  # the interpreter's bf16 -> fp32 conversion loses subnormals
+            return f"_upcast_interp(tl.load({addr}), {T})"
+        return f"tl.load({addr}).to({T})"
+
     for i, d in enumerate(descs):  # scalars and one-element operands: once, outside the branches
-        conv = "" if i in bool_args else f".to({T})"
         if d == "s":
-            body.append(f"x{i} = tl.load(in{i}_ptr){conv}")
+            body.append(f"x{i} = {load(i, f'in{i}_ptr')}")
         elif d == "sbool":
             body.append(f"x{i} = s{i} != 0")
         elif d == "f64":
@@ -789,14 +944,18 @@ def _source(name: str, key) -> str:
         m = ", mask=mask, other=0" if masked else ""
         lines = []
         for i, d in enumerate(descs):
-            conv = "" if i in bool_args else f".to({T})"
             if d == "c":
-                lines.append(f"x{i} = tl.load(in{i}_ptr + offs{m}){conv}")
+                lines.append(f"x{i} = {load(i, f'in{i}_ptr + offs{m}')}")
             elif d == "g":
-                lines.append(f"x{i} = tl.load(in{i}_ptr + {strided(f'stride{i}_')}{m}){conv}")
+                addr = f"in{i}_ptr + {strided(f'stride{i}_')}{m}"
+                lines.append(f"x{i} = {load(i, addr)}")
         # Through the computation dtype (a no-op except for comparisons' int1, which the
-        # interpreter cannot cast to bf16 directly), then to the output's.
-        lines.append(f"y = ({y}).to({T}).to(out_ptr.dtype.element_ty)")
+        # interpreter cannot cast to bf16 directly), then to the output's (in the interpreter
+        # through a helper: its fp32 -> bf16 conversion truncates instead of rounding).
+        if _INTERPRET:
+            lines.append(f"y = _downcast_interp(({y}).to({T}), out_ptr.dtype.element_ty)")
+        else:
+            lines.append(f"y = ({y}).to({T}).to(out_ptr.dtype.element_ty)")
         lines.append(f"tl.store(out_ptr + {dst}, tl.broadcast_to(y, (BLOCK,)){', mask=mask' if masked else ''})")
         return lines
 

@@ -20,6 +20,10 @@ the interpreter, a partially overlapping or expanded in-place ``self``, scalars 
 the computation dtype, symbolic pow exponents...) is a ``supports`` reason, so callers
 fall back to PyTorch; ``impl`` raises NotImplementedError for exactly those, before writing.
 
+``_to_copy`` (``x.to(dtype)``, ``.float()``, a same-device copy) resolves to
+:func:`~flag_gems.kernels.pointwise.cast_op` for its dtype and memory format; a device move,
+a pinned or non-strided output, or an unsupported dtype is a reason.
+
 Defaults: :data:`DEFAULTS` is the one decision table, set from the H100 ops table: only
 ``masked_fill`` (1.8-2.0x native) is on by default; every other family is opt-in
 (``include=...``) for the eager mode, and the compile backend lowers them only with
@@ -32,7 +36,7 @@ import logging
 
 import torch
 
-from ..kernels.pointwise import OPS, PointwiseOp
+from ..kernels.pointwise import CAST_DTYPES, OPS, PointwiseOp, cast_op
 from .registry import register
 
 logger = logging.getLogger(__name__)
@@ -77,6 +81,7 @@ DEFAULTS: dict[str, tuple[bool, str]] = {
     "where": (False, _OPT_IN),
     "masked_fill": (True, "measured on H100: 1.8-2.0x native (one pass; native clones, then fills)"),
     "fill": (False, _UNMEASURED + "; a pure store, as the native fill"),
+    "to_copy": (False, "same bytes as a native copy; not in the GPU benchmark yet: opt-in (include=...)"),
 }
 
 
@@ -153,6 +158,45 @@ def _fill(self, value):
     return OPS["fill"], (value,)
 
 
+# _to_copy's memory formats -> the cast op's output layout (None is preserve_format).
+_FORMATS = (torch.preserve_format, torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def _to_copy(self, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False, memory_format=None):
+    # A dtype cast (or a plain copy) on self's device; moves, pinned or sparse outputs stay native.
+    # Metadata only: runs on fake tensors, adds no guards.
+    if not isinstance(self, torch.Tensor):
+        return f"self of type {type(self).__name__} (expected a tensor)"
+    if self.layout != torch.strided:
+        return f"self has layout {self.layout} (expected torch.strided)"
+    if layout is not None and layout != torch.strided:
+        return f"layout={layout} (expected None or torch.strided)"
+    if pin_memory:
+        return "pin_memory=True (expected None or False)"
+    if device is not None and not _same_device(torch.device(device), self.device):
+        return f"device={device}: a copy to another device (expected None or {self.device})"
+    if memory_format is not None and memory_format not in _FORMATS:
+        return f"memory_format={memory_format} (expected None or one of {', '.join(map(str, _FORMATS))})"
+    if self.dtype not in CAST_DTYPES:
+        return f"self: dtype {self.dtype} is not supported"
+    if dtype is not None and dtype not in CAST_DTYPES:
+        return f"dtype={dtype} is not supported (expected None or one of {', '.join(map(str, CAST_DTYPES))})"
+    if self.is_neg() or self.is_conj():
+        return "self is a negative/conjugate view (its bit is not applied by the kernel)"
+    fmt = torch.preserve_format if memory_format is None else memory_format
+    return cast_op(self.dtype if dtype is None else dtype, fmt), (self,)
+
+
+def _same_device(device: torch.device, current: torch.device) -> bool:
+    if device.type != current.type:
+        return False
+    if device.type != "cuda":
+        return True  # the CPU (interpreter) has one device
+    if device.index is None:  # "cuda" means the current device, as in torch's _to_copy
+        return current.index == (torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device.index == current.index
+
+
 # family -> (resolver, overloads). Functional, in-place (name ends in "_") and out= forms.
 _CMP = ("Tensor", "Scalar", "Tensor_out", "Scalar_out")
 OVERLOADS: dict[str, tuple] = {
@@ -172,6 +216,7 @@ OVERLOADS: dict[str, tuple] = {
     "where": (_where, [aten.where.self, aten.where.self_out]),
     "masked_fill": (_masked_fill, [aten.masked_fill.Scalar, aten.masked_fill_.Scalar, aten.masked_fill.Scalar_out]),
     "fill": (_fill, [aten.fill.Scalar, aten.fill_.Scalar, aten.fill.Scalar_out]),
+    "to_copy": (_to_copy, [aten._to_copy.default]),
 }
 for _name in ("neg", "abs", "reciprocal", "exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "silu"):
     OVERLOADS[_name] = (_unary(OPS[_name]), [getattr(aten, _name).default, getattr(aten, _name + "_").default,
@@ -254,7 +299,7 @@ def _register_all():
             for target in targets:
                 fill = target is aten.fill.Scalar
                 impl, supports = _make(target, resolve, _run_fill if fill else _run, _check_fill if fill else _check)
-                kernel = f"flag_gems.pointwise.{target.__name__.split('.')[0].rstrip('_')}"
+                kernel = f"flag_gems.pointwise.{target.__name__.split('.')[0].strip('_')}"
                 register(target, kernel=kernel, supports=supports, default=default, reason=reason)(impl)
                 count += 1
     logger.debug("registered %d pointwise aten overloads", count)
