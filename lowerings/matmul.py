@@ -10,10 +10,10 @@ real scalars ``beta``/``alpha``. Everything else (integer or complex dtypes, mix
 shapes that do not multiply, symbolic sizes, batches above 65535) is a ``supports`` reason,
 so the eager mode runs cuBLAS and torch raises its own errors.
 
-Defaults: off (opt-in with ``include=["mm", "bmm", "addmm"]``). cuBLAS is the reference
-to beat and this fixed-tile kernel has not been benchmarked against it on a GPU; the issue's
-rule is that a GEMM is on by default only where it is at least as fast. Not rewritten in
-compiled graphs (cuBLAS or Inductor's templates do that work there).
+Defaults: off (opt-in with ``include=["mm", "bmm", "addmm"]``): on the H100 this fixed-tile
+kernel ran at 0.6-0.8x cuBLAS (benchmarks/results/ops_*), and a GEMM is on by default only
+where it is at least as fast. Not rewritten in compiled graphs (cuBLAS or Inductor's
+templates do that work there).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ __all__ = ["REASON", "TARGETS"]
 
 aten = torch.ops.aten
 
-REASON = ("Triton GEMM with a fixed tile table (no autotuning); not benchmarked against cuBLAS on a GPU yet: "
-          "opt-in (include=...)")
+REASON = ("measured on H100 vs cuBLAS at [8, 4096] / [4096, 4096] @ [4096, 4096] (bf16): mm 0.64x / 0.75x, "
+          "addmm 0.59x / 0.73x, bmm 0.83x / 0.69x; a fixed tile table (no autotuning): opt-in (include=...)")
 
 
 def _operand_reason(t, name: str) -> str | None:

@@ -219,11 +219,21 @@ def test_declined_calls_through_eager_mode_are_exact(device, tmp_path):
         lambda: aten._fused_rms_norm(xb, [6], w.float(), 1e-5),  # mixed weight dtype
         lambda: aten._fused_rms_norm(xt, [6], None, None),  # last dim not unit-stride
     ]
-    expected = [f() for f in cases]
+
+    def outcome(f):  # CUDA's native kernel raises on the mixed-dtype case: the same error then
+        try:
+            return f()
+        except RuntimeError as e:
+            return type(e)
+
+    expected = [outcome(f) for f in cases]
     path = tmp_path / "ops.log"
     with flag_gems.use_gems(include=["_fused_rms_norm"], record=True, path=str(path)):
-        got = [f() for f in cases]
+        got = [outcome(f) for f in cases]
     for k, (out, ref) in enumerate(zip(got, expected)):
+        if isinstance(ref, type):
+            assert out is ref, f"[case {k}] {out} != {ref}"
+            continue
         outs, refs = (out, ref) if isinstance(ref, tuple) else ((out,), (ref,))
         for a, b in zip(outs, refs):
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"[case {k}]"
@@ -300,8 +310,9 @@ def test_registry_entries():
     for target in lf.TARGETS:
         entry = REGISTRY[target]
         assert target not in FALLBACKS
-        # Not in the GPU benchmark yet: opt-in until measured.
-        assert not entry.default and not entry.in_graphs and entry.reason == lf.DEFAULT_REASON
+        # Opt-in: the backward is not in the GPU benchmark yet; the forward was measured there.
+        want = lf.FWD_REASON if target == FWD else lf.DEFAULT_REASON
+        assert not entry.default and not entry.in_graphs and entry.reason == want
 
 
 # --------------------------------------------------------------------------- launcher arguments

@@ -104,9 +104,17 @@ def _layouts(x: torch.Tensor) -> dict:
     }
 
 
+def _left_to_torch(src, dst) -> bool:
+    """Casts the entry refuses on CUDA: there Triton rounds wide sources to fp16/bf16 once, torch twice."""
+    return DEVICE == "cuda" and src in (torch.int32, torch.int64, torch.float64) and dst in (torch.float16, torch.bfloat16)
+
+
 @pytest.mark.parametrize("src,dst", PAIRS, ids=[f"{IDS[s]}->{IDS[d]}" for s, d in PAIRS])
 def test_every_dtype_pair(src, dst):
     x = _values(src, dst, (9, 13))
+    if _left_to_torch(src, dst):
+        assert "rounds once" in reason(TO_COPY, x, dtype=dst)
+        return
     for name, v in _layouts(x).items():
         ref = TO_COPY(v, dtype=dst)  # torch's own cast, same device
         out = run(TO_COPY, v, dtype=dst)
@@ -116,9 +124,14 @@ def test_every_dtype_pair(src, dst):
 def test_edge_values_round_as_torch():
     """The double rounding torch does (fp64 and wide integers reach fp16/bf16 through fp32)."""
     x = torch.tensor([1 + 2**-11 + 2**-40, 1 + 2**-8 + 2**-40], dtype=torch.float64, device=DEVICE)
+    i = torch.tensor([2**24 + 2**16 + 1], device=DEVICE)
+    if DEVICE == "cuda":  # measured on the H100: Triton's GPU code rounded once; these stay with torch
+        for v in (x, i):
+            for dt in (torch.float16, torch.bfloat16):
+                assert "rounds once" in reason(TO_COPY, v, dtype=dt)
+        return
     assert run(TO_COPY, x, dtype=torch.float16)[0].item() == 1.0 == TO_COPY(x, dtype=torch.float16)[0].item()
     assert run(TO_COPY, x, dtype=torch.bfloat16)[1].item() == 1.0 == TO_COPY(x, dtype=torch.bfloat16)[1].item()
-    i = torch.tensor([2**24 + 2**16 + 1], device=DEVICE)
     assert run(TO_COPY, i, dtype=torch.bfloat16).item() == 2**24 == TO_COPY(i, dtype=torch.bfloat16).item()
 
 
