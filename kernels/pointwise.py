@@ -347,6 +347,13 @@ OPS: dict[str, PointwiseOp] = dict([
     _op("tanh", 1, "{tanh}(x0)", **_ONE_ARG_FLOAT),
     _op("sigmoid", 1, "{div}({one}, {one} + {exp}(-x0))", **_ONE_ARG_FLOAT),
     _op("silu", 1, "{div}(x0, {one} + {exp}(-x0))", accepts=_F),
+    # Activation backwards (training steps): x0 is the incoming gradient; x1 the forward's
+    # output (tanh, sigmoid) or input (silu), as in torch's formulas.
+    _op("tanh_backward", 2, "x0 * ({one} - x1 * x1)", accepts=_F),
+    _op("sigmoid_backward", 2, "x0 * ({one} - x1) * x1", accepts=_F),
+    _op("silu_backward", 2,
+        "x0 * {div}({one}, {one} + {exp}(-x1)) * ({one} + x1 * ({one} - {div}({one}, {one} + {exp}(-x1))))",
+        accepts=_F),
     # torch's gelu: x/2 * (1 + erf(x / sqrt(2))); tanh form with sqrt(2/pi) and 0.044715.
     _op("gelu", 1, "x0 * 0.5 * ({one} + {erf}(x0 * 0.7071067811865476))", accepts=_F),
     _op("gelu_tanh", 1, "0.5 * x0 * ({one} + {tanh}(0.7978845608028654 * (x0 + 0.044715 * (x0 * x0 * x0))))", accepts=_F),

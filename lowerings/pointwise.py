@@ -73,6 +73,7 @@ DEFAULTS: dict[str, tuple[bool, str]] = {
     "tanh": (False, _OPT_IN + "; 0.73x at [8, 4096]"),
     "sigmoid": (False, _OPT_IN),
     "silu": (False, _OPT_IN + "; fused with its mul (act_and_mul) where a pattern matches"),
+    "activation_backward": (False, _UNMEASURED + "; tanh/sigmoid/silu backward of a training step"),
     "gelu": (False, "measured on H100: 0.95x native at [4096, 4096]; opt-in (include=...)"),
     "pow": (False, _OPT_IN + "; exponents 0, 1, 2, 3, +-0.5, -1, -2 specialized as in torch"),
     "maximum": (False, _UNMEASURED),
@@ -229,6 +230,11 @@ OVERLOADS: dict[str, tuple] = {
     "masked_fill": (_masked_fill, [aten.masked_fill.Scalar, aten.masked_fill_.Scalar, aten.masked_fill.Scalar_out]),
     "fill": (_fill, [aten.fill.Scalar, aten.fill_.Scalar, aten.fill.Scalar_out]),
     "to_copy": (_to_copy, [aten._to_copy.default]),
+    "activation_backward": [
+        (_binary(OPS["tanh_backward"]), [aten.tanh_backward.default]),
+        (_binary(OPS["sigmoid_backward"]), [aten.sigmoid_backward.default]),
+        (_binary(OPS["silu_backward"]), [aten.silu_backward.default]),
+    ],
 }
 for _name in ("neg", "abs", "reciprocal", "exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "silu"):
     OVERLOADS[_name] = (_unary(OPS[_name]), [getattr(aten, _name).default, getattr(aten, _name + "_").default,
