@@ -40,7 +40,7 @@ def eager_fast_path(*tensors) -> bool:
     return True
 
 
-def row_tensor_reason(t, name: str, dtypes=FLOAT_DTYPES, optional: bool = False) -> str | None:
+def row_tensor_reason(t, name: str, dtypes=FLOAT_DTYPES, optional: bool = False, strided: bool = False) -> str | None:
     """Why the row kernels cannot read ``t`` (None when they can), from metadata only.
 
     Shared by the registry entries' ``supports()``: safe on FakeTensors, adds no guards.
@@ -50,10 +50,12 @@ def row_tensor_reason(t, name: str, dtypes=FLOAT_DTYPES, optional: bool = False)
         name: its name in the reason.
         dtypes: accepted dtypes.
         optional: None is acceptable.
+        strided: the kernel reads ``t`` through its strides: any layout, but symbolic
+            strides are refused too.
 
     Returns:
-        None, or a reason naming the argument: not a tensor, dtype, device, symbolic sizes,
-        non-contiguous.
+        None, or a reason naming the argument: not a tensor, dtype, device, symbolic sizes
+        (or strides), non-contiguous.
     """
     if t is None and optional:
         return None
@@ -65,8 +67,31 @@ def row_tensor_reason(t, name: str, dtypes=FLOAT_DTYPES, optional: bool = False)
     dev = t.device.type
     if not (dev == "cuda" or (dev == "cpu" and interpreter_mode())):
         return f"device {t.device} is not supported (CUDA, or CPU through Triton's interpreter)"
+    if strided:
+        if any(isinstance(s, torch.SymInt) for s in (*t.shape, *t.stride())):
+            return f"{name} has symbolic sizes or strides (left to aten/Inductor)"
+        return None
     if any(isinstance(s, torch.SymInt) for s in t.shape):
         return f"{name} has symbolic sizes (left to aten/Inductor)"
     if not t.is_contiguous():
         return f"a non-contiguous {name} (the kernels read contiguous rows)"
+    return None
+
+
+def normalized_shape_reason(input, normalized_shape) -> str | None:
+    """Why ``normalized_shape`` is not a trailing part of ``input`` with ``N > 0`` elements
+    (the norm entries' shared check: a non-empty list of ints matching input's last dims)."""
+    if not isinstance(normalized_shape, (list, tuple)):
+        return f"normalized_shape {normalized_shape!r} is not a list of ints"
+    ns = list(normalized_shape)
+    if not ns or not all(isinstance(s, int) and not isinstance(s, bool) for s in ns):
+        return f"normalized_shape {normalized_shape!r} is not a non-empty list of ints"
+    k = len(ns)
+    if input.dim() < k or list(input.shape[input.dim() - k:]) != ns:
+        return f"normalized_shape {ns} does not match the trailing dims of input {list(input.shape)}"
+    n = 1
+    for s in ns:
+        n *= s
+    if n == 0:
+        return "an empty normalized shape (N = 0)"
     return None

@@ -45,9 +45,8 @@ import logging
 
 import torch
 
-from ..kernels._common import FLOAT_DTYPES, interpreter_mode
 from ..kernels.rms_norm import rms_norm_bwd, rms_norm_fwd
-from ._utils import row_tensor_reason
+from ._utils import normalized_shape_reason, row_tensor_reason
 from .registry import register
 
 logger = logging.getLogger(__name__)
@@ -64,23 +63,8 @@ FWD_REASON = ("measured on H100 vs native at [8, 4096] / [4096, 4096]: 2.18x / 1
 DEFAULT_EPS = torch.finfo(torch.float32).eps
 
 
-def _is_sym(v) -> bool:
-    return isinstance(v, torch.SymInt)
-
-
 def _strided_tensor_reason(t, name: str) -> str | None:
-    """Why the kernels cannot read ``t`` through its strides (None when they can). Metadata only."""
-    if not isinstance(t, torch.Tensor):
-        return f"{name} is a {type(t).__name__}, not a tensor"
-    if t.dtype not in FLOAT_DTYPES:
-        names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
-        return f"{name} dtype {t.dtype} (the kernels take {names})"
-    dev = t.device.type
-    if not (dev == "cuda" or (dev == "cpu" and interpreter_mode())):
-        return f"device {t.device} is not supported (CUDA, or CPU through Triton's interpreter)"
-    if any(_is_sym(s) for s in t.shape) or any(_is_sym(s) for s in t.stride()):
-        return f"{name} has symbolic sizes or strides (left to aten/Inductor)"
-    return None
+    return row_tensor_reason(t, name, strided=True)
 
 
 def _trailing_rows_reason(t, k: int, name: str) -> str | None:
@@ -93,28 +77,10 @@ def _trailing_rows_reason(t, k: int, name: str) -> str | None:
     return None
 
 
-def _shape_reason(input, normalized_shape) -> str | None:
-    """Why ``normalized_shape`` is not a trailing part of ``input`` with ``N > 0`` elements."""
-    if not isinstance(normalized_shape, (list, tuple)):
-        return f"normalized_shape {normalized_shape!r} is not a list of ints"
-    ns = list(normalized_shape)
-    if not ns or not all(isinstance(s, int) and not isinstance(s, bool) for s in ns):
-        return f"normalized_shape {normalized_shape!r} is not a non-empty list of ints"
-    k = len(ns)
-    if input.dim() < k or list(input.shape[input.dim() - k:]) != ns:
-        return f"normalized_shape {ns} does not match the trailing dims of input {list(input.shape)}"
-    n = 1
-    for s in ns:
-        n *= s
-    if n == 0:
-        return "an empty normalized shape (N = 0)"
-    return None
-
-
 def _input_reason(input, normalized_shape, name: str = "input") -> str | None:
     return (
         _strided_tensor_reason(input, name)
-        or _shape_reason(input, normalized_shape)
+        or normalized_shape_reason(input, normalized_shape)
         or _trailing_rows_reason(input, len(normalized_shape), name)
     )
 

@@ -30,7 +30,7 @@ import logging
 import torch
 
 from ..kernels import layer_norm as kl
-from ._utils import row_tensor_reason
+from ._utils import normalized_shape_reason, row_tensor_reason
 from .registry import register
 
 logger = logging.getLogger(__name__)
@@ -47,22 +47,6 @@ _REDUCED = (torch.float16, torch.bfloat16)
 def _tensor_reason(t, name: str, optional: bool = False) -> str | None:
     """Why the kernels cannot read ``t`` (None when they can). Metadata only."""
     return row_tensor_reason(t, name, optional=optional)
-
-
-def _shape_reason(input, normalized_shape) -> str | None:
-    """Why ``normalized_shape`` is not a trailing part of ``input`` with ``N > 0`` elements."""
-    ns = list(normalized_shape)
-    if not ns or not all(isinstance(s, int) and not isinstance(s, bool) for s in ns):
-        return f"normalized_shape {normalized_shape!r} is not a non-empty list of ints"
-    k = len(ns)
-    if input.dim() < k or list(input.shape[input.dim() - k:]) != ns:
-        return f"normalized_shape {ns} does not match the trailing dims of input {list(input.shape)}"
-    n = 1
-    for s in ns:
-        n *= s
-    if n == 0:
-        return "an empty normalized shape (N = 0)"
-    return None
 
 
 def _params_reason(input, normalized_shape, weight, bias) -> str | None:
@@ -119,7 +103,7 @@ def _refuse(reason: str | None) -> None:
 def _supports_native_layer_norm(input, normalized_shape, weight, bias, eps):
     return (
         _tensor_reason(input, "input")
-        or _shape_reason(input, normalized_shape)
+        or normalized_shape_reason(input, normalized_shape)
         or _params_reason(input, normalized_shape, weight, bias)
     )
 
@@ -145,7 +129,7 @@ def native_layer_norm(input, normalized_shape, weight, bias, eps):
 
 
 def _supports_native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask):
-    why = _tensor_reason(input, "input") or _shape_reason(input, normalized_shape)
+    why = _tensor_reason(input, "input") or normalized_shape_reason(input, normalized_shape)
     if why is not None:
         return why
     why = _tensor_reason(grad_out, "grad_out")

@@ -103,3 +103,22 @@ def reason(target, *args, **kwargs):
     from flag_gems.lowerings.registry import REGISTRY
 
     return REGISTRY[target].supports(*args, **kwargs)
+
+
+def aten_calls(fn) -> list:
+    """Run ``fn()`` and return the aten calls it made, as ``(func, args, kwargs)`` (exceptions propagate).
+
+    The OpInfo tests use it to find which registered overloads torch's sample inputs reach.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class _Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append((func, args, kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    with _Record():
+        fn()
+    return calls

@@ -6,7 +6,7 @@ OpInfo test in test_pointwise.py.)"""
 import pytest
 import torch
 
-from accuracy import TOLERANCES, tag
+from accuracy import TOLERANCES, aten_calls, tag
 from flag_gems.lowerings.registry import REGISTRY
 
 OPINFO_NAMES = {
@@ -49,17 +49,6 @@ def _compare(out, ref, what):
 def test_opinfo_samples_through_registry_entries(device):
     pytest.importorskip("expecttest")
     from torch.testing._internal.common_methods_invocations import op_db
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Capture(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls.append((func, args, kwargs or {}))
-            return func(*args, **(kwargs or {}))
-
     pointwise = {t for t, e in REGISTRY.items() if e.kernel.startswith("flag_gems.pointwise")}
     checked = set()
     for info in op_db:
@@ -71,13 +60,11 @@ def test_opinfo_samples_through_registry_entries(device):
             for k, sample in enumerate(info.sample_inputs(device, dtype)):
                 if k >= OPINFO_SAMPLES:
                     break
-                cap = Capture()
                 try:
-                    with cap:
-                        info.op(_copy(sample.input), *sample.args, **sample.kwargs)
+                    calls = aten_calls(lambda: info.op(_copy(sample.input), *sample.args, **sample.kwargs))
                 except Exception:
                     continue  # torch refuses this sample
-                for func, args, kwargs in cap.calls:
+                for func, args, kwargs in calls:
                     entry = REGISTRY.get(func)
                     if entry is None or func in pointwise:
                         continue

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flag_gems  # noqa: F401
-from accuracy import DEVICE, DTYPES, DTYPE_IDS, assert_close, poison, rand, reason, run, tag
+from accuracy import DEVICE, DTYPE_IDS, DTYPES, assert_close, aten_calls, poison, rand, reason, run, tag
 from flag_gems.kernels import pointwise as pw
 from flag_gems.lowerings import pointwise as lp
 from flag_gems.lowerings.registry import FALLBACKS, REGISTRY
@@ -589,17 +589,6 @@ def test_opinfo_samples(device):
     """OpInfo sample inputs (a few per dtype) through every registered aten call they make."""
     pytest.importorskip("expecttest")
     from torch.testing._internal.common_methods_invocations import op_db
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Capture(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls.append((func, args, kwargs or {}))
-            return func(*args, **(kwargs or {}))
-
     def copy(v):
         return v.clone() if isinstance(v, torch.Tensor) else v
 
@@ -614,13 +603,11 @@ def test_opinfo_samples(device):
                 if k >= OPINFO_SAMPLES:
                     break
                 for variant in (info.op, info.inplace_variant):
-                    cap = Capture()
                     try:
-                        with cap:
-                            variant(copy(sample.input), *sample.args, **sample.kwargs)
+                        calls = aten_calls(lambda: variant(copy(sample.input), *sample.args, **sample.kwargs))
                     except Exception:
                         continue  # torch refuses this sample (e.g. an in-place type change)
-                    for func, args, kwargs in cap.calls:
+                    for func, args, kwargs in calls:
                         entry = REGISTRY.get(func)
                         if entry is None:
                             continue
