@@ -25,9 +25,14 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_FUSED_BLOCK = 16384
 
 
+# Read once: Triton picks the interpreter when it decorates the kernels (at import), so the
+# mode cannot change afterwards, and an os.environ lookup on every launch showed in host profiles.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreter_mode() -> bool:
-    """True when Triton kernels run through the CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels run through the CPU interpreter (fixed when flag_gems is imported)."""
+    return _INTERPRET
 
 
 def check_tensor(name: str, t, dtypes=FLOAT_DTYPES) -> None:
