@@ -36,7 +36,9 @@ gradient without a weight, devices the kernels do not run on.
 re-checks and raises NotImplementedError for the same reasons.
 
 Defaults: opt-in. A row kernel with the native kernel's bytes (one read, one write; the
-backward reads x, dy and rstd); not in the GPU benchmark yet.
+backward reads x, dy and rstd). On the H100 the forward ran 2.18x / 1.14x native at
+[8, 4096] / [4096, 4096] but costs ~8x native's host time per eager call, and neither entry
+was measured inside a model yet; the backward is not in the GPU benchmark.
 """
 
 from __future__ import annotations
