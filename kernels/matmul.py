@@ -18,11 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check_same_device, check_tensor, device_guard, interpreter_mode
+from ._common import FLOAT_DTYPES, cdiv, check_same_device, check_tensor, device_guard, interpreter_mode
 
 __all__ = ["matmul", "tile_config"]
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_BATCH = 65535  # grid axis 1
 
 

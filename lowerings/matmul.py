@@ -40,14 +40,19 @@ def _operand_reason(t, name: str) -> str | None:
     return row_tensor_reason(t, name, strided=True)  # the kernel takes any strides
 
 
-def _pair_reason(a, b, rank: int) -> str | None:
-    why = _operand_reason(a, "self") or _operand_reason(b, "mat2")
+def _like_reason(t, ref, name: str, ref_name: str) -> str | None:
+    """Why ``t`` cannot be multiplied with ``ref``: another dtype (torch raises) or device."""
+    if t.dtype != ref.dtype:
+        return f"mixed dtypes: {name} {t.dtype}, {ref_name} {ref.dtype} (torch raises)"
+    if t.device != ref.device:
+        return f"{name} on {t.device}, {ref_name} on {ref.device}"
+    return None
+
+
+def _pair_reason(a, b, rank: int, names=("self", "mat2")) -> str | None:
+    why = _operand_reason(a, names[0]) or _operand_reason(b, names[1]) or _like_reason(b, a, names[1], names[0])
     if why is not None:
         return why
-    if a.dtype != b.dtype:
-        return f"mixed dtypes {a.dtype} and {b.dtype} (torch raises)"
-    if a.device != b.device:
-        return f"operands on {a.device} and {b.device}"
     if a.dim() != rank or b.dim() != rank:
         return f"expected two {rank}-D tensors, got {a.dim()}-D and {b.dim()}-D (torch raises)"
     if a.shape[-1] != b.shape[-2]:
@@ -82,13 +87,10 @@ def _supports_bmm(self, mat2):
 
 
 def _supports_addmm(self, mat1, mat2, *, beta=1, alpha=1):
-    why = _pair_reason(mat1, mat2, 2) or _operand_reason(self, "self")
+    why = (_pair_reason(mat1, mat2, 2, ("mat1", "mat2")) or _operand_reason(self, "self")
+           or _like_reason(self, mat1, "self", "mat1"))
     if why is not None:
         return why
-    if self.dtype != mat1.dtype:
-        return f"self dtype {self.dtype} with {mat1.dtype} operands (torch raises)"
-    if self.device != mat1.device:
-        return f"self on {self.device}, operands on {mat1.device}"
     if self.dim() > 2:
         return f"self has {self.dim()} dims (torch raises above 2)"
     out = (mat1.shape[0], mat2.shape[1])

@@ -106,6 +106,8 @@ def test_reasons(device):
     assert "dtype" in reason(aten.mm.default, x.double(), rand(4, 2, device=device).double())
     assert "batch sizes" in reason(aten.bmm.default, rand(2, 3, 4, device=device), rand(3, 4, 2, device=device))
     assert "does not broadcast" in reason(aten.addmm.default, rand(5, device=device), x, rand(4, 2, device=device))
+    assert "mat1 dtype" in reason(aten.addmm.default, rand(2, device=device), x.double(), rand(4, 2, device=device))
+    assert "self" in reason(aten.addmm.default, rand(2, device=device, dtype=torch.float16), x, rand(4, 2, device=device))
     assert "beta of type" in reason(aten.addmm.default, rand(2, device=device), x, rand(4, 2, device=device), beta=1j)
     assert "device" in reason(aten.mm.default, torch.empty(3, 4, device="meta"), torch.empty(4, 2, device="meta"))
     with pytest.raises(NotImplementedError, match="do not multiply"):
