@@ -141,6 +141,15 @@ class GemsCompiler:
             _warn_once(f"fuse:{type(e).__name__}:{e}", "flag_gems: graph passes failed (%s); running the unmodified graph", report.fallback)
             return gm
 
+    def _optional_pass(self, report: GraphReport, what: str, run) -> None:
+        """Run a pass the graph is correct without: strict raises its error, otherwise it is noted and skipped."""
+        try:
+            run()
+        except Exception as e:
+            if self.options.strict:
+                raise
+            report.notes.append(f"{what} skipped: {type(e).__name__}: {e}")
+
     def _graph_compiler(self, report: GraphReport, kind: str):
         from functorch.compile import make_boxed_func
 
@@ -149,20 +158,12 @@ class GemsCompiler:
 
         def compile_graph(gm: fx.GraphModule, example_inputs):
             report.kind = kind if report.kind == "dynamo" else f"{report.kind}+{kind}"
-            try:
-                if self.options.lower_aten:
-                    lower_aten(gm, report, everything=self.options.lower_aten == "all")
-            except Exception as e:
-                if self.options.strict:
-                    raise
-                report.notes.append(f"aten lowering skipped on the {kind} graph: {type(e).__name__}: {e}")
+            if self.options.lower_aten:
+                self._optional_pass(report, f"aten lowering on the {kind} graph",
+                                    lambda: lower_aten(gm, report, everything=self.options.lower_aten == "all"))
             self._dump(report, kind, gm)
-            try:
-                direct_calls(gm)
-            except Exception as e:  # the dispatcher calls stay: slower, still right
-                if self.options.strict:
-                    raise
-                report.notes.append(f"direct calls skipped on the {kind} graph: {type(e).__name__}: {e}")
+            # Skipped, the dispatcher calls stay: slower, still right.
+            self._optional_pass(report, f"direct calls on the {kind} graph", lambda: direct_calls(gm))
             fn = make_boxed_func(gm.forward)
             if self.options.cudagraphs and kind == "inference":
                 fn = self._cudagraphs(gm, fn, report)

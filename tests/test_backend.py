@@ -239,6 +239,33 @@ def test_failing_pass_falls_back_with_one_warning(device, monkeypatch, caplog):
         compile_strict(m)(x, r)
 
 
+@pytest.mark.parametrize("stage", ["lower_aten", "direct_calls"])
+def test_failing_post_autograd_pass_is_noted_and_skipped(stage, device, monkeypatch):
+    # The graph is right without these passes: not strict, the compiled graph runs and the
+    # report says what was skipped; strict raises.
+    import importlib
+
+    module = importlib.import_module(f"flag_gems.passes.{stage}")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"synthetic {stage} failure")
+
+    monkeypatch.setattr(module, stage, boom)
+    m = ResidualBlock(16, "llama").to(device)
+    x, r = rand(2, 16, device=device), rand(2, 16, device=device)
+    with torch.no_grad():
+        report = flag_gems.explain(m, x, r)
+        torch._dynamo.reset()
+        out, _ = torch.compile(m, backend="flag_gems")(x, r)
+    notes = [n for g in report.graphs for n in g.notes]
+    assert any(f"synthetic {stage} failure" in n and "skipped" in n for n in notes), notes
+    assert report.graphs[0].fused  # the fusions before it stand
+    torch.testing.assert_close(out, m(x, r)[0])
+    with pytest.raises(Exception, match=f"synthetic {stage} failure"), torch.no_grad():
+        torch._dynamo.reset()
+        compile_strict(m)(x, r)
+
+
 def test_dump_dir_writes_graphs_and_report(device, tmp_path, monkeypatch):
     monkeypatch.setenv("GEMS_DUMP_DIR", str(tmp_path))
     m = ResidualBlock(16, "gemma").to(device)
