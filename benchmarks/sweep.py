@@ -14,9 +14,11 @@ Usage (GPU)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import sys
+from unittest import mock
 
 import torch
 
@@ -25,20 +27,6 @@ import _bench_utils as bu  # noqa: E402
 
 DTYPE = torch.bfloat16
 MS = [1, 64, 512, 4096, 16384]
-
-
-def _patched(module, name, value):
-    """Context manager: ``module.name = value`` for the block."""
-
-    class _Patch:
-        def __enter__(self):
-            self.old = getattr(module, name)
-            setattr(module, name, value)
-
-        def __exit__(self, *exc):
-            setattr(module, name, self.old)
-
-    return _Patch()
 
 
 def _time(fn):
@@ -99,7 +87,7 @@ def sweep_rms_norm(rows, ms):
         block = mod.row_config(hidden, 2)[0]
         cands = [(block, w) for w in (2, 4, 8, 16, 32) if block // (w * 32) >= 1]
         _sweep(f"add_rms_norm{hidden}", ms, make, cands,
-               lambda cfg: _patched(mod, "row_config", lambda n, e, cfg=cfg: cfg), rows)
+               lambda cfg: mock.patch.object(mod, "row_config", lambda n, e, cfg=cfg: cfg), rows)
 
 
 def sweep_act_and_mul(rows, ms):
@@ -115,7 +103,7 @@ def sweep_act_and_mul(rows, ms):
     cands = [(1, bn, w) for bn, w in itertools.product((512, 1024, 2048, 4096, 8192), (2, 4, 8, 16))
              if bn // (w * 32) >= 4]
     _sweep("silu_and_mul", ms, make, cands,
-           lambda cfg: _patched(mod, "_config", lambda r, c, t, cfg=cfg: cfg), rows)
+           lambda cfg: mock.patch.object(mod, "_config", lambda r, c, t, cfg=cfg: cfg), rows)
 
 
 def sweep_rope(rows, ms):
@@ -134,7 +122,7 @@ def sweep_rope(rows, ms):
     cands = [(bq, bk, 64, 1, w) for bq, bk, w in itertools.product((4, 8, 16, 32), (2, 4, 8), (1, 2, 4, 8))
              if bq >= bk and bq * 64 // (w * 32) >= 2]
     _sweep("rope", ms, make, cands,
-           lambda cfg: _patched(mod, "rope_config", lambda *a, cfg=cfg: cfg), rows)
+           lambda cfg: mock.patch.object(mod, "rope_config", lambda *a, cfg=cfg: cfg), rows)
 
 
 def sweep_pointwise(rows, ms):
@@ -145,17 +133,12 @@ def sweep_pointwise(rows, ms):
         b = torch.randn(m, 4096, device="cuda", dtype=DTYPE)
         return lambda: torch.ops.flag_gems.add_tensor(a, b)
 
-    class patch:
-        def __init__(self, cfg):
-            self.p = _patched(mod, "launch_config", lambda n, cfg=cfg: cfg)
-
-        def __enter__(self):
-            mod._PLANS.clear()
-            self.p.__enter__()
-
-        def __exit__(self, *exc):
-            self.p.__exit__(*exc)
-            mod._PLANS.clear()
+    @contextlib.contextmanager
+    def patch(cfg):  # launch plans are cached: drop them on the way in and out
+        mod._PLANS.clear()
+        with mock.patch.object(mod, "launch_config", lambda n, cfg=cfg: cfg):
+            yield
+        mod._PLANS.clear()
 
     cands = [(bl, w) for bl, w in itertools.product((512, 1024, 2048, 4096, 8192), (2, 4, 8, 16))
              if bl // (w * 32) >= 4]
