@@ -15,12 +15,9 @@ the graph dumps are written before this pass, so they still name the ops.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 from torch import fx
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["direct_calls", "direct_impl"]
 
