@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 import torch._dynamo.testing
-import torch.nn.functional as F  # noqa: F401
 
 import flag_gems
 from flag_gems.backend import GemsCompiler
