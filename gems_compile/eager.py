@@ -471,16 +471,16 @@ def _native_kernel(target: _OpOverload, key: str):
         else:  # e.g. _fused_rms_norm_backward on the CPU: ours is the only kernel there
             native = _NoNative(qualname, key)
         _NATIVE[(target, key)] = native
-        has = torch._C._dispatch_has_kernel_for_dispatch_key
-        own_autograd = has(qualname, "Autograd") or has(qualname, f"Autograd{key}")
-        if has(qualname, "CompositeImplicitAutograd") and not own_autograd:
-            logger.warning(
-                "%s decomposes above the %s key (CompositeImplicitAutograd); its flag_gems kernel "
-                "runs only under torch.inference_mode()",
-                qualname,
-                key,
-            )
     return native
+
+
+def _decomposes_above(target: _OpOverload, key: str) -> bool:
+    """Whether ``target`` is CompositeImplicitAutograd with no autograd kernel of its own
+    (``scaled_dot_product_attention``): it differentiates through the ops it decomposes into."""
+    qualname = target.name()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    own_autograd = has(qualname, "Autograd") or has(qualname, f"Autograd{key}")
+    return has(qualname, "CompositeImplicitAutograd") and not own_autograd
 
 
 def _kernel_for(entry: Lowering, key: str):
@@ -518,6 +518,13 @@ class _Registration:
         self.entry = entry
         self.lib = torch.library.Library("aten", "IMPL")
         self.lib.impl(entry.target, kernel, key)
+        if _decomposes_above(entry.target, key):
+            # A device-key kernel takes the op's Autograd<key> slot from the decomposition;
+            # torch then fills it with its autograd backend fallback, which warns at backward
+            # (deprecated, "may lead to silently incorrect behavior"). A fallthrough instead
+            # reaches our kernel with autograd still on, so a fallback to the differentiable
+            # native composite records its graph as before. supports() refuses inputs needing grad.
+            self.lib.impl(entry.target, torch.library.fallthrough_kernel, f"Autograd{key}")
 
     def destroy(self) -> None:
         self.lib._destroy()

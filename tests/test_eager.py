@@ -667,3 +667,50 @@ def test_op_without_a_native_kernel_on_the_key():
         dx, _ = aten._fused_rms_norm_backward.default(x.float(), x.float(), [8], rstd.float(), None, [True, False])
     ref = torch.func.vjp(lambda t: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6), x)[1](x)[0]
     torch.testing.assert_close(dx.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def _sdpa_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+    # Plain torch (below our kernel, aten calls go native): softmax(q k^T * scale) v.
+    s = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def _needs_grad(q, k, v, *args, **kwargs):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "inputs require grad"
+    return None
+
+
+@pytest.mark.parametrize("mode", ["plain", "no_grad", "inference_mode"])
+def test_composite_implicit_op_is_reached_in_every_mode(table, mode):
+    # scaled_dot_product_attention is CompositeImplicitAutograd (no kernel of its own below autograd).
+    REGISTRY[aten.scaled_dot_product_attention.default] = table.lowering(
+        aten.scaled_dot_product_attention.default, _sdpa_math, _needs_grad, default=False
+    )
+    q, k, v = rand(1, 2, 5, 8), rand(1, 2, 7, 8), rand(1, 2, 7, 8)
+    ctx = {"plain": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    with flag_gems.use_gems(include=["scaled_dot_product_attention"]), ctx():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert table.n("aten.scaled_dot_product_attention.default") == 1
+    ref = torch.softmax(ref64(q) @ ref64(k).transpose(-2, -1) / 8**0.5, -1) @ ref64(v)
+    assert_close(out, ref, torch.float32, tag(f"sdpa[{mode}]", q.shape, q.dtype))
+
+
+def test_composite_implicit_op_with_grad_falls_back_to_the_differentiable_native(table):
+    REGISTRY[aten.scaled_dot_product_attention.default] = table.lowering(
+        aten.scaled_dot_product_attention.default, _sdpa_math, _needs_grad, default=False
+    )
+    q, k, v = (rand(1, 2, 5, 8, requires_grad=True) for _ in range(3))
+    want = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(q, k, v).sum(), (q, k, v))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "autograd kernel was not registered" warning at backward
+        with flag_gems.use_gems(include=["scaled_dot_product_attention"]):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            got = torch.autograd.grad(out.sum(), (q, k, v))
+    assert table.n("aten.scaled_dot_product_attention.default") == 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    # After the block the decomposition is back in the Autograd slot.
+    table_dump = torch._C._dispatch_dump_table("aten::scaled_dot_product_attention")
+    autograd_line = next(l for l in table_dump.splitlines() if l.startswith(f"Autograd{DEVICE.upper()}:"))
+    assert "fallthrough" not in autograd_line
