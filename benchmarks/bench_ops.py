@@ -21,6 +21,7 @@ interpreter) to exercise the script.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -34,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_utils import device_time_us, file_tag, host_time_us, run_meta, wall_time_us, write_rows  # noqa: E402
 
 import flag_gems  # noqa: E402
+from flag_gems.kernels import _launch  # noqa: E402
 from flag_gems.lowerings.registry import REGISTRY  # noqa: E402
 
 aten = torch.ops.aten
@@ -81,7 +83,25 @@ CASES = {
     "addmm.default": (aten.addmm.default, lambda m, n, d: (_t((n,), device=d), _t((m, n), device=d), _t((n, n), device=d))),
     "bmm.default": (aten.bmm.default, lambda m, n, d: (_t((32, min(m, 2048), 128), device=d), _t((32, 128, min(m, 2048)), device=d))),
     "_fused_rms_norm.default": (aten._fused_rms_norm.default, lambda m, n, d: (_t((m, n), device=d), [n], _t((n,), device=d), 1e-6)),
+    # Attention at Llama-3-8B's shapes (32 heads of 128, kv heads already repeated as HF does):
+    # "decode" rows: 8 sequences, 1 query against 1024 keys; "prefill": 1 x 2048, causal, or
+    # with HF's materialized additive causal mask [1, 1, L, L].
+    "sdpa[causal]": (aten.scaled_dot_product_attention.default, lambda m, n, d: _sdpa(m, d, causal=True)),
+    "sdpa[mask]": (aten.scaled_dot_product_attention.default, lambda m, n, d: _sdpa(m, d, causal=False)),
 }
+
+
+def _sdpa(m, device, causal):
+    heads, dim = (32, 128) if m >= 8 else (2, 16)
+    b, lq, lk = (1, 2048, 2048) if m > 8 else (8, 1, 1024) if m == 8 else (1, m, m + 5)
+    q = _t((b, lq, heads, dim), device=device).transpose(1, 2)  # HF's layout: [B, L, H, D] viewed as [B, H, L, D]
+    k = _t((b, lk, heads, dim), device=device).transpose(1, 2)
+    v = _t((b, lk, heads, dim), device=device).transpose(1, 2)
+    if causal and lq > 1:
+        return Call(((q, k, v), {"is_causal": True}))
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
+    mask = torch.zeros(lq, lk, dtype=q.dtype, device=device).masked_fill(~allowed, torch.finfo(q.dtype).min)
+    return Call(((q, k, v), {"attn_mask": mask[None, None]}))
 
 
 def _nbytes(args, out) -> int:
@@ -125,17 +145,31 @@ def bench_ops(args, meta, device) -> list[dict]:
             host_native = host_time_us(lambda: op(*a, **kw), calls=50 if device == "cuda" else 5, batches=3)
             with flag_gems.use_gems(include=[str(op).removeprefix("aten.")]):
                 host_ours = host_time_us(lambda: op(*a, **kw), calls=50 if device == "cuda" else 5, batches=3)
+                with _triton_launch():
+                    host_triton = host_time_us(lambda: op(*a, **kw), calls=50 if device == "cuda" else 5, batches=3)
             for provider, metric, value in (
                 ("native", "device_us", native_us), ("flag_gems", "device_us", ours_us),
                 ("native", "host_us", host_native), ("flag_gems", "host_us", host_ours),
+                ("flag_gems", "host_us_triton_launch", host_triton),
                 ("flag_gems", "first_call_s", first),
                 ("flag_gems", "speed_vs_native", float(native_us) / float(ours_us)),
                 ("flag_gems", "gbps", nbytes / float(ours_us) / 1e3), ("native", "gbps", nbytes / float(native_us) / 1e3),
             ):
                 rows.append(dict(meta, op=name, provider=provider, shape=shape_name, metric=metric, value=float(value)))
             print(f"{name:<24}{shape_name:<20} native {float(native_us):9.2f} us  ours {float(ours_us):9.2f} us  "
-                  f"host {host_native:6.1f} / {host_ours:6.1f} us  first {first:5.2f} s", flush=True)
+                  f"host {host_native:6.1f} / {host_ours:6.1f} us (Triton's launch path {host_triton:6.1f})  "
+                  f"first {first:5.2f} s", flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def _triton_launch():
+    """Every launch through Triton's own Python path (``flag_gems.kernels._launch`` off)."""
+    saved, _launch._ENABLED = _launch._ENABLED, False
+    try:
+        yield
+    finally:
+        _launch._ENABLED = saved
 
 
 def bench_model(args, meta, device) -> list[dict]:
@@ -155,11 +189,15 @@ def bench_model(args, meta, device) -> list[dict]:
                 out = model(ids, use_cache=False).logits.float()
                 first = time.perf_counter() - t0
                 gems_ms = bm.time_ms(lambda: model(ids, use_cache=False), device, args.warmup, args.iters)
+                with _triton_launch():
+                    slow_ms = bm.time_ms(lambda: model(ids, use_cache=False), device, args.warmup, args.iters)
         cos = bm.cosine(out, ref)
         for provider, metric, value in (("eager", "ms", eager_ms), ("use_gems", "ms", gems_ms),
+                                         ("use_gems_triton_launch", "ms", slow_ms),
                                          ("use_gems", "first_call_s", first), ("use_gems", "cosine_vs_eager", cos)):
             rows.append(dict(meta, op="llama_4layer", provider=provider, shape=name, metric=metric, value=value))
-        print(f"model {name:<16} eager {eager_ms:8.3f} ms  use_gems {gems_ms:8.3f} ms ({eager_ms / gems_ms:.2f}x)  "
+        print(f"model {name:<16} eager {eager_ms:8.3f} ms  use_gems {gems_ms:8.3f} ms ({eager_ms / gems_ms:.2f}x; "
+              f"{slow_ms:.3f} ms through Triton's launch path)  "
               f"cosine {cos:.6f}  first call {first:.2f} s", flush=True)
     return rows
 
@@ -169,18 +207,22 @@ def markdown(rows) -> str:
     for r in rows:
         table.setdefault((r["op"], r["shape"]), {})[(r["provider"], r["metric"])] = r["value"]
     lines = [f"GPU: {rows[0]['gpu']} · torch {rows[0]['torch']} · triton {rows[0]['triton']} · {rows[0]['date']} · git {rows[0]['git']}", "",
-             "| op | shape | native µs | ours µs | ours/native speed | native host µs | use_gems host µs | first call s |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| op | shape | native µs | ours µs | ours/native speed | native host µs | use_gems host µs | "
+             "use_gems host µs, Triton's launch | first call s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (op, shape), m in table.items():
         if ("flag_gems", "skipped") in m:
-            lines.append(f"| {op} | {shape} | skipped: {m[('flag_gems', 'skipped')]} | | | | | |")
+            lines.append(f"| {op} | {shape} | skipped: {m[('flag_gems', 'skipped')]} | | | | | | |")
         elif ("native", "device_us") in m:
             lines.append(f"| {op} | {shape} | {m[('native', 'device_us')]:.2f} | {m[('flag_gems', 'device_us')]:.2f} | "
                          f"{m[('flag_gems', 'speed_vs_native')]:.2f}x | {m[('native', 'host_us')]:.1f} | "
-                         f"{m[('flag_gems', 'host_us')]:.1f} | {m[('flag_gems', 'first_call_s')]:.2f} |")
+                         f"{m[('flag_gems', 'host_us')]:.1f} | {m[('flag_gems', 'host_us_triton_launch')]:.1f} | "
+                         f"{m[('flag_gems', 'first_call_s')]:.2f} |")
         elif ("eager", "ms") in m:
             e, g = m[("eager", "ms")], m[("use_gems", "ms")]
+            slow = m[("use_gems_triton_launch", "ms")]
             lines.append(f"| {op} | {shape} | eager {e:.3f} ms | use_gems {g:.3f} ms | {e / g:.2f}x | | | "
+                         f"{slow:.3f} ms | "
                          f"{m[('use_gems', 'first_call_s')]:.2f} (cosine {m[('use_gems', 'cosine_vs_eager')]:.6f}) |")
     return "\n".join(lines)
 

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, check_same_device, check_tensor, device_guard, next_pow2, num_sms
+from ._launch import jit
 
 __all__ = [
     "act_and_mul_fwd",
@@ -115,7 +116,7 @@ def _row_offsets(rows, n_inner, stride_o, stride_i, HAS_OUTER: tl.constexpr):
         return rows * stride_i
 
 
-@triton.jit
+@jit
 def _act_and_mul_fwd_kernel(
     a_ptr,  # [n_outer, n_inner, n_cols] activation input
     b_ptr,  # [n_outer, n_inner, n_cols] multiplier, at column offset b_off of its rows
@@ -147,7 +148,7 @@ def _act_and_mul_fwd_kernel(
     tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _act_and_mul_bwd_kernel(
     dout_ptr,  # [n_outer, n_inner, n_cols] gradient of out
     a_ptr,  # [n_outer, n_inner, n_cols] forward activation input

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, device_guard, next_pow2
+from ._launch import jit
 
 __all__ = [
     "MAX_DIMS",
@@ -67,7 +68,7 @@ def _row_block(n_cols: int) -> int:
 # --------------------------------------------------------------------------- row gather
 
 
-@triton.jit
+@jit
 def _index_select_kernel(
     src_ptr,  # [n_outer, n_src, n_inner] any strides
     idx_ptr,  # [n_idx] int32/int64, stride stride_idx
@@ -172,7 +173,7 @@ def index_select(src: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tens
 # --------------------------------------------------------------------------- gather
 
 
-@triton.jit
+@jit
 def _gather_kernel(
     src_ptr,  # [s0, s1, s2, s3] any strides (dims padded to MAX_DIMS with size 1)
     idx_ptr,  # [i0, i1, i2, i3] int64, any strides
@@ -256,7 +257,7 @@ def gather(src: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- cat
 
 
-@triton.jit
+@jit
 def _copy_2d_kernel(
     src_ptr,  # [n_outer, n_cols] strides (stride_src_o, stride_src_c)
     out_ptr,  # [n_outer, *] row stride stride_out_o, unit column stride
@@ -332,7 +333,7 @@ def cat(tensors, dim: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- cumsum
 
 
-@triton.jit
+@jit
 def _cumsum_kernel(
     x_ptr,  # [n_rows, n_cols] row stride stride_x, unit column stride
     y_ptr,  # [n_rows, n_cols] contiguous
@@ -389,7 +390,7 @@ def cumsum(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
 # --------------------------------------------------------------------------- arange
 
 
-@triton.jit
+@jit
 def _arange_kernel(
     out_ptr,  # [n]
     params_ptr,  # [2] (start, step) in ACC (read only with PARAMS_IN_MEMORY)
@@ -447,7 +448,7 @@ def arange(start, step, n: int, dtype: torch.dtype, device) -> torch.Tensor:
 # --------------------------------------------------------------------------- embedding backward
 
 
-@triton.jit
+@jit
 def _embedding_bwd_kernel(
     grad_ptr,  # [n_tokens, n_cols] row stride stride_g, unit column stride
     sorted_ptr,  # [n_tokens] int64 ids, sorted (stable)

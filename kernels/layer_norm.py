@@ -34,11 +34,12 @@ from ._common import (
     num_sms,
     row_config,
 )
+from ._launch import jit
 
 __all__ = ["layer_norm_fwd", "layer_norm_bwd", "check_layer_norm_args"]
 
 
-@triton.jit
+@jit
 def _layer_norm_fwd_kernel(
     x_ptr,  # [n_rows, n_cols] input, contiguous
     w_ptr,  # [n_cols] weight (unused without HAS_WEIGHT)
@@ -98,7 +99,7 @@ def _layer_norm_fwd_kernel(
     tl.store(rstd_ptr + row, rstd.to(rstd_ptr.dtype.element_ty))
 
 
-@triton.jit
+@jit
 def _layer_norm_bwd_kernel(
     dy_ptr,  # [n_rows, n_cols] gradient of y, contiguous
     x_ptr,  # [n_rows, n_cols] forward input, contiguous

@@ -19,13 +19,14 @@ import triton
 import triton.language as tl
 
 from ._common import FLOAT_DTYPES, cdiv, check_same_device, check_tensor, device_guard, interpreter_mode
+from ._launch import jit
 
 __all__ = ["matmul", "tile_config"]
 
 MAX_BATCH = 65535  # grid axis 1
 
 
-@triton.jit
+@jit
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr,
     M, N, K,

@@ -88,6 +88,7 @@ from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dty
 from triton.language.extra import libdevice
 
 from ._common import device_guard, interpreter_mode
+from ._launch import jit
 
 __all__ = ["CAST_DTYPES", "MAX_DIMS", "OPS", "PointwiseOp", "cast_op", "kernel_cache_info", "kernel_source", "launch_config"]
 
@@ -354,6 +355,19 @@ OPS: dict[str, PointwiseOp] = dict([
     _op("silu_backward", 2,
         "x0 * {div}({one}, {one} + {exp}(-x1)) * ({one} + x1 * ({one} - {div}({one}, {one} + {exp}(-x1))))",
         accepts=_F),
+    # gelu's: x1 is the forward's input. Terms in the order of torch's CUDA kernel: grad * (cdf + x * pdf),
+    # pdf = exp(-x^2 / 2) / sqrt(2 pi); tanh form: 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 k x^2), with
+    # 3 * k multiplied in the computation dtype as torch's constexpr (fp32: one ulp below 0.134145).
+    _op("gelu_backward", 2,
+        "x0 * (0.5 * ({one} + {erf}(x1 * 0.7071067811865476)) + x1 * ({exp}(-0.5 * x1 * x1) * 0.3989422804014327))",
+        accepts=_F),
+    _op("gelu_tanh_backward", 2,
+        "x0 * (0.5 * ({one} + _T) + 0.5 * x1 * ({one} - _T * _T) * (0.7978845608028654 * ({one} + {one} * 3.0 * 0.044715 * (x1 * x1))))"
+        .replace("_T", "{tanh}(0.7978845608028654 * (x1 + 0.044715 * (x1 * x1 * x1)))"),
+        accepts=_F),
+    # native_dropout's: grad (x0) * bool mask (x1) * scale (x2, a scalar in the computation dtype), as torch's
+    # (float)mask * grad * scale; a dropped NaN/inf gradient stays NaN (0 * inf), as in torch.
+    _op("native_dropout_backward", 3, "x1.to(x0.dtype) * x0 * x2", bool_args=(1,), promote=(0,), accepts=_F),
     # torch's gelu: x/2 * (1 + erf(x / sqrt(2))); tanh form with sqrt(2/pi) and 0.044715.
     _op("gelu", 1, "x0 * 0.5 * ({one} + {erf}(x0 * 0.7071067811865476))", accepts=_F),
     _op("gelu_tanh", 1, "0.5 * x0 * ({one} + {tanh}(0.7978845608028654 * (x0 + 0.044715 * (x0 * x0 * x0))))", accepts=_F),
@@ -885,7 +899,7 @@ def _f64_bits(v) -> int:
 _KERNELS: dict = {}
 _KERNELS_LOCK = threading.Lock()
 _NAMESPACE = {
-    "triton": triton, "tl": tl, "libdevice": libdevice, "_maximum": _maximum, "_minimum": _minimum,
+    "triton": triton, "tl": tl, "libdevice": libdevice, "_gems_jit": jit, "_maximum": _maximum, "_minimum": _minimum,
     "_tanh_interp": _tanh_interp, "_pow_interp": _pow_interp, "_div_interp": _div_interp,
     "_upcast_interp": _upcast_interp, "_downcast_interp": _downcast_interp,
     "__name__": __name__ + "_generated",
@@ -974,7 +988,7 @@ def _source(name: str, key) -> str:
     body.append("    mask = offs < n")
     body += [f"    {line}" for line in tile(True)]
 
-    deco = f"@triton.jit(do_not_specialize={dns!r})" if dns else "@triton.jit"
+    deco = f"@_gems_jit(do_not_specialize={dns!r})" if dns else "@_gems_jit"
     lines = [f"# flag_gems pointwise {op_name}: {key!r}", deco, f"def {name}("]
     lines += [f"    {p}" for p in params]
     lines.append("):")

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import FLOAT_DTYPES, MAX_FUSED_BLOCK, cdiv, check_tensor, device_guard, next_pow2, num_sms, row_config
+from ._launch import jit
 
 __all__ = [
     "OP_ALL",
@@ -76,7 +77,7 @@ def tile_config(n_rows: int, n_cols: int, elem_bytes: int, max_block: int = MAX_
 # --------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@jit
 def _reduce_kernel(
     x_ptr,  # [n_rows, n_cols] contiguous input
     out_ptr,  # [n_rows] result (FINAL) or [n_rows, n_splits] fp32 partials
@@ -133,7 +134,7 @@ def _reduce_kernel(
         tl.store(out_ptr + rows * n_splits + split, r, mask=row_mask)
 
 
-@triton.jit
+@jit
 def _max_index_kernel(
     x_ptr,  # [n_rows, n_cols] contiguous input
     values_ptr,  # [n_rows] max per row (x's dtype)
@@ -168,7 +169,7 @@ def _max_index_kernel(
     tl.store(indices_ptr + rows, idx, mask=row_mask)
 
 
-@triton.jit
+@jit
 def _softmax_fwd_kernel(
     x_ptr,  # [n_rows, n_cols] contiguous input
     y_ptr,  # [n_rows, n_cols] contiguous output
@@ -224,7 +225,7 @@ def _softmax_fwd_kernel(
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _softmax_bwd_kernel(
     g_ptr,  # [n_rows, n_cols] contiguous gradient of the output
     y_ptr,  # [n_rows, n_cols] contiguous forward output (log-softmax output when LOG)

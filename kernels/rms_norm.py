@@ -40,11 +40,12 @@ from ._common import (
     num_sms,
     row_config,
 )
+from ._launch import jit
 
 __all__ = ["rms_norm_fwd", "rms_norm_bwd", "check_rms_norm_args"]
 
 
-@triton.jit
+@jit
 def _rms_norm_fwd_kernel(
     x_ptr,  # [n_outer, n_inner, n_cols] input
     r_ptr,  # [n_outer, n_inner, n_cols] residual (unused without HAS_RESIDUAL)
@@ -128,7 +129,7 @@ def _rms_norm_fwd_kernel(
             tl.store(y_row + c, xn.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _rms_norm_bwd_kernel(
     dy_ptr,  # [n_outer, n_inner, n_cols] gradient of y
     x_ptr,  # [n_outer, n_inner, n_cols] normalized input (h when there was a residual)

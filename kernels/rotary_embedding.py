@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, check_same_device, check_tensor, device_guard, next_pow2
+from ._launch import jit
 
 __all__ = [
     "rope_fwd",
@@ -105,7 +106,7 @@ def _rope_heads(
         tl.store(o_rows + p[None, :], v, mask=pmask)
 
 
-@triton.jit
+@jit
 def _rope_kernel(
     q_ptr,  # [n_outer, n_inner, n_q_heads, HEAD_DIM]
     k_ptr,  # [n_outer, n_inner, n_k_heads, HEAD_DIM] (unused when n_k_heads == 0)

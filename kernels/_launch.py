@@ -1,0 +1,191 @@
+"""Kernel launches that skip Triton's per-call Python work once a kernel is compiled.
+
+``kernel[grid](*args, **kwargs)`` on a ``triton.jit`` function binds the arguments,
+specializes each one, builds a cache key from the specialization and the options, looks the
+compiled kernel up, checks the globals the kernel read, and only then launches. For the
+small tensors of decode steps and eager calls that Python work is most of the call.
+:func:`jit` wraps a kernel so that, after Triton's own path has compiled and launched it
+once, later calls with the same specialization go straight to the compiled kernel's
+launcher (a C function)::
+
+    @jit                      # instead of @triton.jit, on kernels launched from Python
+    def _my_kernel(x_ptr, n, BLOCK: tl.constexpr): ...
+
+    _my_kernel[(grid,)](x, n, BLOCK=1024, num_warps=4)   # unchanged call sites
+
+The key is at least as fine as Triton's specialization (``native_specialize_impl``): per
+tensor its dtype and whether its address is 16-byte aligned; per int whether it is 1,
+whether it is a multiple of 16 and whether it needs 32, 64 or unsigned 64 bits; floats,
+bools and None by type; constexpr parameters and launch options (``num_warps`` ...) by
+value. Two calls with one key get one compiled kernel from Triton, so reusing it is what
+Triton would do. Anything else (an argument of another type, ``warmup=True``, a launch
+hook such as proton's, the Triton interpreter) takes Triton's path unchanged, as does every
+call when ``GEMS_FAST_LAUNCH=0`` is set.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+
+import torch
+import triton
+
+from ._common import interpreter_mode
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FastKernel", "fast_launch_enabled", "jit"]
+
+_ENABLED = os.environ.get("GEMS_FAST_LAUNCH", "1") != "0"
+_I32 = (-(2**31), 2**31)
+_I64_MAX = 2**63
+
+
+def _hooks_active() -> bool:
+    """Whether a launch hook is set (proton, a user's): then every launch takes Triton's path.
+
+    Triton 3.4+ keeps a ``HookChain`` there, empty unless a hook was added; older versions a
+    callable or None."""
+    runtime = triton.knobs.runtime
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+def fast_launch_enabled() -> bool:
+    """Whether :func:`jit` kernels may skip Triton's launch path (``GEMS_FAST_LAUNCH`` not 0)."""
+    return _ENABLED
+
+
+class _Unkeyed(Exception):
+    """An argument the key does not describe: take Triton's path."""
+
+
+def _spec(arg):
+    """What Triton's specialization may depend on for one runtime argument."""
+    cls = arg.__class__
+    if cls is int:
+        width = 0 if _I32[0] <= arg < _I32[1] else 1 if arg < _I64_MAX else 2
+        return (arg == 1, arg % 16 == 0, width)
+    if cls is float:
+        return "fp32"  # never specialized
+    if cls is bool or arg is None:
+        return arg
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() & 15 == 0)
+    raise _Unkeyed
+
+
+class FastKernel:
+    """A ``triton.jit`` function whose repeated launches skip Triton's Python launch path.
+
+    Launch it as the JIT function (``kernel[grid](*args, **kwargs)``); every other attribute
+    is the JIT function's.
+
+    Args:
+        fn: the ``triton.jit`` function (a ``JITFunction``).
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._names = tuple(p.name for p in fn.params)
+        self._bind = _make_binder(fn.params)
+        self._compiled: dict = {}  # (device, key) -> (launcher, function, packed metadata)
+        self._device = self._stream = None
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+    def __repr__(self):
+        return f"FastKernel({self.fn!r})"
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+
+    def run(self, *args, grid, warmup, **kwargs):
+        """Launch (Triton's ``JITFunction.run`` contract); returns the compiled kernel, or
+        None after a fast launch."""
+        if warmup or not _ENABLED or _hooks_active():
+            return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs)
+        try:
+            values, key = self._bind(*args, **kwargs)
+            hash(key)
+        except (_Unkeyed, TypeError):  # TypeError: also a missing or doubled argument
+            return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs)
+        if self._device is None:
+            active = triton.runtime.driver.active
+            self._device, self._stream = active.get_current_device, active.get_current_stream
+        device = self._device()
+        launch = self._compiled.get((device, key))
+        if launch is None:
+            kernel = self.fn.run(*args, grid=grid, warmup=False, **kwargs)  # compiles, launches
+            self._remember(device, key, kernel)
+            return kernel
+        if callable(grid):
+            grid = grid(dict(zip(self._names, values)))
+        size = len(grid)
+        run, function, metadata = launch
+        run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, self._stream(device), function,
+            metadata, None, None, None, *values)
+        return None
+
+    def _remember(self, device, key, kernel) -> None:
+        if hasattr(kernel, "result"):  # asynchronous compilation: a future
+            kernel = kernel.result()
+        try:
+            launch = (kernel.run, kernel.function, kernel.packed_metadata)
+        except AttributeError as exc:  # another Triton: keep its path for this kernel
+            logger.debug("%s: no fast launch (%s)", self._names and self.fn, exc)
+            return
+        self._compiled[(device, key)] = launch
+
+
+def _make_binder(params):
+    """``bind(*args, **kwargs) -> (values, key)`` for a kernel's parameters, generated once
+    (plain code, no signature binding per call). ``values``: every parameter in order,
+    defaults filled; ``key``: the specialization key (module docstring); keyword arguments
+    that are no parameter (``num_warps``...) are launch options, keyed by value. A missing or
+    doubled argument raises TypeError, an undescribed one :class:`_Unkeyed`."""
+    names = [p.name for p in params]
+    signature, key, namespace = [], [], {"_gems_spec": _spec, "_GEMS_MISSING": _MISSING}
+    for i, p in enumerate(params):
+        if p.default is inspect.Parameter.empty:
+            signature.append(f"{p.name}=_GEMS_MISSING")
+        else:
+            namespace[f"_gems_default{i}"] = p.default
+            signature.append(f"{p.name}=_gems_default{i}")
+        key.append(p.name if p.is_constexpr else f"_gems_spec({p.name})")
+    src = (
+        f"def bind({', '.join(signature)}, **_gems_options):\n"
+        + "".join(f"    if {p.name} is _GEMS_MISSING: raise TypeError('missing {p.name}')\n" for p in params
+                  if p.default is inspect.Parameter.empty)
+        + f"    return ({', '.join(names)},), ({', '.join(key)}, "
+        + "tuple(sorted(_gems_options.items())) if _gems_options else ())\n"
+    )
+    exec(compile(src, "<flag_gems.kernels._launch binder>", "exec"), namespace)
+    return namespace["bind"]
+
+
+_MISSING = object()
+
+
+def jit(fn=None, **kwargs):
+    """``triton.jit`` for kernels launched from Python, with :class:`FastKernel` launches.
+
+    Used bare (``@jit``) or with ``triton.jit``'s keyword arguments
+    (``@jit(do_not_specialize=["n"])``). In the Triton interpreter it is ``triton.jit``.
+
+    Returns:
+        A :class:`FastKernel` (the interpreter: the ``triton.jit`` result itself).
+    """
+
+    def wrap(f):
+        jitted = triton.jit(f, **kwargs)
+        if interpreter_mode() or not _ENABLED:
+            return jitted
+        return FastKernel(jitted)
+
+    return wrap(fn) if fn is not None else wrap
