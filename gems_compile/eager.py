@@ -14,7 +14,9 @@ where Triton runs in its interpreter, so CI exercises this very path)::
 
 The registration sits below autograd, so aten's derivative formulas still apply and their
 backward ops reach the overridden kernels too. Per call, ``gems_kernel`` asks the entry's
-``supports(*args, **kwargs)``; None runs ``impl``, a reason runs the captured native kernel.
+``supports(*args, **kwargs)``; None runs ``impl``, a reason runs the captured native kernel
+(entries with ``checks_in_impl``, whose ``impl`` refuses by NotImplementedError before any
+side effect, skip ``supports``: the refusal is the reason).
 So an input an entry does not take (dtype, layout, size) costs one Python check, never an
 error or a wrong answer. If ``impl`` itself raises on a non-mutating op, the native kernel
 redoes the call (a warning once per op and error type names the kernel bug); mutating ops
@@ -403,22 +405,7 @@ def _make_kernel(info: _KernelInfo, native, keyset):
                 return _restore_outputs(info, out, args, kwargs) if squeeze else out
         return call_boxed(keyset, *args, **kwargs)
 
-    def gems_kernel(*args, **kwargs):
-        if busy.active:  # an aten call made by our own supports()/impl: native
-            return call_native(args, kwargs)
-        busy.active = True
-        failure = None
-        try:
-            reason = supports(*args, **kwargs)
-            if reason is None:
-                _record(info)
-                return impl(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001  (the native kernel decides: it raises for bad input)
-            if info.mutable:
-                raise
-            failure = exc
-        finally:
-            busy.active = False
+    def fallback(args, kwargs, reason, failure):
         if failure is None:
             _note_once(info, ("fallback", reason), logging.DEBUG, "%s: native kernel (%s)", info.names.display, reason)
             return call_native(args, kwargs)
@@ -435,8 +422,47 @@ def _make_kernel(info: _KernelInfo, native, keyset):
         )
         return out
 
-    gems_kernel.__name__ = gems_kernel.__qualname__ = f"gems_{info.names.display.replace('.', '_')}"
-    return gems_kernel
+    def gems_kernel(*args, **kwargs):
+        if busy.active:  # an aten call made by our own supports()/impl: native
+            return call_native(args, kwargs)
+        busy.active = True
+        reason = failure = None
+        try:
+            reason = supports(*args, **kwargs)
+            if reason is None:
+                _record(info)
+                return impl(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001  (the native kernel decides: it raises for bad input)
+            if info.mutable:
+                raise
+            failure = exc
+        finally:
+            busy.active = False
+        return fallback(args, kwargs, reason, failure)
+
+    def gems_kernel_checked(*args, **kwargs):  # checks_in_impl: the impl's refusal is the reason
+        if busy.active:
+            return call_native(args, kwargs)
+        busy.active = True
+        reason = failure = None
+        try:
+            out = impl(*args, **kwargs)
+        except NotImplementedError as exc:
+            reason = str(exc)
+        except Exception as exc:  # noqa: BLE001
+            if info.mutable:
+                raise
+            failure = exc
+        else:
+            _record(info)
+            return out
+        finally:
+            busy.active = False
+        return fallback(args, kwargs, reason, failure)
+
+    kernel = gems_kernel_checked if info.entry.checks_in_impl else gems_kernel
+    kernel.__name__ = kernel.__qualname__ = f"gems_{info.names.display.replace('.', '_')}"
+    return kernel
 
 
 # --------------------------------------------------------------------------- registration

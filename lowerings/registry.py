@@ -34,6 +34,9 @@ class Lowering:
         in_graphs: whether the compile backend rewrites the aten node in compiled graphs by
             default. False for single pointwise ops: in a graph the native kernel moves the
             same bytes and the Triton launch only adds host time (``lower_aten="all"`` forces it).
+        checks_in_impl: ``impl`` itself raises NotImplementedError, before any side effect,
+            exactly when ``supports`` gives a reason (the generated pointwise entries), so the
+            eager mode calls ``impl`` alone and falls back on that error: one check per call.
     """
 
     target: torch._ops.OpOverload
@@ -43,6 +46,7 @@ class Lowering:
     default: bool
     reason: str
     in_graphs: bool = False
+    checks_in_impl: bool = False
 
 
 REGISTRY: dict = {}
@@ -55,7 +59,14 @@ FALLBACKS: dict = {
 
 
 def register(
-    target, *, kernel: str, supports: Callable[..., str | None], default: bool, reason: str, in_graphs: bool = False
+    target,
+    *,
+    kernel: str,
+    supports: Callable[..., str | None],
+    default: bool,
+    reason: str,
+    in_graphs: bool = False,
+    checks_in_impl: bool = False,
 ):
     """Decorator registering ``impl`` as the lowering of one aten overload.
 
@@ -72,7 +83,7 @@ def register(
         raise ValueError(f"register: {target} is already {'registered' if target in REGISTRY else 'a declared fallback'}")
 
     def deco(impl):
-        REGISTRY[target] = Lowering(target, impl, kernel, supports, default, reason, in_graphs)
+        REGISTRY[target] = Lowering(target, impl, kernel, supports, default, reason, in_graphs, checks_in_impl)
         return impl
 
     return deco

@@ -714,3 +714,31 @@ def test_composite_implicit_op_with_grad_falls_back_to_the_differentiable_native
     table_dump = torch._C._dispatch_dump_table("aten::scaled_dot_product_attention")
     autograd_line = next(l for l in table_dump.splitlines() if l.startswith(f"Autograd{DEVICE.upper()}:"))
     assert "fallthrough" not in autograd_line
+
+
+def test_checks_in_impl_entry_skips_supports_and_falls_back_on_its_refusal(table, caplog):
+    def never_called(*args, **kwargs):
+        raise AssertionError("supports() called for a checks_in_impl entry")
+
+    def impl(self):
+        if not self.is_floating_point():
+            raise NotImplementedError(f"dtype {self.dtype}")
+        if self.dim() == 3:
+            raise RuntimeError("kernel bug")
+        return torch.exp(self)
+
+    entry = dataclasses.replace(table.lowering(aten.exp.default, impl, never_called, default=False), checks_in_impl=True)
+    REGISTRY[aten.exp.default] = entry
+    x, i, bad = rand(4, 5), torch.arange(6), rand(2, 2, 2)
+    with caplog.at_level(logging.DEBUG, logger="flag_gems.eager"), flag_gems.use_gems(include=["exp"]):
+        y, yi, yb = torch.exp(x), torch.exp(i), torch.exp(bad)
+    assert table.n("aten.exp.default") == 3
+    assert_close(y, torch.exp(ref64(x)), torch.float32, tag("exp", x.shape, x.dtype))
+    assert torch.equal(yi, torch.exp(i)) and torch.equal(yb, torch.exp(bad))  # native for both
+    assert any("native kernel (dtype torch.int64)" in r.getMessage() for r in caplog.records)
+    assert any("raised RuntimeError: kernel bug" in r.getMessage() for r in caplog.records)
+
+
+def test_generated_pointwise_entries_check_in_impl():
+    entries = [e for t, e in REGISTRY.items() if e.kernel.startswith("flag_gems.pointwise.")]
+    assert entries and all(e.checks_in_impl for e in entries)
