@@ -318,7 +318,8 @@ def _register_all():
                 fill = target is aten.fill.Scalar
                 impl, supports = _make(target, resolve, _run_fill if fill else _run, _check_fill if fill else _check)
                 kernel = f"flag_gems.pointwise.{target.__name__.split('.')[0].strip('_')}"
-                register(target, kernel=kernel, supports=supports, default=default, reason=reason)(impl)
+                register(target, kernel=kernel, supports=supports, default=default, reason=reason,
+                         checks_in_impl=True)(impl)
                 count += 1
     logger.debug("registered %d pointwise aten overloads", count)
 
