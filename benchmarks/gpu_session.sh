@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_session.sh PARTS
 # PARTS is a comma-separated list of: tests (GPU test suite incl. gpu/slow tests, 8 xdist workers),
 # sweep (launch-heuristic sweep), bench (kernel table, issue 2), model (model table, issue 3),
-# ops (op + model table, issue 4), profile (where the model's time goes), retest (pytest on $RETEST). Each part runs under its own time limit (seconds, overridable
+# ops (op + model table, issue 4), profile (where the model's time goes), hostprof (host time of eager
+# op calls, with a cProfile), retest (pytest on $RETEST). Each part runs under its own time limit (seconds, overridable
 # with e.g. TESTS_S=200) so that the parts chosen for one call end inside the call's 10 minutes.
 set -uo pipefail
 PROFILE_ARGS=${PROFILE_ARGS:-}
@@ -49,6 +50,8 @@ for part in "${list[@]}"; do
            tail -60 "$OUT/ops.log" ;;
     profile) run_part profile "${PROFILE_S:-150}" python3 benchmarks/profile_model.py $PROFILE_ARGS
            grep -vE "^\s+-? *$" "$OUT/profile.log" | tail -120 ;;
+    hostprof) run_part hostprof "${HOSTPROF_S:-60}" python3 benchmarks/host_profile_ops.py
+            grep -E "^== " "$OUT/hostprof.log" ;;
     retest) run_part retest "${RETEST_S:-120}" python3 -m pytest -q -n 8 -p no:cacheprovider --runslow -rfE $RETEST
             tail -15 "$OUT/retest.log" ;;
     *) echo "unknown part: $part"; rc=2 ;;
