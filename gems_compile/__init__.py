@@ -36,6 +36,7 @@ from . import lowerings as _lowerings  # noqa: F401  (registers torch.ops.flag_g
 from .backend import explain, flag_gems_backend
 from .eager import all_registered_ops, disable, enable, only_enable, use_gems
 from .lowerings.act_and_mul import gelu_and_mul, gelu_and_mul_fused, silu_and_mul, silu_and_mul_fused
+from .lowerings.attention import scaled_dot_product_attention
 from .lowerings.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm
 from .lowerings.rotary_embedding import apply_rotary_pos_emb, apply_rotary_pos_emb_hf, rotary_embedding_cache
 
@@ -59,6 +60,7 @@ __all__ = [
     "only_enable",
     "rms_norm",
     "rotary_embedding_cache",
+    "scaled_dot_product_attention",
     "silu_and_mul",
     "silu_and_mul_fused",
     "use_gems",
