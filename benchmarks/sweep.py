@@ -145,7 +145,28 @@ def sweep_pointwise(rows, ms):
     _sweep("add_tensor", ms, make, cands, patch, rows, rel_tol=1e-6)
 
 
-SWEEPS = dict(rms_norm=sweep_rms_norm, act_and_mul=sweep_act_and_mul, rope=sweep_rope, pointwise=sweep_pointwise)
+def sweep_attention(rows, ms):
+    """Flash attention at Llama-3-8B's heads (32 x 128, HF's [B, L, H, D] layout): M = 1 is a decode
+    step of 8 sequences against 1024 keys, any other M a causal prefill of M tokens."""
+    import flag_gems
+    from flag_gems.kernels import attention as mod
+
+    def make(m):
+        b, lq, lk = (8, 1, 1024) if m == 1 else (1, m, m)
+        q, k, v = (torch.randn(b, n, 32, 128, device="cuda", dtype=DTYPE).transpose(1, 2) for n in (lq, lk, lk))
+        return lambda: flag_gems.scaled_dot_product_attention(q, k, v, is_causal=m > 1)
+
+    for m in ms:
+        if m == 1:
+            cands = [(16, bn, w, st) for bn, w, st in itertools.product((64, 128), (4, 8), (2, 3))]
+        else:
+            cands = [(bm, bn, w, st) for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
+        _sweep("attention", [m], make, cands,
+               lambda cfg: mock.patch.object(mod, "attention_config", lambda *a, cfg=cfg: cfg), rows)
+
+
+SWEEPS = dict(rms_norm=sweep_rms_norm, act_and_mul=sweep_act_and_mul, rope=sweep_rope, pointwise=sweep_pointwise,
+              attention=sweep_attention)
 
 
 def main(argv=None):

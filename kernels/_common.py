@@ -90,13 +90,18 @@ def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+_NULL_CONTEXT = contextlib.nullcontext()  # reusable: it holds no state
+
+
 def device_guard(t: torch.Tensor):
     """Context for one launch: makes ``t``'s CUDA device current (no-op when it already is);
     in interpreter mode, holds the lock that serializes interpreted kernels across threads."""
     if t.device.type == "cuda":
-        if t.device.index is not None and t.device.index != torch.cuda.current_device():
+        # torch._C._cuda_getDevice: torch.cuda.current_device() without its lazy-init check
+        # (CUDA is initialized: t lives there); a third of this function's time otherwise.
+        if t.device.index is not None and t.device.index != torch._C._cuda_getDevice():
             return torch.cuda.device(t.device)
-        return contextlib.nullcontext()
+        return _NULL_CONTEXT
     return _INTERPRETER_LOCK
 
 

@@ -110,16 +110,14 @@ class FastKernel:
         None after a fast launch."""
         if warmup or not _ENABLED or _hooks_active():
             return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs)
+        if self._device is None:
+            self._device, self._stream = _current_device_and_stream()
         try:
             values, key = self._bind(*args, **kwargs)
-            hash(key)
-        except (_Unkeyed, TypeError):  # TypeError: also a missing or doubled argument
+            device = self._device()
+            launch = self._compiled.get((device, key))
+        except (_Unkeyed, TypeError):  # TypeError: a missing or doubled argument, an unhashable constexpr
             return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs)
-        if self._device is None:
-            active = triton.runtime.driver.active
-            self._device, self._stream = active.get_current_device, active.get_current_stream
-        device = self._device()
-        launch = self._compiled.get((device, key))
         if launch is None:
             kernel = self.fn.run(*args, grid=grid, warmup=False, **kwargs)  # compiles, launches
             self._remember(device, key, kernel)
@@ -143,6 +141,17 @@ class FastKernel:
         self._compiled[(device, key)] = launch
 
 
+def _current_device_and_stream():
+    """Triton's current-device and current-stream functions; for the device, torch's C call
+    under ``torch.cuda.current_device`` when that is what Triton uses (CUDA is initialized
+    once a kernel ran, which its lazy-init wrapper only re-checks)."""
+    active = triton.runtime.driver.active
+    device = active.get_current_device
+    if device is torch.cuda.current_device and hasattr(torch._C, "_cuda_getDevice"):
+        device = torch._C._cuda_getDevice
+    return device, active.get_current_stream
+
+
 def _make_binder(params):
     """``bind(*args, **kwargs) -> (values, key)`` for a kernel's parameters, generated once
     (plain code, no signature binding per call). ``values``: every parameter in order,
@@ -150,14 +159,18 @@ def _make_binder(params):
     that are no parameter (``num_warps``...) are launch options, keyed by value. A missing or
     doubled argument raises TypeError, an undescribed one :class:`_Unkeyed`."""
     names = [p.name for p in params]
-    signature, key, namespace = [], [], {"_gems_spec": _spec, "_GEMS_MISSING": _MISSING}
+    signature, key, namespace = [], [], {"_gems_spec": _spec, "_GEMS_MISSING": _MISSING, "_gems_Tensor": torch.Tensor}
     for i, p in enumerate(params):
         if p.default is inspect.Parameter.empty:
             signature.append(f"{p.name}=_GEMS_MISSING")
         else:
             namespace[f"_gems_default{i}"] = p.default
             signature.append(f"{p.name}=_gems_default{i}")
-        key.append(p.name if p.is_constexpr else f"_gems_spec({p.name})")
+        if p.is_constexpr:
+            key.append(p.name)
+        else:  # _spec, with a plain tensor's case inline (most arguments)
+            key.append(f"(({p.name}.dtype, {p.name}.data_ptr() & 15 == 0) if {p.name}.__class__ is _gems_Tensor "
+                       f"else _gems_spec({p.name}))")
     src = (
         f"def bind({', '.join(signature)}, **_gems_options):\n"
         + "".join(f"    if {p.name} is _GEMS_MISSING: raise TypeError('missing {p.name}')\n" for p in params

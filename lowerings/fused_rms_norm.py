@@ -202,11 +202,12 @@ def _fused_rms_norm_backward(grad_out, input, normalized_shape, rstd, weight, ou
 _targets = []
 if hasattr(aten, "_fused_rms_norm"):
     register(aten._fused_rms_norm.default, kernel="flag_gems.rms_norm.fwd", supports=_supports_fused_rms_norm,
-             default=False, reason=FWD_REASON)(_fused_rms_norm)
+             default=False, reason=FWD_REASON, checks_in_impl=True)(_fused_rms_norm)
     _targets.append(aten._fused_rms_norm.default)
 if hasattr(aten, "_fused_rms_norm_backward"):  # torch >= 2.9
     register(aten._fused_rms_norm_backward.default, kernel="flag_gems.rms_norm.bwd",
-             supports=_supports_fused_rms_norm_backward, default=False, reason=DEFAULT_REASON)(_fused_rms_norm_backward)
+             supports=_supports_fused_rms_norm_backward, default=False, reason=DEFAULT_REASON,
+             checks_in_impl=True)(_fused_rms_norm_backward)
     _targets.append(aten._fused_rms_norm_backward.default)
 
 TARGETS = tuple(_targets)

@@ -108,7 +108,7 @@ def _supports_native_layer_norm(input, normalized_shape, weight, bias, eps):
     )
 
 
-@register(aten.native_layer_norm.default, kernel="flag_gems.layer_norm.fwd", supports=_supports_native_layer_norm,
+@register(aten.native_layer_norm.default, checks_in_impl=True, kernel="flag_gems.layer_norm.fwd", supports=_supports_native_layer_norm,
           default=False, reason=DEFAULT_REASON)
 def native_layer_norm(input, normalized_shape, weight, bias, eps):
     """``aten::native_layer_norm``: ``(out, mean, rstd)`` over the trailing normalized dims."""
@@ -157,7 +157,7 @@ def _supports_native_layer_norm_backward(grad_out, input, normalized_shape, mean
     return None
 
 
-@register(aten.native_layer_norm_backward.default, kernel="flag_gems.layer_norm.bwd",
+@register(aten.native_layer_norm_backward.default, checks_in_impl=True, kernel="flag_gems.layer_norm.bwd",
           supports=_supports_native_layer_norm_backward, default=False, reason=DEFAULT_REASON)
 def native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask):
     """``aten::native_layer_norm_backward``: ``(dx, dw, db)``, None where ``output_mask`` is False."""

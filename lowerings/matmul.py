@@ -100,21 +100,21 @@ def _supports_addmm(self, mat1, mat2, *, beta=1, alpha=1):
     return _scalar_reason("beta", beta) or _scalar_reason("alpha", alpha)
 
 
-@register(aten.mm.default, kernel="flag_gems.matmul", supports=_supports_mm, default=False, reason=REASON)
+@register(aten.mm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_mm, default=False, reason=REASON)
 def mm(self, mat2):
     """``aten::mm``: ``self [M, K] @ mat2 [K, N]``."""
     _refuse(_supports_mm(self, mat2))
     return km.matmul(self, mat2)
 
 
-@register(aten.bmm.default, kernel="flag_gems.matmul", supports=_supports_bmm, default=False, reason=REASON)
+@register(aten.bmm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_bmm, default=False, reason=REASON)
 def bmm(self, mat2):
     """``aten::bmm``: ``self [B, M, K] @ mat2 [B, K, N]``."""
     _refuse(_supports_bmm(self, mat2))
     return km.matmul(self, mat2)
 
 
-@register(aten.addmm.default, kernel="flag_gems.matmul", supports=_supports_addmm, default=False, reason=REASON)
+@register(aten.addmm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_addmm, default=False, reason=REASON)
 def addmm(self, mat1, mat2, *, beta=1, alpha=1):
     """``aten::addmm``: ``beta * self + alpha * (mat1 @ mat2)``; ``self`` is ignored when ``beta == 0``."""
     _refuse(_supports_addmm(self, mat1, mat2, beta=beta, alpha=alpha))

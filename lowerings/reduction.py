@@ -17,7 +17,8 @@ native kernel: other dim sets, a non-contiguous input, integer sums, ``float64``
 ``half_to_float`` with a non-fp16 input, devices the kernels do not run on.
 
 ``supports`` reads metadata only (dtype, shape, contiguity, device), so it works on
-FakeTensors; ``impl`` re-checks and raises NotImplementedError exactly for those reasons.
+FakeTensors; ``impl`` re-checks and raises NotImplementedError exactly for those reasons
+(``checks_in_impl``: the eager mode calls ``impl`` alone).
 
 Defaults: every entry is on by default. A last-dim reduction or softmax reads its input
 once (softmax: once more for long rows) and writes one result, as the native kernels do,
@@ -111,17 +112,21 @@ def _refuse(reason: str | None) -> None:
 # --------------------------------------------------------------------------- sum / mean
 
 
+def _sum_plan(self, dim, dtype) -> tuple[int, list[int]] | str:
+    """``(n_cols, reduced dims)`` (see :func:`_trailing`), or the reason the kernels refuse."""
+    return _input_reason(self) or _sum_dtype_reason(self, dtype) or _trailing(self, dim)
+
+
 def _sum_reason(self, dim, keepdim=False, dtype=None) -> str | None:
-    why = _input_reason(self) or _sum_dtype_reason(self, dtype)
-    if why is not None:
-        return why
-    t = _trailing(self, dim)
+    t = _sum_plan(self, dim, dtype)
     return t if isinstance(t, str) else None
 
 
 def _sum(self, dim, keepdim, dtype, mean):
-    _refuse(_sum_reason(self, dim, keepdim, dtype))
-    n_cols, dims = _trailing(self, dim)
+    t = _sum_plan(self, dim, dtype)
+    if isinstance(t, str):
+        _refuse(t)
+    n_cols, dims = t
     shape = _out_shape(self, dims, keepdim)
     if n_cols == 0:  # empty rows: 0 for a sum, NaN for a mean, as torch
         return torch.full(shape, float("nan") if mean else 0.0, dtype=dtype or self.dtype, device=self.device)
@@ -132,7 +137,7 @@ def _supports_sum_dim(self, dim, keepdim=False, *, dtype=None):
     return _sum_reason(self, dim, keepdim, dtype)
 
 
-@register(aten.sum.dim_IntList, kernel="flag_gems.reduction.sum", supports=_supports_sum_dim, default=False,
+@register(aten.sum.dim_IntList, checks_in_impl=True, kernel="flag_gems.reduction.sum", supports=_supports_sum_dim, default=False,
           reason=_MEASURED + "2.17x / 0.87x; opt-in (include=...) until the large-row tile is tuned")
 def sum_dim_IntList(self, dim, keepdim=False, *, dtype=None):  # noqa: N802  (the overload's name)
     """``aten::sum.dim_IntList`` over the trailing dims of a contiguous float tensor."""
@@ -143,7 +148,7 @@ def _supports_sum(self, *, dtype=None):
     return _sum_reason(self, None, False, dtype)
 
 
-@register(aten.sum.default, kernel="flag_gems.reduction.sum", supports=_supports_sum, default=False,
+@register(aten.sum.default, checks_in_impl=True, kernel="flag_gems.reduction.sum", supports=_supports_sum, default=False,
           reason=DEFAULT_REASON + "; one row split across programs, partials reduced by a second launch")
 def sum_default(self, *, dtype=None):
     """``aten::sum`` of every element of a contiguous float tensor."""
@@ -154,7 +159,7 @@ def _supports_mean_dim(self, dim, keepdim=False, *, dtype=None):
     return _sum_reason(self, dim, keepdim, dtype)
 
 
-@register(aten.mean.dim, kernel="flag_gems.reduction.mean", supports=_supports_mean_dim, default=True,
+@register(aten.mean.dim, checks_in_impl=True, kernel="flag_gems.reduction.mean", supports=_supports_mean_dim, default=True,
           reason=_MEASURED + "2.86x / 1.19x")
 def mean_dim(self, dim, keepdim=False, *, dtype=None):
     """``aten::mean.dim`` over the trailing dims of a contiguous float tensor."""
@@ -180,7 +185,7 @@ def _supports_amax(self, dim=(), keepdim=False):
     return _max_reason(self, dim)
 
 
-@register(aten.amax.default, kernel="flag_gems.reduction.amax", supports=_supports_amax, default=False,
+@register(aten.amax.default, checks_in_impl=True, kernel="flag_gems.reduction.amax", supports=_supports_amax, default=False,
           reason=_MEASURED + "2.77x / 0.65x; opt-in (include=...) until the large-row tile is tuned")
 def amax_default(self, dim=(), keepdim=False):
     """``aten::amax`` over the trailing dims (NaN propagates, as torch)."""
@@ -195,7 +200,7 @@ def _supports_max_dim(self, dim, keepdim=False):
     return _max_reason(self, dim)
 
 
-@register(aten.max.dim, kernel="flag_gems.reduction.max", supports=_supports_max_dim, default=False,
+@register(aten.max.dim, checks_in_impl=True, kernel="flag_gems.reduction.max", supports=_supports_max_dim, default=False,
           reason=DEFAULT_REASON + "; values and int64 indices in one pass")
 def max_dim(self, dim, keepdim=False):
     """``aten::max.dim`` over the last dim: (values, indices); the first NaN, else the first maximum."""
@@ -213,7 +218,7 @@ def _supports_all(self):
     return _input_reason(self, kr.ALL_DTYPES)
 
 
-@register(aten.all.default, kernel="flag_gems.reduction.all", supports=_supports_all, default=False,
+@register(aten.all.default, checks_in_impl=True, kernel="flag_gems.reduction.all", supports=_supports_all, default=False,
           reason=DEFAULT_REASON)
 def all_default(self):
     """``aten::all`` of a contiguous bool/integer/float tensor (bool result)."""
@@ -233,7 +238,7 @@ def _supports_all_dim(self, dim, keepdim=False):
     return t if isinstance(t, str) else None
 
 
-@register(aten.all.dim, kernel="flag_gems.reduction.all", supports=_supports_all_dim, default=False,
+@register(aten.all.dim, checks_in_impl=True, kernel="flag_gems.reduction.all", supports=_supports_all_dim, default=False,
           reason=DEFAULT_REASON)
 def all_dim(self, dim, keepdim=False):
     """``aten::all.dim`` over the last dim (bool result)."""
@@ -271,7 +276,7 @@ def _supports_softmax(self, dim, half_to_float):
     return _softmax_reason(self, dim, half_to_float)
 
 
-@register(aten._softmax.default, kernel="flag_gems.reduction.softmax", supports=_supports_softmax, default=True,
+@register(aten._softmax.default, checks_in_impl=True, kernel="flag_gems.reduction.softmax", supports=_supports_softmax, default=True,
           reason=_MEASURED + "1.49x / 2.26x; one read of rows up to 16384 elements, two above")
 def _softmax_default(self, dim, half_to_float):
     """``aten::_softmax`` over the last dim (max-subtracted, fp32; half_to_float gives fp32)."""
@@ -282,7 +287,7 @@ def _supports_log_softmax(self, dim, half_to_float):
     return _softmax_reason(self, dim, half_to_float)
 
 
-@register(aten._log_softmax.default, kernel="flag_gems.reduction.log_softmax", supports=_supports_log_softmax,
+@register(aten._log_softmax.default, checks_in_impl=True, kernel="flag_gems.reduction.log_softmax", supports=_supports_log_softmax,
           default=True, reason=_MEASURED + "1.20x / 1.23x; one read of rows up to 16384 elements, two above")
 def _log_softmax_default(self, dim, half_to_float):
     """``aten::_log_softmax`` over the last dim (max-subtracted, fp32)."""
@@ -311,7 +316,7 @@ def _supports_softmax_bwd(grad_output, output, dim, input_dtype):
     return _softmax_bwd_reason(grad_output, output, dim, input_dtype)
 
 
-@register(aten._softmax_backward_data.default, kernel="flag_gems.reduction.softmax_backward",
+@register(aten._softmax_backward_data.default, checks_in_impl=True, kernel="flag_gems.reduction.softmax_backward",
           supports=_supports_softmax_bwd, default=False, reason=DEFAULT_REASON)
 def _softmax_backward_data_default(grad_output, output, dim, input_dtype):
     """``aten::_softmax_backward_data``: ``output * (grad_output - sum(grad_output * output))``."""
@@ -319,7 +324,7 @@ def _softmax_backward_data_default(grad_output, output, dim, input_dtype):
     return kr.softmax_bwd(grad_output, output, log=False, out_dtype=input_dtype)
 
 
-@register(aten._log_softmax_backward_data.default, kernel="flag_gems.reduction.log_softmax_backward",
+@register(aten._log_softmax_backward_data.default, checks_in_impl=True, kernel="flag_gems.reduction.log_softmax_backward",
           supports=_supports_softmax_bwd, default=False, reason=DEFAULT_REASON)
 def _log_softmax_backward_data_default(grad_output, output, dim, input_dtype):
     """``aten::_log_softmax_backward_data``: ``grad_output - exp(output) * sum(grad_output)``."""
