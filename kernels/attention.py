@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, check_same_device, check_tensor, device_guard, interpreter_mode, next_pow2
+from ._launch import jit
 
 __all__ = ["flash_attention", "attention_config", "check_attention_args", "MAX_HEAD_DIM", "MAX_GRID_DIM", "broadcasts"]
 
@@ -140,7 +141,7 @@ def _attn_block(
     return acc, l_i, m_i, k_ptrs, v_ptrs, mask_ptrs
 
 
-@triton.jit
+@jit
 def _attn_fwd_kernel(
     q_ptr,  # [B, Hq, L, D]
     k_ptr,  # [B, Hkv, S, D]

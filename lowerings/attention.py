@@ -112,7 +112,7 @@ def _supports(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 
 
 @register(aten.scaled_dot_product_attention.default, kernel="flag_gems.attention.flash", supports=_supports,
-          default=False, reason=REASON)
+          default=False, reason=REASON, checks_in_impl=True)
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
     """``aten::scaled_dot_product_attention`` (forward, no dropout) through the flash kernel."""
     why = _supports(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)

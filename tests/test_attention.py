@@ -356,3 +356,29 @@ def test_over_2_31_elements_gpu():
     for rows in (slice(0, 200), slice(n_q - 200, n_q)):
         want = _native_fp32(q[:, :, rows], k, v)
         assert_close(out[:, :, rows], want.double(), torch.bfloat16, tag("sdpa > 2**31", q.shape, torch.bfloat16))
+
+
+# --------------------------------------------------------------------------- eager dispatcher mode
+
+
+def test_use_gems_runs_the_kernel_and_leaves_grads_to_the_native_composite(tmp_path):
+    # sdpa is CompositeImplicitAutograd: the eager mode reaches our kernel in every grad mode, and
+    # a call needing grads falls back to torch's composite, which records its autograd graph.
+    q, k, v = (rand(1, 2, n, 16, device=DEVICE) for n in (5, 7, 7))
+    log = tmp_path / "ops.log"
+    qg = q.clone().requires_grad_()
+    want_grad = torch.autograd.grad(F.scaled_dot_product_attention(qg, k, v).square().sum(), qg)[0]
+    try:
+        with flag_gems.use_gems(include=["scaled_dot_product_attention"], record=True, path=str(log)):
+            out = F.scaled_dot_product_attention(q, k, v)
+            with torch.no_grad():
+                out_ng = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            got_grad = torch.autograd.grad(F.scaled_dot_product_attention(qg, k, v).square().sum(), qg)[0]
+    finally:
+        flag_gems.disable()
+    lines = log.read_text().splitlines()
+    assert lines == ["[DEBUG] flag_gems.ops.scaled_dot_product_attention: GEMS SCALED_DOT_PRODUCT_ATTENTION"] * 2, lines
+    assert_close(out, ref_attention(ref64(q), ref64(k), ref64(v)), q.dtype, tag("sdpa use_gems", q.shape, q.dtype))
+    assert_close(out_ng, ref_attention(ref64(q), ref64(k), ref64(v), is_causal=True), q.dtype,
+                 tag("sdpa use_gems causal", q.shape, q.dtype))
+    torch.testing.assert_close(got_grad, want_grad)
