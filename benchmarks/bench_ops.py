@@ -196,6 +196,15 @@ def bench_model(args, meta, device) -> list[dict]:
                                          ("use_gems_triton_launch", "ms", slow_ms),
                                          ("use_gems", "first_call_s", first), ("use_gems", "cosine_vs_eager", cos)):
             rows.append(dict(meta, op="llama_4layer", provider=provider, shape=name, metric=metric, value=value))
+        if name.startswith("decode"):  # which default entry costs what (decode is host-bound)
+            with torch.no_grad():
+                for target in sorted((t for t, e in REGISTRY.items() if e.default), key=str):
+                    op_name = str(target).removeprefix("aten.")
+                    with flag_gems.use_gems(include=[op_name]):
+                        ms = bm.time_ms(lambda: model(ids, use_cache=False), device, args.warmup, args.iters)
+                    rows.append(dict(meta, op="llama_4layer", provider=f"use_gems[{op_name}]", shape=name,
+                                     metric="ms", value=ms))
+                    print(f"model {name:<16} use_gems(include=[{op_name!r}]) {ms:8.3f} ms", flush=True)
         print(f"model {name:<16} eager {eager_ms:8.3f} ms  use_gems {gems_ms:8.3f} ms ({eager_ms / gems_ms:.2f}x; "
               f"{slow_ms:.3f} ms through Triton's launch path)  "
               f"cosine {cos:.6f}  first call {first:.2f} s", flush=True)
