@@ -368,6 +368,8 @@ OPS: dict[str, PointwiseOp] = dict([
     # native_dropout's: grad (x0) * bool mask (x1) * scale (x2, a scalar in the computation dtype), as torch's
     # (float)mask * grad * scale; a dropped NaN/inf gradient stays NaN (0 * inf), as in torch.
     _op("native_dropout_backward", 3, "x1.to(x0.dtype) * x0 * x2", bool_args=(1,), promote=(0,), accepts=_F),
+    # Attention-mask construction (bool masks; integers too, as torch): bool is computed in int32.
+    _op("bitwise_and", 2, "x0 & x1", accepts=frozenset({"int", "bool"})),
     # torch's gelu: x/2 * (1 + erf(x / sqrt(2))); tanh form with sqrt(2/pi) and 0.044715.
     _op("gelu", 1, "x0 * 0.5 * ({one} + {erf}(x0 * 0.7071067811865476))", accepts=_F),
     _op("gelu_tanh", 1, "0.5 * x0 * ({one} + {tanh}(0.7978845608028654 * (x0 + 0.044715 * (x0 * x0 * x0))))", accepts=_F),

@@ -22,7 +22,13 @@ fall back to PyTorch; ``impl`` raises NotImplementedError for exactly those, bef
 
 ``_to_copy`` (``x.to(dtype)``, ``.float()``, a same-device copy) resolves to
 :func:`~flag_gems.kernels.pointwise.cast_op` for its dtype and memory format; a device move,
-a pinned or non-strided output, or an unsupported dtype is a reason.
+a pinned or non-strided output, or an unsupported dtype is a reason. ``clone`` is the same cast
+without a dtype; ``copy_`` casts ``src`` to ``self``'s dtype and writes it through ``self``'s
+strides (``src`` broadcast to ``self``'s shape; another device, a partial overlap or a shape
+that does not broadcast is a reason, and torch's own copy raises or copies); ``zero_`` is
+``fill_(0)``. With the backward entries (``gelu_backward``, ``native_dropout_backward``, and
+tanh/sigmoid/silu's) these serve the copies and backward ops of a training step
+(``benchmarks/training_ops.py`` lists them per model).
 
 Defaults: :data:`DEFAULTS` is the one decision table, set from the H100 ops table: only
 ``masked_fill`` (1.8-2.0x native) is on by default; every other family is opt-in
@@ -74,6 +80,13 @@ DEFAULTS: dict[str, tuple[bool, str]] = {
     "sigmoid": (False, _OPT_IN),
     "silu": (False, _OPT_IN + "; fused with its mul (act_and_mul) where a pattern matches"),
     "activation_backward": (False, _UNMEASURED + "; tanh/sigmoid/silu backward of a training step"),
+    "gelu_backward": (False, _UNMEASURED + "; BERT's and Gemma's MLP backward (approximate none / tanh, torch's "
+                                           "CUDA formulas)"),
+    "dropout_backward": (False, _UNMEASURED + "; the backward of native_dropout (CUDA dropout in training)"),
+    "copy": (False, _UNMEASURED + "; clone / copy_ on the cast kernel (_to_copy's), the copies under "
+                                  ".contiguous(), slice_backward and constant_pad_nd"),
+    "zero": (False, _UNMEASURED + "; zero_ as fill_(0), under zeros / slice_backward"),
+    "bitwise_and": (False, _UNMEASURED + "; attention-mask construction (bool masks of Mistral and BERT)"),
     "gelu": (False, "measured on H100: 0.95x native at [4096, 4096]; opt-in (include=...)"),
     "pow": (False, _OPT_IN + "; exponents 0, 1, 2, 3, +-0.5, -1, -2 specialized as in torch"),
     "maximum": (False, _UNMEASURED),
@@ -161,6 +174,34 @@ def _fill(self, value):
     return OPS["fill"], (value,)
 
 
+def _zero_(self):
+    return OPS["fill"], (0,)
+
+
+def _gelu_backward(grad_output, self, approximate="none"):
+    if approximate == "none":
+        return OPS["gelu_backward"], (grad_output, self)
+    if approximate == "tanh":
+        return OPS["gelu_tanh_backward"], (grad_output, self)
+    return f"gelu_backward approximate={approximate!r}"
+
+
+def _native_dropout_backward(grad_output, mask, scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float) + _SYM):
+        return f"scale of type {type(scale).__name__}"
+    if isinstance(grad_output, torch.Tensor) and isinstance(mask, torch.Tensor):
+        # torch's result has grad_output's shape; a mask that would broadcast it larger is left to torch
+        if _symbolic(grad_output, mask):
+            return "symbolic sizes (the mask's shape cannot be compared without a guard)"
+        if mask.shape != grad_output.shape:
+            return f"mask shape {list(mask.shape)} differs from grad_output's {list(grad_output.shape)}"
+    return OPS["native_dropout_backward"], (grad_output, mask, scale)
+
+
+def _symbolic(*tensors) -> bool:
+    return any(isinstance(s, torch.SymInt) for t in tensors for s in t.shape)
+
+
 # Casts whose GPU rounding differs from torch's (see _to_copy): sources wider than fp32's
 # 24-bit significand, to 16-bit floats.
 _WIDE_SOURCES = (torch.int32, torch.int64, torch.float64)
@@ -200,6 +241,38 @@ def _to_copy(self, dtype=None, layout=None, device=None, pin_memory=None, non_bl
     return cast_op(self.dtype if dtype is None else dtype, fmt), (self,)
 
 
+def _clone(self, memory_format=None):
+    # clone is _to_copy without a dtype: the same output layout rule (preserve_format: self's strides
+    # when non-overlapping and dense, else a dense layout in its dim order).
+    return _to_copy(self, memory_format=memory_format)
+
+
+def _copy_(self, src, non_blocking=False):
+    # src cast to self's dtype (as _to_copy casts), broadcast to self's shape, written through self's strides.
+    if not isinstance(self, torch.Tensor) or not isinstance(src, torch.Tensor):
+        return "self and src must be tensors"
+    if self.layout != torch.strided:
+        return f"self has layout {self.layout} (expected torch.strided)"
+    if src.device != self.device:
+        return f"src on {src.device}, self on {self.device}: a copy across devices"
+    if self.is_neg() or self.is_conj():
+        return "self is a negative/conjugate view (its bit is not applied by the kernel)"
+    for name, t in (("self", self), ("src", src)):
+        if t.dtype not in CAST_DTYPES:
+            return f"{name}: dtype {t.dtype} is not supported"
+    r = _to_copy(src, dtype=self.dtype)
+    if r.__class__ is str:
+        return r
+    if _symbolic(self, src):
+        return "symbolic sizes (an in-place copy plans with concrete shapes)"
+    if src.shape != self.shape:
+        try:
+            src = src.expand(self.shape)
+        except RuntimeError:
+            return f"src shape {list(src.shape)} does not broadcast to self's {list(self.shape)}"
+    return r[0], (src,)
+
+
 def _same_device(device: torch.device, current: torch.device) -> bool:
     if device.type != current.type:
         return False
@@ -235,6 +308,13 @@ OVERLOADS: dict[str, tuple] = {
         (_binary(OPS["sigmoid_backward"]), [aten.sigmoid_backward.default]),
         (_binary(OPS["silu_backward"]), [aten.silu_backward.default]),
     ],
+    "gelu_backward": (_gelu_backward, [aten.gelu_backward.default]),
+    "dropout_backward": (_native_dropout_backward, [aten.native_dropout_backward.default]),
+    "copy": [(_clone, [aten.clone.default]), (_copy_, [aten.copy_.default])],
+    "zero": (_zero_, [aten.zero_.default]),
+    "bitwise_and": (_binary(OPS["bitwise_and"]), [aten.bitwise_and.Tensor, aten.bitwise_and.Scalar, aten.bitwise_and_.Tensor,
+                                                  aten.bitwise_and_.Scalar, aten.bitwise_and.Tensor_out,
+                                                  aten.bitwise_and.Scalar_out]),
 }
 for _name in ("neg", "abs", "reciprocal", "exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "silu"):
     OVERLOADS[_name] = (_unary(OPS[_name]), [getattr(aten, _name).default, getattr(aten, _name + "_").default,

@@ -487,8 +487,9 @@ def _example_args(target, fake_mode):
             kwargs["out"] = torch.empty(3, 4, dtype=dtype)
             continue
         if t.startswith("Tensor"):
-            v = torch.empty(3, 4, dtype=torch.bool) if a.name in ("condition", "mask") else torch.empty(3, 4)
-        elif t == "number":  # Scalar
+            boolean, integral = a.name in ("condition", "mask"), name.startswith("bitwise")  # bitwise: no floats
+            v = torch.empty(3, 4, dtype=torch.bool if boolean else torch.int64 if integral else torch.float32)
+        elif t in ("number", "float"):  # Scalar, or a float (native_dropout_backward's scale)
             v = 2
         elif a.has_default_value():
             continue
