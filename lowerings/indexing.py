@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from ..kernels import indexing as K
 from ..kernels._common import interpreter_mode
@@ -218,7 +219,7 @@ def _cat_supports(tensors, dim=0):
             return "a legacy 1-D empty input (torch skips it)"
         if t.dim() != first.dim():
             return f"inputs of {first.dim()} and {t.dim()} dims"
-        if t.dim() in (4, 5) and t.suggest_memory_format() != torch.contiguous_format:
+        if t.dim() in (4, 5) and suggest_memory_format(t) != torch.contiguous_format:
             return "channels-last inputs (torch keeps that layout)"
     if first.dim() == 0:
         return "0-d inputs"

@@ -78,7 +78,7 @@ def _forward_supports(self, target, weight, reduction, ignore_index):
 
 
 @register(aten.nll_loss_forward.default, kernel="flag_gems.loss.nll_loss_forward", supports=_forward_supports,
-          default=False, reason=DEFAULT_REASON)
+          default=False, reason=DEFAULT_REASON, checks_in_impl=True)
 def nll_loss_forward(self, target, weight, reduction, ignore_index):
     """``aten::nll_loss_forward`` for 2-d input without class weights: ``(output, total_weight)``.
 
@@ -119,7 +119,7 @@ def _backward_supports(grad_output, self, target, weight, reduction, ignore_inde
 
 
 @register(aten.nll_loss_backward.default, kernel="flag_gems.loss.nll_loss_backward", supports=_backward_supports,
-          default=False, reason=DEFAULT_REASON)
+          default=False, reason=DEFAULT_REASON, checks_in_impl=True)
 def nll_loss_backward(grad_output, self, target, weight, reduction, ignore_index, total_weight):
     """``aten::nll_loss_backward`` for 2-d input without class weights: the contiguous gradient of ``self``.
 

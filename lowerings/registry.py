@@ -55,7 +55,13 @@ REGISTRY: dict = {}
 FALLBACKS: dict = {
     aten._scaled_dot_product_flash_attention.default: "native flash attention",
     aten._scaled_dot_product_efficient_attention.default: "native memory-efficient attention",
+    aten._scaled_dot_product_flash_attention_backward.default: "native flash attention (training: backward)",
+    aten._scaled_dot_product_efficient_attention_backward.default: "native memory-efficient attention (backward)",
+    aten.native_dropout.default: "random draws: the native RNG stream, so seeded runs reproduce",
 }
+for _name in ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward"):
+    if hasattr(aten, _name):  # cuDNN attention (torch >= 2.5)
+        FALLBACKS[getattr(aten, _name).default] = "native cuDNN attention" + (" (backward)" if "backward" in _name else "")
 
 
 def register(

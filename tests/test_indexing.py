@@ -172,6 +172,17 @@ def test_cat_non_contiguous_inputs(device):
         same(run(aten.cat.default, xs, dim), torch.cat(xs, dim), tag("cat[strided]", xs[0].shape, a.dtype))
 
 
+def test_cat_4d_and_5d_inputs(device):
+    # Llama's rotate_half: cat of two [B, H, L, D/2] halves on the last dim; channels-last is refused
+    # (torch keeps that layout for its output).
+    a, b = rand(2, 3, 4, 5, device=device), rand(2, 3, 4, 3, device=device)
+    same(run(aten.cat.default, [a, b], -1), torch.cat([a, b], -1), tag("cat[4d]", a.shape, a.dtype))
+    c, d = rand(1, 2, 3, 4, 2, device=device), rand(1, 2, 1, 4, 2, device=device)
+    same(run(aten.cat.default, [c, d], 2), torch.cat([c, d], 2), tag("cat[5d]", c.shape, c.dtype))
+    cl = a.to(memory_format=torch.channels_last)
+    assert "channels-last" in REGISTRY[aten.cat.default].supports([cl, cl], 1)
+
+
 # --------------------------------------------------------------------------- cumsum
 
 

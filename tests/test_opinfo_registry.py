@@ -12,7 +12,7 @@ from flag_gems.lowerings.registry import REGISTRY
 OPINFO_NAMES = {
     "sum", "mean", "amax", "max", "all", "softmax", "log_softmax", "nn.functional.embedding", "index_select",
     "gather", "cat", "cumsum", "arange", "nn.functional.layer_norm", "mm", "bmm", "addmm", "nn.functional.linear",
-    "nn.functional.rms_norm", "to",
+    "nn.functional.rms_norm", "to", "nn.functional.nll_loss", "nn.functional.cross_entropy",
 }
 OPINFO_DTYPES = [torch.float32, torch.bfloat16, torch.int64]
 OPINFO_SAMPLES = 3
