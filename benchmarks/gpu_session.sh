@@ -8,7 +8,7 @@
 # op calls, with a cProfile), retest (pytest on $RETEST). Each part runs under its own time limit (seconds, overridable
 # with e.g. TESTS_S=200) so that the parts chosen for one call end inside the call's 10 minutes.
 set -uo pipefail
-PROFILE_ARGS=${PROFILE_ARGS:-}
+PROFILE_ARGS=${PROFILE_ARGS:-}  # also SWEEP_ARGS, MODEL_ARGS: extra arguments of those parts
 RETEST=${RETEST:-tests}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gems_out}
@@ -40,11 +40,11 @@ for part in "${list[@]}"; do
   case $part in
     tests) run_part tests "${TESTS_S:-300}" python3 -m pytest tests -q -n 8 --maxfail=40 -p no:cacheprovider --runslow -rfE
            tail -40 "$OUT/tests.log" ;;
-    sweep) run_part sweep "${SWEEP_S:-200}" python3 benchmarks/sweep.py --out "$OUT"
+    sweep) run_part sweep "${SWEEP_S:-200}" python3 benchmarks/sweep.py --out "$OUT" ${SWEEP_ARGS:-}
            grep -E "current|best|Error" "$OUT/sweep.log" | tail -40 ;;
     bench) run_part bench "${BENCH_S:-240}" python3 benchmarks/bench_kernels.py --out "$OUT" --time-budget "$(( ${BENCH_S:-240} - 20 ))"
            tail -60 "$OUT/bench.log" ;;
-    model) run_part model "${MODEL_S:-240}" python3 benchmarks/bench_model.py --out "$OUT"
+    model) run_part model "${MODEL_S:-240}" python3 benchmarks/bench_model.py --out "$OUT" ${MODEL_ARGS:-}
            tail -30 "$OUT/model.log" ;;
     ops)   run_part ops "${OPS_S:-240}" python3 benchmarks/bench_ops.py --out "$OUT"
            tail -60 "$OUT/ops.log" ;;
