@@ -13,6 +13,7 @@ Usage (GPU)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -78,16 +79,28 @@ def host_view(fn, calls: int, top: int) -> str:
     return f"  host {statistics.median(samples):9.1f} us/call (no sync)\n" + "\n".join("    " + ln for ln in lines)
 
 
+# The eager model under the dispatcher mode: every default entry, and one entry the model never
+# calls (the cost of having a registration at all).
+EAGER_MODES = {
+    "use_gems": lambda: flag_gems.use_gems(),
+    "use_gems_idle": lambda: flag_gems.use_gems(include=["_log_softmax.default"]),
+}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--host", action="store_true", help="host time per call and a cProfile instead of kernels")
-    p.add_argument("--contenders", nargs="+", default=["eager", "inductor", "flag_gems"], choices=list(bm.CONTENDERS))
+    p.add_argument("--contenders", nargs="+", default=["eager", "inductor", "flag_gems"],
+                   choices=[*bm.CONTENDERS, *EAGER_MODES])
+    p.add_argument("--inputs", nargs="+", default=["prefill_1x2048", "decode_8x1"])
     args = p.parse_args(argv)
     model = bm.build_model(bm.LLAMA3_8B_4L, "cuda")
     inputs = {"prefill_1x2048": (1, 2048), "decode_8x1": (8, 1)}
     for name, (b, s) in inputs.items():
+        if name not in args.inputs:
+            continue
         ids = torch.randint(0, bm.LLAMA3_8B_4L["vocab_size"], (b, s), device="cuda")
         if name.startswith("prefill") and not args.host:
             with torch.no_grad():
@@ -95,9 +108,10 @@ def main(argv=None) -> int:
                 print(flag_gems.explain(model, ids, use_cache=False), flush=True)
         for contender in args.contenders:
             torch._dynamo.reset()
-            kw = bm.CONTENDERS[contender]
+            kw = bm.CONTENDERS.get(contender)
             fn = model if kw is None else torch.compile(model, **kw)
-            with torch.no_grad():
+            mode = EAGER_MODES[contender]() if contender in EAGER_MODES else contextlib.nullcontext()
+            with torch.no_grad(), mode:
                 print(f"== {name} {contender}", flush=True)
                 call = lambda: fn(ids, use_cache=False)  # noqa: E731
                 print(host_view(call, 10, args.top) if args.host else profile_one(call, args.calls, args.top), flush=True)

@@ -310,10 +310,10 @@ def test_nll_loss_reasons(device):
         REGISTRY[fwd].impl(x, target, torch.ones(6, device=device), 1, -100)
 
 
-def test_nll_loss_supports_on_fake_tensors():
+def test_nll_loss_supports_on_fake_tensors(device):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode():
+    with FakeTensorMode(), torch.device(device):  # the test device: CPU tensors are refused on a GPU machine
         x, t, one = torch.empty(5, 7), torch.zeros(5, dtype=torch.int64), torch.empty(())
         assert reason(aten.nll_loss_forward.default, x, t, None, 1, -100) is None
         assert reason(aten.nll_loss_backward.default, one, x, t, None, 1, -100, one) is None
