@@ -20,7 +20,9 @@ bools and None by type; constexpr parameters and launch options (``num_warps`` .
 value. Two calls with one key get one compiled kernel from Triton, so reusing it is what
 Triton would do. Anything else (an argument of another type, ``warmup=True``, a launch
 hook such as proton's, the Triton interpreter) takes Triton's path unchanged, as does every
-call when ``GEMS_FAST_LAUNCH=0`` is set.
+call when ``GEMS_FAST_LAUNCH=0`` is set. A launcher that rejects the direct call (a Triton whose
+launcher takes other arguments; the rejection comes before any launch) turns the fast path off
+for the process with one warning, and that call goes through Triton's path.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def _hooks_active() -> bool:
         if hook is not None and getattr(hook, "calls", True):
             return True
     return False
+
+
+def _disable(exc: Exception) -> None:
+    """Turn the fast path off for the process: this Triton's launcher takes other arguments."""
+    global _ENABLED
+    _ENABLED = False
+    logger.warning("flag_gems: Triton's compiled-kernel launcher rejected a direct call (%s); kernels take "
+                   "Triton's own launch path from now on", exc)
 
 
 def fast_launch_enabled() -> bool:
@@ -126,8 +136,12 @@ class FastKernel:
             grid = grid(dict(zip(self._names, values)))
         size = len(grid)
         run, function, metadata = launch
-        run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, self._stream(device), function,
-            metadata, None, None, None, *values)
+        try:
+            run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, self._stream(device), function,
+                metadata, None, None, None, *values)
+        except TypeError as exc:  # a launcher with another signature rejects the call before launching
+            _disable(exc)
+            return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs)
         return None
 
     def _remember(self, device, key, kernel) -> None:

@@ -226,3 +226,21 @@ def test_gpu_alternating_specializations_give_torchs_results(dtype):
         out = poison(torch.empty(n, dtype=dtype, device=DEVICE))
         OPS["add"](a, b, out=out)
         assert_close(out, ref64(a) + ref64(b), dtype, tag(f"add offset={offset}", (n,), dtype))
+
+
+def test_a_launcher_rejecting_the_direct_call_turns_the_fast_path_off(monkeypatch, caplog):
+    class Rejecting(_Compiled):
+        def run(self, *args):
+            raise TypeError("function takes exactly 12 arguments")
+
+    monkeypatch.setattr(_launch, "_ENABLED", True)
+    jit_fn = _FakeJIT(Rejecting)
+    kernel = FastKernel(jit_fn)
+    kernel._device, kernel._stream = (lambda: 0), (lambda device: 7)
+    x = torch.randn(8)
+    with caplog.at_level("WARNING", logger="flag_gems.kernels._launch"):
+        for _ in range(3):
+            kernel[(1,)](x, x, 8, 1.0, True, BLOCK=8)
+    assert [e[0] for e in jit_fn.log] == ["triton"] * 3  # the rejected call was redone by Triton's path
+    assert not _launch.fast_launch_enabled()
+    assert sum("rejected a direct call" in r.getMessage() for r in caplog.records) == 1
