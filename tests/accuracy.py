@@ -122,3 +122,21 @@ def aten_calls(fn) -> list:
     with _Record():
         fn()
     return calls
+
+
+def opinfo_samples(names, dtypes, per_dtype: int, device, variants=None):
+    """``(info, dtype, sample)``: the first ``per_dtype`` sample inputs, per dtype the op supports on
+    ``device``, of PyTorch's OpInfo entries named in ``names`` (``variants``: the accepted
+    ``variant_test_name`` values; None takes all). Needs ``expecttest`` (importorskip it first)."""
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    for info in op_db:
+        if info.name not in names or (variants is not None and info.variant_test_name not in variants):
+            continue
+        for dtype in dtypes:
+            if dtype not in info.supported_dtypes(device):
+                continue
+            for k, sample in enumerate(info.sample_inputs(device, dtype)):
+                if k >= per_dtype:
+                    break
+                yield info, dtype, sample

@@ -6,7 +6,7 @@ OpInfo test in test_pointwise.py.)"""
 import pytest
 import torch
 
-from accuracy import TOLERANCES, aten_calls, tag
+from accuracy import TOLERANCES, aten_calls, opinfo_samples, tag
 from flag_gems.lowerings.registry import REGISTRY
 
 OPINFO_NAMES = {
@@ -48,37 +48,28 @@ def _compare(out, ref, what):
 
 def test_opinfo_samples_through_registry_entries(device):
     pytest.importorskip("expecttest")
-    from torch.testing._internal.common_methods_invocations import op_db
     pointwise = {t for t, e in REGISTRY.items() if e.kernel.startswith("flag_gems.pointwise")}
     checked, refused = set(), set()
-    for info in op_db:
-        if info.name not in OPINFO_NAMES:
-            continue
-        for dtype in OPINFO_DTYPES:
-            if dtype not in info.supported_dtypes(device):
+    for info, dtype, sample in opinfo_samples(OPINFO_NAMES, OPINFO_DTYPES, OPINFO_SAMPLES, device):
+        try:
+            calls = aten_calls(lambda: info.op(_copy(sample.input), *sample.args, **sample.kwargs))
+        except Exception:
+            continue  # torch refuses this sample
+        for func, args, kwargs in calls:
+            entry = REGISTRY.get(func)
+            if entry is None or func in pointwise:
                 continue
-            for k, sample in enumerate(info.sample_inputs(device, dtype)):
-                if k >= OPINFO_SAMPLES:
-                    break
-                try:
-                    calls = aten_calls(lambda: info.op(_copy(sample.input), *sample.args, **sample.kwargs))
-                except Exception:
-                    continue  # torch refuses this sample
-                for func, args, kwargs in calls:
-                    entry = REGISTRY.get(func)
-                    if entry is None or func in pointwise:
-                        continue
-                    a1, k1 = _copy(list(args)), {n: _copy(v) for n, v in kwargs.items()}
-                    if entry.supports(*a1, **k1) is not None:
-                        if entry.checks_in_impl:  # the eager mode relies on impl refusing by itself
-                            with pytest.raises(NotImplementedError):
-                                entry.impl(*a1, **k1)
-                            refused.add(str(func).removeprefix("aten."))
-                        continue
-                    ref = func(*_copy(list(args)), **{n: _copy(v) for n, v in kwargs.items()})
-                    out = entry.impl(*a1, **k1)
-                    shape = _tensors(ref)[0].shape if _tensors(ref) else ()
-                    _compare(out, ref, tag(f"{func}[opinfo {info.name}]", shape, dtype))
-                    checked.add(str(func).removeprefix("aten."))
+            a1, k1 = _copy(list(args)), {n: _copy(v) for n, v in kwargs.items()}
+            if entry.supports(*a1, **k1) is not None:
+                if entry.checks_in_impl:  # the eager mode relies on impl refusing by itself
+                    with pytest.raises(NotImplementedError):
+                        entry.impl(*a1, **k1)
+                    refused.add(str(func).removeprefix("aten."))
+                continue
+            ref = func(*_copy(list(args)), **{n: _copy(v) for n, v in kwargs.items()})
+            out = entry.impl(*a1, **k1)
+            shape = _tensors(ref)[0].shape if _tensors(ref) else ()
+            _compare(out, ref, tag(f"{func}[opinfo {info.name}]", shape, dtype))
+            checked.add(str(func).removeprefix("aten."))
     assert len(checked) >= 14, sorted(checked)  # 15 on torch 2.13 (CPU)
     assert len(refused) >= 5, sorted(refused)  # int64 samples and other refusals of checks_in_impl entries

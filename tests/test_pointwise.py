@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flag_gems  # noqa: F401
-from accuracy import DEVICE, DTYPE_IDS, DTYPES, assert_close, aten_calls, poison, rand, reason, run, tag
+from accuracy import DEVICE, DTYPE_IDS, DTYPES, assert_close, aten_calls, opinfo_samples, poison, rand, reason, run, tag
 from flag_gems.kernels import pointwise as pw
 from flag_gems.lowerings import pointwise as lp
 from flag_gems.lowerings.registry import FALLBACKS, REGISTRY
@@ -589,43 +589,36 @@ OPINFO_SAMPLES = 4
 def test_opinfo_samples(device):
     """OpInfo sample inputs (a few per dtype) through every registered aten call they make."""
     pytest.importorskip("expecttest")
-    from torch.testing._internal.common_methods_invocations import op_db
+
     def copy(v):
         return v.clone() if isinstance(v, torch.Tensor) else v
 
     checked = set()
-    for info in op_db:
-        if info.name not in OPINFO_NAMES or info.variant_test_name not in ("", "no_rounding_mode"):
-            continue
-        for dtype in OPINFO_DTYPES:
-            if dtype not in info.supported_dtypes(device):
-                continue
-            for k, sample in enumerate(info.sample_inputs(device, dtype)):
-                if k >= OPINFO_SAMPLES:
-                    break
-                for variant in (info.op, info.inplace_variant):
-                    try:
-                        calls = aten_calls(lambda: variant(copy(sample.input), *sample.args, **sample.kwargs))
-                    except Exception:
-                        continue  # torch refuses this sample (e.g. an in-place type change)
-                    for func, args, kwargs in calls:
-                        entry = REGISTRY.get(func)
-                        if entry is None:
-                            continue
-                        a1, k1 = [copy(v) for v in args], {n: copy(v) for n, v in kwargs.items()}
-                        if entry.supports(*a1, **k1) is not None:
-                            continue
-                        a2, k2 = [copy(v) for v in args], {n: copy(v) for n, v in kwargs.items()}
-                        ref = func(*a2, **k2)
-                        out = entry.impl(*a1, **k1)
-                        what = tag(f"{func}[opinfo {info.name}]", ref.shape, ref.dtype)
-                        if ref.dtype.is_floating_point and ref.dtype in (torch.float32, torch.bfloat16):
-                            assert torch.equal(out.isnan(), ref.isnan()), what
-                            atol, rtol = (1e-5, 1e-5) if ref.dtype is torch.float32 else (1e-2, 1.6e-2)
-                            torch.testing.assert_close(out, ref, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what} {m}")
-                        else:
-                            close(out, ref, what)
-                        checked.add(str(func).removeprefix("aten."))
+    samples = opinfo_samples(OPINFO_NAMES, OPINFO_DTYPES, OPINFO_SAMPLES, device, variants=("", "no_rounding_mode"))
+    for info, dtype, sample in samples:
+        for variant in (info.op, info.inplace_variant):
+            try:
+                calls = aten_calls(lambda: variant(copy(sample.input), *sample.args, **sample.kwargs))
+            except Exception:
+                continue  # torch refuses this sample (e.g. an in-place type change)
+            for func, args, kwargs in calls:
+                entry = REGISTRY.get(func)
+                if entry is None:
+                    continue
+                a1, k1 = [copy(v) for v in args], {n: copy(v) for n, v in kwargs.items()}
+                if entry.supports(*a1, **k1) is not None:
+                    continue
+                a2, k2 = [copy(v) for v in args], {n: copy(v) for n, v in kwargs.items()}
+                ref = func(*a2, **k2)
+                out = entry.impl(*a1, **k1)
+                what = tag(f"{func}[opinfo {info.name}]", ref.shape, ref.dtype)
+                if ref.dtype.is_floating_point and ref.dtype in (torch.float32, torch.bfloat16):
+                    assert torch.equal(out.isnan(), ref.isnan()), what
+                    atol, rtol = (1e-5, 1e-5) if ref.dtype is torch.float32 else (1e-2, 1.6e-2)
+                    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what} {m}")
+                else:
+                    close(out, ref, what)
+                checked.add(str(func).removeprefix("aten."))
     assert len(checked) >= 30, sorted(checked)
 
 
