@@ -140,3 +140,22 @@ def opinfo_samples(names, dtypes, per_dtype: int, device, variants=None):
                 if k >= per_dtype:
                     break
                 yield info, dtype, sample
+
+
+def assert_masked_grads(outs, refs, names, mask, dtype, what: str):
+    """Gradients of a backward op with an ``output_mask``: None where the mask is off, else the
+    dtype and shape of the float64 reference and within the gradient tolerance.
+
+    Args:
+        outs, refs, names: per output: the op's result, the float64 reference, its name ("dx").
+        mask: the op's output_mask.
+        dtype: the input dtype (outputs have it).
+        what: message prefix; the output's name and the mask are appended.
+    """
+    for k, (name, out, ref) in enumerate(zip(names, outs, refs)):
+        where = f"{what} {name} mask={mask}"
+        if not mask[k]:
+            assert out is None, where
+            continue
+        assert out.dtype == dtype and out.shape == ref.shape, f"{where} {out.dtype} {tuple(out.shape)}"
+        assert_close(out, ref, dtype, where, grad=True)
