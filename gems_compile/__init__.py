@@ -37,6 +37,9 @@ from .backend import explain, flag_gems_backend
 from .eager import all_registered_ops, disable, enable, only_enable, use_gems
 from .lowerings.act_and_mul import gelu_and_mul, gelu_and_mul_fused, silu_and_mul, silu_and_mul_fused
 from .lowerings.attention import scaled_dot_product_attention
+from .lowerings.matmul import addmm, bmm, mm
+from .kernels._autotune import config_for
+from .pretune import warmup
 from .lowerings.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm
 from .lowerings.rotary_embedding import apply_rotary_pos_emb, apply_rotary_pos_emb_hf, rotary_embedding_cache
 
@@ -45,9 +48,12 @@ __version__ = "0.1.0"
 __all__ = [
     "GemsFusionPass",
     "add_rms_norm",
+    "addmm",
     "all_registered_ops",
     "apply_rotary_pos_emb",
     "apply_rotary_pos_emb_hf",
+    "bmm",
+    "config_for",
     "device",
     "disable",
     "enable",
@@ -57,6 +63,7 @@ __all__ = [
     "gelu_and_mul",
     "gelu_and_mul_fused",
     "inductor_pass",
+    "mm",
     "only_enable",
     "rms_norm",
     "rotary_embedding_cache",
@@ -65,6 +72,7 @@ __all__ = [
     "silu_and_mul_fused",
     "use_gems",
     "vendor_name",
+    "warmup",
 ]
 
 

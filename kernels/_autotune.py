@@ -166,6 +166,13 @@ def torch_device(dev: int) -> torch.device:
     return torch.device("cuda", dev) if dev >= 0 else torch.device("cpu")
 
 
+def _device_guard(dev: int):
+    """Makes ``dev`` the current CUDA device for a tuning run (nothing for the CPU)."""
+    if dev >= 0 and torch.cuda.is_available():
+        return torch.cuda.device(dev)
+    return contextlib.nullcontext()
+
+
 def capturing() -> bool:
     """Whether the current CUDA stream is capturing a graph (False on CPU-only builds)."""
     try:
@@ -459,8 +466,9 @@ class Tunable:
             cfg = self.resolve(key, dev, dims)
         return cfg
 
-    def resolve(self, key: tuple, dev: int, dims: dict | None = None) -> tuple:
-        """Decide the config of a key not yet in the table (module docstring: caches, then policy)."""
+    def resolve(self, key: tuple, dev: int, dims: dict | None = None, *, tune: bool = True) -> tuple:
+        """Decide the config of a key not yet in the table (module docstring: caches, then policy;
+        ``tune=False``: never tune, whatever the policy)."""
         with _LOCK:
             hit = self._table.get((dev, key))
             if hit is not None:
@@ -474,7 +482,7 @@ class Tunable:
             if capturing():  # never tune (or sync) inside a graph capture; decide again afterwards
                 logger.debug("autotune %s %s: inside CUDA-graph capture, heuristic config", self.name, key)
                 return self.as_tuple(self._default(key, dev))
-            if policy == "on" and dev >= 0 and not _interpreter():
+            if tune and policy == "on" and dev >= 0 and not _interpreter():
                 budget = _env_float("GEMS_AUTOTUNE_BUDGET_S", 5.0)
                 return self._remember(key, dev, self._tune(key, dev, dims, budget))
             return self._remember(key, dev, TuneResult(self.name, key, self._default(key, dev), "default"))
@@ -560,7 +568,7 @@ class Tunable:
                 seen.add(t)
                 order.append(c)
         trials, best, default_us = [], None, None
-        guard = torch.cuda.device(dev) if dev >= 0 else contextlib.nullcontext()
+        guard = _device_guard(dev)
         try:
             with guard:
                 run = self.make_bench(key, dev, dims)
@@ -596,7 +604,7 @@ class Tunable:
             _warn_once(("oom", self.name), f"flag_gems autotune {self.name}: out of memory while tuning {key} "
                        "(its inputs are allocated once more); using the heuristic config. Run "
                        "`python -m flag_gems.pretune` before serving to tune ahead of time.")
-            if dev >= 0:
+            if dev >= 0 and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return TuneResult(self.name, key, default, "default", seconds=time.perf_counter() - t0, trials=trials)
         seconds = time.perf_counter() - t0
@@ -621,12 +629,12 @@ class Tunable:
     def warm(self, key: tuple, dev: int, dims: dict | None = None) -> None:
         """Launch the family once with the key's chosen config (compiles it: no compile in a served request)."""
         values = self.lookup(key, dev, dims)
-        guard = torch.cuda.device(dev) if dev >= 0 else contextlib.nullcontext()
+        guard = _device_guard(dev)
         with guard:
             run = self.make_bench(key, dev, dims)
             with self.forcing(self.as_dict(values)):
                 run()
-            if dev >= 0:
+            if dev >= 0 and torch.cuda.is_available():
                 torch.cuda.synchronize()
 
 

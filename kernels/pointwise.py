@@ -137,9 +137,8 @@ def launch_config(n: int) -> tuple[int, int]:
     Returns:
         (BLOCK, num_warps)
     """
-    if _INTERPRET:
-        return max(16, min(4096, 1 << max(n - 1, 0).bit_length())), 1
-    # GPU: tuned per element-count bucket and device kind (kernels/_autotune.py; plans cache the answer).
+    # Tuned per element-count bucket and device kind (kernels/_autotune.py; plans cache the answer):
+    # the values above are the heuristic, :func:`_tune_default`.
     key = tune_key(n)
     dev = at.current_device()
     cfg = TUNABLE.chosen.get((dev, key))
@@ -1048,13 +1047,15 @@ def tune_key(n: int) -> tuple:
 
 
 def _tune_default(key, dev) -> dict:
+    if _INTERPRET:
+        return {"BLOCK": max(16, min(4096, key[0])), "num_warps": 1}
     return {"BLOCK": 1024, "num_warps": 4}
 
 
 def _tune_candidates(key, dev) -> list:
     """512-8192 elements per program on 2-16 warps (4-64 elements per thread); the interpreter gets one."""
     if dev < 0:
-        return [{"BLOCK": 512, "num_warps": 1}]
+        return [{"BLOCK": max(16, min(4096, key[0]) // 2), "num_warps": 1}]
     out = [{"BLOCK": b, "num_warps": w} for b in (512, 1024, 2048, 4096, 8192) for w in (2, 4, 8, 16)
            if 4 <= b // (32 * w) <= 64]
     return at.near_first(_tune_default(key, dev), out)
