@@ -696,17 +696,12 @@ def clear_memory() -> None:
 
 
 def export_entries(dev: int | None = None) -> list:
-    """Every choice made in this process on ``dev`` that came from tuning or a cache, as records for a
-    shipped table (``kernels/tuned/<device>.json``)."""
+    """The user cache's records for device ``dev`` that the current kernels and Triton would read, as
+    entries of a shipped table (``kernels/tuned/<device>.json``), sorted by kernel and key."""
+    from . import _tune_cache as cache
+
     dev = current_device() if dev is None else dev
-    out = []
-    for t in TUNABLES.values():
-        for (d, key), res in sorted(t._origin.items(), key=lambda kv: key_text(kv[0][1])):
-            if d != dev or res.origin not in ("tuned", "cache", "shipped"):
-                continue
-            out.append(dict(kernel=t.name, key=_jsonable(key), source=t.source_hash, config=res.config,
-                            best_us=res.best_us, default_us=res.default_us, baseline_us=res.baseline_us))
-    return out
+    return cache.export(device_name(dev))
 
 
 def now_iso() -> str:

@@ -33,7 +33,7 @@ from . import _autotune as at
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["entry_path", "load", "read_shipped", "shipped", "store"]
+__all__ = ["entry_path", "export", "load", "read_shipped", "shipped", "store"]
 
 
 def entry_path(tunable, key: tuple, dev_name: str) -> str:
@@ -133,3 +133,30 @@ def shipped(tunable, key: tuple, dev_name: str) -> dict | None:
         logger.debug("autotune: shipped %s %s was tuned for another kernel source; ignored", tunable.name, key)
         return None
     return rec
+
+
+def export(dev_name: str) -> list:
+    """Every record in the user cache for ``dev_name`` written by this Triton for the current source of a
+    registered family, as shipped-table entries (unreadable or stale files are left out)."""
+    folder = os.path.join(at.cache_dir(), "autotune", at.device_slug(dev_name))
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                rec = json.load(f)
+            tunable = at.TUNABLES.get(rec.get("kernel"))
+            if (tunable is None or rec.get("format") != at.FORMAT or rec.get("device") != dev_name
+                    or rec.get("triton") != at.triton_version() or rec.get("source") != tunable.source_hash):
+                continue
+            out.append(dict(kernel=rec["kernel"], key=json.loads(rec["key"]), source=rec["source"], config=rec["config"],
+                            best_us=rec.get("best_us"), default_us=rec.get("default_us"),
+                            baseline_us=rec.get("baseline_us")))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            logger.debug("autotune export: %s skipped (%s)", name, exc)
+    return sorted(out, key=lambda e: (e["kernel"], json.dumps(e["key"])))
