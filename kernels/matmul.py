@@ -270,7 +270,9 @@ def tma_eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> 
 
     ``a``, ``b``: 2-D (or 3-D with batch 1); ``out``: None for a new contiguous output.
     """
-    if a.dtype not in (torch.float16, torch.bfloat16) or not _tma_device(a.get_device()):
+    if a.dtype is not torch.bfloat16 and a.dtype is not torch.float16:
+        return False
+    if not _tma_device(a.get_device()):
         return False
     if a.dim() == 3:
         if a.shape[0] != 1:
@@ -304,9 +306,14 @@ def tune_key(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: t
     """The autotuning key of ``a @ b (+ bias)``: (batch bucket, M bucket, N, K, dtype, has_bias, b stored
     K-major, tensor descriptors usable). N and K are exact for 2-D products (weights), power-of-two
     buckets for batched ones (attention-shaped products change with the sequence)."""
-    batch = a.shape[0] if a.dim() == 3 else 1
-    return shape_key(batch, a.shape[-2], b.shape[-1], a.shape[-1], a.dtype, bias is not None, _b_kmajor(b),
-                     tma_eligible(a, b, out))
+    sa, sb = a.shape, b.stride()
+    n = b.shape[-1]
+    kmajor = sb[-2] == 1 and sb[-1] != 1 and n > 1  # _b_kmajor, inline (a launch path)
+    if len(sa) == 3 and sa[0] > 1:
+        return shape_key(sa[0], sa[1], n, sa[2], a.dtype, bias is not None, kmajor, False)
+    m = sa[-2]
+    return (1, min(1 << max(m - 1, 0).bit_length(), 1 << 20), n, sa[-1], a.dtype, bias is not None, kmajor,
+            tma_eligible(a, b, out))
 
 
 def shape_key(batch: int, m: int, n: int, k: int, dtype: torch.dtype, has_bias: bool, b_kmajor: bool,
