@@ -382,7 +382,8 @@ def run(items: list, *, dev: int | None = None, force: bool = False, budget_s: f
         budget_s: seconds per key (None: every candidate).
         warm: launch each key's kernel once with its chosen config (compiles it).
         progress: draw the progress bar on ``stream`` (stderr).
-        tune: False: no tuning (the caches' configs, else the policy's answer), launches only.
+        tune: False: no tuning (the caches' configs, else the heuristics), launches only. (Explicit:
+            ``GEMS_AUTOTUNE`` does not apply here; :func:`warmup` reads it.)
 
     Returns:
         A :class:`Summary`.
@@ -399,7 +400,7 @@ def run(items: list, *, dev: int | None = None, force: bool = False, budget_s: f
                       cache_dir=os.path.join(at.cache_dir(), "autotune", at.device_slug(at.device_name(dev))))
     bar = _Progress(len(items), stream, progress)
     t0 = time.perf_counter()
-    tune_allowed = tune and (at.mode() != "off" or force)
+    tune_allowed = tune
     for i, it in enumerate(items):
         tunable = at.TUNABLES[it.kernel]
         dims = dict(it.dims) or None
@@ -473,7 +474,7 @@ def warmup(model_or_shapes, *, tokens=None, max_tokens: int = 8192, max_reqs: in
     dev = at.current_device() if device is None else int(device)
     items = plan(model_or_shapes, dtype=dtype, max_tokens=max_tokens, max_reqs=max_reqs, tokens=tokens, tp=tp,
                  ops=ops, dev=dev)
-    return run(items, dev=dev, progress=progress, tune=tune)
+    return run(items, dev=dev, progress=progress, tune=tune and at.mode() != "off")
 
 
 # ------------------------------------------------------------------------------------ command line

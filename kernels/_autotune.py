@@ -484,7 +484,13 @@ class Tunable:
                 return self.as_tuple(self._default(key, dev))
             if tune and policy == "on" and dev >= 0 and not _interpreter():
                 budget = _env_float("GEMS_AUTOTUNE_BUDGET_S", 5.0)
-                return self._remember(key, dev, self._tune(key, dev, dims, budget))
+                try:
+                    result = self._tune(key, dev, dims, budget)
+                except Exception as exc:  # noqa: BLE001 - a failed tuning never fails the user's call
+                    _warn_once(("tune", self.name), f"flag_gems autotune {self.name}: tuning {key_text(key)} failed "
+                               f"({type(exc).__name__}: {exc}); the heuristic config runs")
+                    result = TuneResult(self.name, key, self._default(key, dev), "default")
+                return self._remember(key, dev, result)
             return self._remember(key, dev, TuneResult(self.name, key, self._default(key, dev), "default"))
 
     def _default(self, key, dev) -> dict:

@@ -457,10 +457,11 @@ def _tune_default(key, dev) -> dict:
 
 
 # Tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) by M bucket, likeliest first. Decode (M <= 16)
-# streams the weight: narrow N tiles give enough programs to fill the SMs, long K steps and deep
-# pipelines keep the loads in flight. Larger M: Hopper's 128-row wgmma tiles, 128 or 256 wide.
-_TILES_SMALL = ((16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
-                (16, 32, 128, 4, 6), (16, 64, 128, 4, 6))
+# streams the weight: narrow N tiles give enough programs to fill the SMs (N = 4096 in 32-column
+# tiles: 128 programs on 132 SMs), long K steps and deep pipelines keep the loads in flight.
+# Larger M: Hopper's 128-row wgmma tiles, 128 or 256 wide. Not measured yet (bench_tune.py).
+_TILES_SMALL = ((16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 16, 256, 4, 4), (16, 64, 256, 4, 3),
+                (16, 32, 128, 4, 6), (16, 128, 128, 4, 4), (16, 64, 128, 4, 6))
 _TILES_MID = ((64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (32, 64, 128, 4, 4))
 _TILES_LARGE = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
                 (128, 128, 128, 8, 3), (64, 256, 64, 4, 4))

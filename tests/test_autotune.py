@@ -480,3 +480,17 @@ def test_tuning_a_real_family_end_to_end(env):
     assert rn.TUNABLE.origin(key, -1).origin == "cache"
     ref = ref64(x) * torch.rsqrt(ref64(x).pow(2).mean(-1, keepdim=True) + 1e-6) * ref64(w)
     assert_close(y, ref, torch.float32, tag("rms_norm from cache", x.shape, torch.float32))
+
+
+def test_a_failing_tuning_never_fails_the_call(env):
+    t = make_fake(name="fake_broken")
+
+    def broken(key, dev, dims):
+        raise ValueError("cannot build inputs")
+
+    t.make_bench = broken
+    with at.use_timer(Timer()), pytest.warns(UserWarning, match="tuning .* failed"):
+        assert t.resolve(KEY, FAKE_DEV) == (1024, 4)
+    assert t.lookup(KEY, FAKE_DEV) == (1024, 4)  # remembered: not retried on every call
+    with pytest.raises(ValueError, match="cannot build inputs"):  # explicit tuning reports it
+        t.tune((8, torch.bfloat16), FAKE_DEV)

@@ -206,3 +206,14 @@ def test_warmup_without_tuning_and_under_capture(env, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="outside CUDA-graph capture"):
         flag_gems.warmup("tiny", tokens=[2], device=-1)
+
+
+def test_warmup_respects_off_pretune_does_not(env, monkeypatch, capsys):
+    monkeypatch.setenv("GEMS_AUTOTUNE", "off")
+    with at.use_timer(CountingTimer()) as timer:
+        s = flag_gems.warmup("tiny", tokens=[2], dtype=torch.float32, device=-1, ops=("act_and_mul",))
+    assert s.items == 1 and s.tuned == 0 and timer.calls == 0
+    with at.use_timer(CountingTimer()) as timer:
+        assert pretune.main(["--model", "tiny", "--tokens", "2", "--dtype", "float32", "--ops", "act_and_mul",
+                             "--quiet"]) == 0
+    assert timer.calls > 0 and "1 tuned" in capsys.readouterr().out
