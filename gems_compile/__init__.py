@@ -39,7 +39,6 @@ from .lowerings.act_and_mul import gelu_and_mul, gelu_and_mul_fused, silu_and_mu
 from .lowerings.attention import scaled_dot_product_attention
 from .lowerings.matmul import addmm, bmm, mm
 from .kernels._autotune import config_for
-from .pretune import warmup
 from .lowerings.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm
 from .lowerings.rotary_embedding import apply_rotary_pos_emb, apply_rotary_pos_emb_hf, rotary_embedding_cache
 
@@ -83,4 +82,9 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module(".inductor", __name__), name)
+    # warmup lives in flag_gems.pretune, which `python -m flag_gems.pretune` runs as __main__: not imported here.
+    if name == "warmup":
+        from .pretune import warmup
+
+        return warmup
     raise AttributeError(f"module 'flag_gems' has no attribute {name!r}")

@@ -297,6 +297,8 @@ def plan(model_or_shapes, *, dtype: torch.dtype = torch.bfloat16, max_tokens: in
         if op not in ALL_OPS:
             raise ValueError(f"ops: unknown op {op!r}; expected some of {', '.join(ALL_OPS)}")
     m_tokens = sorted({int(t) for t in tokens}) if tokens is not None else buckets(max_tokens)
+    if tokens is not None:  # the logits GEMM never has more rows than the largest token count
+        max_reqs = min(max_reqs, max(m_tokens))
     doc = model_or_shapes
     if isinstance(doc, str) and not (doc.lower() in MODELS or doc.lower() in ALIASES) and os.path.exists(doc):
         with open(doc, encoding="utf-8") as f:

@@ -176,6 +176,7 @@ def test_pretune_module_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "6 keys on cpu: 6 tuned" in proc.stdout, proc.stdout
     assert "pretune [" in proc.stderr and "6/6" in proc.stderr  # the progress bar
+    assert "Warning" not in proc.stderr, proc.stderr
     assert len(list((tmp_path / "c" / "autotune" / "cpu").glob("*.json"))) == 6
     dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, timeout=300, env=env)
     assert dry.returncode == 0 and dry.stdout.count("key=") == 6
