@@ -173,13 +173,20 @@ def test_llm_shapes_gpu(dtype):
 from flag_gems.kernels import _autotune as at  # noqa: E402
 
 CLASS_CONFIGS = [  # (KIND, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, WARP_SPEC): every class and option
-    ("plain", 16, 32, 16, 8, 1, 1, 0),
-    ("plain", 32, 16, 32, 2, 1, 1, 0),
-    ("tma", 16, 16, 16, 8, 1, 1, 0),
-    ("tma", 32, 16, 16, 1, 1, 1, 1),
-    ("persistent", 16, 16, 16, 2, 1, 1, 0),
-    ("persistent", 16, 32, 16, 8, 1, 1, 1),
+    ("plain", 16, 32, 16, 8, 4, 1, 0),
+    ("plain", 32, 16, 32, 2, 4, 2, 0),
+    ("tma", 16, 16, 16, 8, 4, 2, 0),
+    ("tma", 32, 16, 16, 1, 4, 2, 1),
+    ("persistent", 16, 16, 16, 2, 4, 2, 0),
+    ("persistent", 16, 32, 16, 8, 4, 2, 1),
 ]
+
+
+def _unsupported(exc) -> bool:
+    """A config this GPU / Triton cannot compile (the tuner skips such candidates): warp specialization
+    where the installed Triton has none for this chip, or more shared memory than there is."""
+    text = f"{type(exc).__name__} {exc}".lower()
+    return "compil" in text or "out of resource" in text or "warp_spec" in text
 
 
 def _cfg(c):
@@ -202,7 +209,12 @@ def test_every_class(cfg, layout, dtype, device):
     for use_bias, beta, alpha in ((False, 1, 1), (True, 0.5, -2.0)):
         out = poison(torch.empty(m, n, dtype=dtype, device=device))
         with km.TUNABLE.forcing(_cfg(cfg)):
-            km.matmul(a, b, bias if use_bias else None, beta=beta, alpha=alpha, out=out)
+            try:
+                km.matmul(a, b, bias if use_bias else None, beta=beta, alpha=alpha, out=out)
+            except Exception as exc:
+                if device == "cuda" and cfg[7] and _unsupported(exc):
+                    pytest.skip(f"warp specialization does not compile here: {str(exc)[:200]}")
+                raise
         prod = alpha * (ref64(a) @ ref64(b))
         term = beta * ref64(bias) if use_bias else None
         close_gemm(out, prod + (0 if term is None else term), a, b, dtype,
@@ -314,7 +326,8 @@ def test_tuned_gemm_end_to_end(device, private_cache):
 def test_every_gpu_candidate_gpu(dtype):
     """Every candidate the tuner may pick on this GPU, at LLM-like shapes (decode and prefill), vs float64."""
     dev = torch.cuda.current_device()
-    for m, n, k in ((1, 512, 4096), (96, 1024, 512), (300, 768, 1024)):
+    ran = set()
+    for m, n, k in ((1, 512, 4096), (96, 1024, 512), (2048, 2048, 512)):  # decode, mid, persistent-sized
         a = rand(m, k, dtype=dtype, device="cuda")
         b = rand(n, k, dtype=dtype, device="cuda").t()
         key = km.tune_key(a, b, None)
@@ -322,8 +335,12 @@ def test_every_gpu_candidate_gpu(dtype):
             with km.TUNABLE.forcing(cfg):
                 try:
                     out = km.matmul(a, b)
-                except Exception as exc:  # noqa: BLE001 - a candidate this GPU cannot compile is skipped by the tuner
-                    if "out of resource" in str(exc).lower() or "warp_specialize" in str(exc).lower():
+                except Exception as exc:
+                    if _unsupported(exc):  # the tuner skips it too
                         continue
                     raise
             close_gemm(out, ref64(a) @ ref64(b), a, b, dtype, tag(f"mm[{cfg}]", (m, k, n), dtype))
+            ran.add(cfg["KIND"])
+    want = {"plain", "tma", "persistent"} if dtype != torch.float32 and km.HAS_TMA and \
+        torch.cuda.get_device_capability()[0] >= 9 else {"plain"}
+    assert want <= ran, ran
