@@ -417,8 +417,8 @@ def _tune_default(key, dev) -> dict:
 
 def _tune_candidates(key, dev) -> list:
     """16-bit inputs with head blocks up to 128: query tiles 16-128 (not above the bucket's rows but
-    at least 16), key tiles 32-128, 4 or 8 warps, 2-4 stages (the H100 sweep's space, plus 32-row
-    and 4-stage tiles). fp32 and wider heads keep the heuristic (larger tiles spilled)."""
+    at least 16), key tiles 32-128, 4 or 8 warps, 2 or 3 stages (the H100 sweep's space, plus 32-row
+    and 32-column tiles). fp32 and wider heads keep the heuristic (larger tiles spilled)."""
     seq_q, seq_k, _, block_d, dtype, _, _ = key
     default = _tune_default(key, dev)
     if dev < 0:
@@ -429,8 +429,7 @@ def _tune_candidates(key, dev) -> list:
     out = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
            for bm in (16, 32, 64, 128) if bm <= top_m
            for bn in (32, 64, 128) if bn <= max(32, seq_k)
-           for w in (4, 8) for st in (2, 3, 4)
-           if not (bm == 128 and bn == 128 and st == 4)]  # 128 KiB of K/V stages plus Q: over the limit
+           for w in (4, 8) for st in (2, 3)]
     return at.near_first(default, out)
 
 

@@ -394,8 +394,9 @@ def test_tuned_act_and_mul_is_used_and_correct(env, dtype):
     assert_close(out, ref, dtype, tag("silu_and_mul tuned", a.shape, dtype))
 
 
-def _family_cases():
-    """(family, run(config) -> (out, ref64)) for each tunable family at a tiny shape."""
+def _family_cases(big: bool = False, dtype=torch.float32):
+    """family -> case() -> (tunable, key, call, float64 reference), at a tiny shape (the interpreter) or,
+    with ``big``, at Llama-3-8B-like sizes (each GPU candidate at sizes where it matters)."""
     from flag_gems.kernels import act_and_mul as am
     from flag_gems.kernels import attention as ka
     from flag_gems.kernels import layer_norm as ln
@@ -404,51 +405,59 @@ def _family_cases():
     from flag_gems.kernels import rms_norm as rn
     from flag_gems.kernels import rotary_embedding as rope
 
+    rows, hidden, inter = (64, 4096, 14336) if big else (3, 40, 48)
+    nq, nk, hd = (32, 8, 128) if big else (4, 2, 16)
+    r = lambda *shape: rand(*shape, dtype=dtype, device=DEVICE)  # noqa: E731
+
     def act():
-        x = rand(3, 2 * 48, device=DEVICE)
-        ref = torch.nn.functional.silu(ref64(x)[:, :48]) * ref64(x)[:, 48:]
-        return am.TUNABLE, am.tune_key(3, 48, x.dtype), lambda: am.act_and_mul_fused_fwd(x, "silu"), ref
+        x = r(rows, 2 * inter)
+        ref = torch.nn.functional.silu(ref64(x)[:, :inter]) * ref64(x)[:, inter:]
+        return am.TUNABLE, am.tune_key(rows, inter, x.dtype), lambda: am.act_and_mul_fused_fwd(x, "silu"), ref
 
     def norm():
-        x, r, w = rand(3, 40, device=DEVICE), rand(3, 40, device=DEVICE), rand(40, device=DEVICE)
-        h = ref64(x) + ref64(r)
+        x, res, w = r(rows, hidden), r(rows, hidden), r(hidden)
+        h = ref64(x) + ref64(res)
         ref = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * ref64(w)
-        return rn.TUNABLE, rn.tune_key(3, 40, x.dtype, True), lambda: rn.rms_norm_fwd(x, w, 1e-6, residual=r)[0], ref
+        return (rn.TUNABLE, rn.tune_key(rows, hidden, x.dtype, True),
+                lambda: rn.rms_norm_fwd(x, w, 1e-6, residual=res)[0], ref)
 
     def layer():
-        x, w, b = rand(3, 40, device=DEVICE), rand(40, device=DEVICE), rand(40, device=DEVICE)
-        ref = torch.nn.functional.layer_norm(ref64(x), (40,), ref64(w), ref64(b), 1e-5)
-        return ln.TUNABLE, ln.tune_key(3, 40, x.dtype), lambda: ln.layer_norm_fwd(x, w, b, 1e-5)[0], ref
+        x, w, b = r(rows, hidden), r(hidden), r(hidden)
+        ref = torch.nn.functional.layer_norm(ref64(x), (hidden,), ref64(w), ref64(b), 1e-5)
+        return ln.TUNABLE, ln.tune_key(rows, hidden, x.dtype), lambda: ln.layer_norm_fwd(x, w, b, 1e-5)[0], ref
 
     def rotary():
-        q, k = rand(3, 4 * 16, device=DEVICE), rand(3, 2 * 16, device=DEVICE)
-        pos = torch.tensor([5, 0, 9], device=DEVICE)
-        cache_ = rand(16, 16, device=DEVICE)
-        c, s = ref64(cache_)[pos.cpu(), :8], ref64(cache_)[pos.cpu(), 8:]
+        q, k = r(rows, nq * hd), r(rows, nk * hd)
+        pos = torch.randint(0, 64, (rows,), device=DEVICE)
+        cache_ = rand(64, hd, device=DEVICE)
+        c, s = ref64(cache_)[pos.cpu(), : hd // 2], ref64(cache_)[pos.cpu(), hd // 2:]
 
         def ref_rot(x, h):
-            x = ref64(x).view(3, h, 16)
-            x1, x2 = x[..., :8], x[..., 8:]
-            return torch.cat((x1 * c[:, None] - x2 * s[:, None], x2 * c[:, None] + x1 * s[:, None]), -1).view(3, -1)
+            x = ref64(x).view(rows, h, hd)
+            x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+            return torch.cat((x1 * c[:, None] - x2 * s[:, None], x2 * c[:, None] + x1 * s[:, None]), -1).view(rows, -1)
 
-        ref = torch.cat((ref_rot(q, 4), ref_rot(k, 2)), -1)
-        key = rope.tune_key(3, 4, 2, 8, 16, q.dtype, False, False, False)
-        return rope.TUNABLE, key, lambda: torch.cat(rope.rope_cache_fwd(pos, q, k, 16, cache_, True), -1), ref
+        ref = torch.cat((ref_rot(q, nq), ref_rot(k, nk)), -1)
+        key = rope.tune_key(rows, nq, nk, hd // 2, hd, q.dtype, False, False, False)
+        return rope.TUNABLE, key, lambda: torch.cat(rope.rope_cache_fwd(pos, q, k, hd, cache_, True), -1), ref
 
     def reduce():
-        x = rand(5, 70, device=DEVICE)
-        return rd.TUNABLE, rd.tune_key(5, 70, x.dtype), lambda: rd.row_sum(x, 70), ref64(x).sum(-1)
+        x = r(rows + 2, hidden + 30)
+        return rd.TUNABLE, rd.tune_key(rows + 2, hidden + 30, x.dtype), lambda: rd.row_sum(x, hidden + 30), ref64(
+            x).sum(-1)
 
     def attn():
-        q, k, v = (rand(1, 2, n, 16, device=DEVICE) for n in (5, 7, 7))
-        s = (ref64(q) @ ref64(k).transpose(-1, -2)) / 4.0
-        ref = torch.softmax(s, -1) @ ref64(v)
-        key = ka.tune_key(5, 7, 2, 16, q.dtype, False, 0)
+        lq, lk = (128, 200) if big else (5, 7)
+        q, k, v = (r(1, 2, n, hd) for n in (lq, lk, lk))
+        s_ = (ref64(q) @ ref64(k).transpose(-1, -2)) / hd ** 0.5
+        ref = torch.softmax(s_, -1) @ ref64(v)
+        key = ka.tune_key(lq, lk, 2, max(16, hd), q.dtype, False, 0)
         return ka.TUNABLE, key, lambda: ka.flash_attention(q, k, v), ref
 
     def point():
-        a, b = rand(33, device=DEVICE), rand(33, device=DEVICE)
-        return pw.TUNABLE, pw.tune_key(33), lambda: pw._build(pw.OPS["add"], (a, b), None, symbolic=False).run(
+        n = rows * hidden + 1
+        a, b = r(n), r(n)
+        return pw.TUNABLE, pw.tune_key(n), lambda: pw._build(pw.OPS["add"], (a, b), None, symbolic=False).run(
             (a, b), None), ref64(a) + ref64(b)
 
     return dict(act_and_mul=act, rms_norm=norm, layer_norm=layer, rope=rotary, reduction=reduce, attention=attn,
@@ -464,6 +473,21 @@ def test_every_interpreter_candidate_is_correct(family):
         with tunable.forcing(cfg):
             out = call()
         assert_close(out, ref, torch.float32, tag(f"{family} {cfg}", tuple(out.shape), torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", sorted(_family_cases()))
+def test_every_gpu_candidate_is_correct_gpu(family):
+    """Every config the tuner may pick on this GPU, at Llama-3-8B-like sizes, bf16, vs float64."""
+    tunable, key, call, ref = _family_cases(big=True, dtype=torch.bfloat16)[family]()
+    dev = torch.cuda.current_device()
+    configs = [tunable.default(key, dev)] + tunable.candidates(key, dev)
+    assert len(configs) >= 4, configs
+    configs = configs[:12] + configs[12::4]  # the nearest (what a time budget reaches), then a sample: compile time
+    for cfg in configs:
+        with tunable.forcing(cfg):
+            out = call()
+        assert_close(out, ref, torch.bfloat16, tag(f"{family} {cfg}", tuple(out.shape), torch.bfloat16))
 
 
 def test_tuning_a_real_family_end_to_end(env):
