@@ -207,7 +207,8 @@ _MIN_TILE = 512
 
 @functools.lru_cache(maxsize=None)
 def _launch_config(rows_bucket: int, n_cols: int, elem_bytes: int, sms: int) -> tuple[int, int, int]:
-    """Tile shape and warp count for the 2-D grid (the one block/warp heuristic here).
+    """Tile shape and warp count for the 2-D grid: the heuristic, the autotuner's default (the forward's
+    config is tuned per device kind: ``TUNABLE`` below; the backward uses this).
 
     * ``BLOCK_N``: the row (next power of two), capped at one tile: a long row is cut
       into column blocks so that large ``d`` gives many programs and contiguous,

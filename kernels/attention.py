@@ -223,7 +223,8 @@ def _attn_fwd_kernel(
 
 
 def attention_config(seq_q: int, block_d: int, elem_bytes: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``seq_q`` query rows and head block ``block_d``.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``seq_q`` query rows and head block ``block_d``: the
+    heuristic, the autotuner's default (``TUNABLE`` below).
 
     Swept on the H100 (``benchmarks/sweep.py --only attention``; bf16, 32 heads of 128): for a
     causal 2048-token prefill no candidate (BLOCK_M 64/128 x BLOCK_N 64/128 x 4/8 warps x 2/3

@@ -59,7 +59,8 @@ _BIG_INDEX = tl.constexpr(2**62)  # "no column yet" in max_index (a jit global m
 
 
 def tile_config(n_rows: int, n_cols: int, elem_bytes: int, max_block: int = MAX_FUSED_BLOCK) -> tuple[int, int, int]:
-    """Tile shape and warp count for the row kernels of this file.
+    """Tile shape and warp count for the row kernels of this file (the sum/mean/amax/all kernel's is
+    tuned per device kind, with this as the default: ``TUNABLE`` below).
 
     ``BLOCK_N`` is :func:`~flag_gems.kernels._common.row_config`'s (the whole row up to
     MAX_FUSED_BLOCK, else MAX_FUSED_BLOCK chunks); short rows are stacked ``BLOCK_M`` to a

@@ -202,7 +202,7 @@ def _rope_kernel(
 
 @functools.lru_cache(maxsize=None)
 def rope_config(n_q_heads: int, n_k_heads: int, half_rot: int, head_dim: int, elem_bytes: int, copy_pass: bool):
-    """Block sizes and warps of the RoPE kernel.
+    """Block sizes and warps of the RoPE kernel: the heuristic, the autotuner's default (``TUNABLE`` below).
 
     A program rotates up to 1024 pairs (``BLOCK_H * BLOCK_R2``; 4 KiB read + 4 KiB written
     in bf16), enough to hide latency while keeping several programs per token for
