@@ -46,6 +46,7 @@ __all__ = [
     "python_launches",
     "reason",
     "register_aten",
+    "start",
     "stats",
     "uninstall",
 ]
@@ -198,8 +199,15 @@ def _triton_launch(kernel, variant, tensors, kinds, ints, floats, launch, cachea
     options = {"num_warps": warps}
     if stages:
         options["num_stages"] = stages
-    with device_guard(tensors[0]):
-        compiled = fn.run(*params, grid=(g0, g1, g2), warmup=False, **options)
+    from . import eager
+
+    busy = eager._BUSY  # aten calls Triton makes meanwhile (the interpreter's copies) go native
+    was, busy.active = busy.active, True
+    try:
+        with device_guard(tensors[0]):
+            compiled = fn.run(*params, grid=(g0, g1, g2), warmup=False, **options)
+    finally:
+        busy.active = was
     with _lock:
         _python_launches += 1
     if not cacheable or interpreter_mode():
@@ -397,7 +405,11 @@ def deregister_aten(handle: int) -> None:
     torch.ops.flag_gems_cpp.deregister(handle)
 
 
-def _start() -> None:
+def start() -> None:
+    """Load the library and register the wrappers (``import flag_gems`` calls it once, after
+    the op layer has defined the flag_gems ops)."""
+    if available or reason != "not loaded yet":
+        return
     _load()
     if not available:
         logger.info("flag_gems C++ runtime unavailable: %s", reason)
@@ -417,5 +429,3 @@ def _unavailable(why: str) -> None:
     available, reason = False, why
     logger.warning("flag_gems C++ runtime unavailable: %s", why)
 
-
-_start()
