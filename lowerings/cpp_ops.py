@@ -138,7 +138,9 @@ def _cat_backward(ctx, grad):
         else:  # a legacy 1-D empty input torch skips
             grads.append(grad.new_zeros(shape))
         start += size
-    return grads, None
+    # The tensors' gradients only: torch's custom_op autograd (2.13) adds dim's None itself when the
+    # first input is a Tensor[] (returning (grads, None) fails its structure check).
+    return grads
 
 
 cat.register_autograd(_cat_backward, setup_context=_cat_setup)
@@ -178,7 +180,7 @@ def _(self, dim=None, keepdim=False, *, dtype=None):
     return out.view([1] * self.dim()) if keepdim else out
 
 
-def _sum_setup(ctx, inputs, output):
+def _sum_setup(ctx, inputs, keyword_only_inputs, output):
     self, dim, keepdim = inputs[0], inputs[1], inputs[2]
     ctx.shape, ctx.dtype = self.shape, self.dtype
     nd = self.dim()
