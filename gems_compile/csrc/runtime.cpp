@@ -166,6 +166,32 @@ Driver& driver() {
 }
 #endif
 
+// The cudaStream_t of a c10::Stream, without torch's CUDA headers (they need the toolkit):
+// c10::Stream::native_handle() where this torch's CUDA guard implements it, else
+// c10::cuda::CUDAStream::stream() looked up in the already loaded libc10_cuda (a CUDAStream
+// is one c10::Stream: the member function takes a pointer to it).
+void* native_stream(const c10::Stream& s) {
+  using StreamFn = void* (*)(const void*);
+  static std::atomic<int> mode{0};  // 0 not probed, 1 native_handle, 2 CUDAStream::stream
+  static StreamFn stream_fn = nullptr;
+  const int m = mode.load(std::memory_order_acquire);
+  if (m == 1) return s.native_handle();
+  if (m == 2) return stream_fn(&s);
+  try {
+    void* h = s.native_handle();
+    mode.store(1, std::memory_order_release);
+    return h;
+  } catch (const c10::Error&) {
+  }
+  void* lib = dlopen("libc10_cuda.so", RTLD_NOW | RTLD_NOLOAD);
+  auto fn = lib ? reinterpret_cast<StreamFn>(dlsym(lib, "_ZNK3c104cuda10CUDAStream6streamEv")) : nullptr;
+  TORCH_CHECK(fn, "flag_gems C++ launcher: this torch gives no CUDA stream handle (no Stream::native_handle, "
+              "no c10::cuda::CUDAStream::stream)");
+  stream_fn = fn;
+  mode.store(2, std::memory_order_release);
+  return stream_fn(&s);
+}
+
 // ------------------------------------------------------------------ the Python hook
 
 const c10::OperatorHandle& hook_op() {
@@ -378,7 +404,7 @@ void Launch::run(const at::Tensor& on, int64_t g0, int64_t g1, int64_t g2, int64
   auto& drv = driver();
   c10::DeviceGuard guard(device);
   const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
-  auto stream = reinterpret_cast<CUstream>(impl->getStream(device).native_handle());
+  auto stream = reinterpret_cast<CUstream>(native_stream(impl->getStream(device)));
   drv.ensure_context(device.index());
   auto fn = reinterpret_cast<CUfunction>(entry->function);
   const unsigned block = 32u * static_cast<unsigned>(entry->num_warps);
