@@ -39,7 +39,7 @@ def test_bench_tune_cpu_smoke(tmp_path, monkeypatch):
                  ("tune", "tuned_us"), ("kernels", "device_us"), ("gemm_tune", "native_us"), ("gemm", "vs_cublas")):
         assert want in metrics, want
     provs = {r["provider"] for r in rows if r["section"] == "kernels" and r["metric"] == "device_us"}
-    assert {"eager", "flag_gems", "flag_gems_untuned"} <= provs
+    assert {"eager", "flag_gems", "flag_gems_tuned", "flag_gems_untuned"} <= provs
     for r in rows:
         if r["metric"] in ("device_us", "tune_s", "vs_cublas"):
             assert math.isfinite(r["value"]) and r["value"] > 0, r
