@@ -10,10 +10,10 @@ real scalars ``beta``/``alpha``. Everything else (integer or complex dtypes, mix
 shapes that do not multiply, symbolic sizes, batches above 65535) is a ``supports`` reason,
 so the eager mode runs cuBLAS and torch raises its own errors.
 
-Defaults: off (opt-in with ``include=["mm", "bmm", "addmm"]``): on the H100 this fixed-tile
-kernel ran at 0.6-0.8x cuBLAS (benchmarks/results/ops_*), and a GEMM is on by default only
-where it is at least as fast. Not rewritten in compiled graphs (cuBLAS or Inductor's
-templates do that work there).
+Policies (``flag_gems.lowerings.registry``): on in the eager mode, as every entry (a fixed tile
+table, no autotuning: the H100 rows in ``lowerings/measurements.py`` put it below cuBLAS, so it is
+not in ``preset="fast"``). Not rewritten in compiled graphs (no graph-mode data; cuBLAS or
+Inductor's templates do that work there).
 """
 
 from __future__ import annotations
@@ -28,12 +28,9 @@ from .registry import register
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REASON", "TARGETS"]
+__all__ = ["TARGETS"]
 
 aten = torch.ops.aten
-
-REASON = ("measured on H100 vs cuBLAS at [8, 4096] / [4096, 4096] @ [4096, 4096] (bf16): mm 0.64x / 0.75x, "
-          "addmm 0.59x / 0.73x, bmm 0.83x / 0.69x; a fixed tile table (no autotuning): opt-in (include=...)")
 
 
 def _operand_reason(t, name: str) -> str | None:
@@ -100,21 +97,21 @@ def _supports_addmm(self, mat1, mat2, *, beta=1, alpha=1):
     return _scalar_reason("beta", beta) or _scalar_reason("alpha", alpha)
 
 
-@register(aten.mm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_mm, default=False, reason=REASON)
+@register(aten.mm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_mm)
 def mm(self, mat2):
     """``aten::mm``: ``self [M, K] @ mat2 [K, N]``."""
     _refuse(_supports_mm(self, mat2))
     return km.matmul(self, mat2)
 
 
-@register(aten.bmm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_bmm, default=False, reason=REASON)
+@register(aten.bmm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_bmm)
 def bmm(self, mat2):
     """``aten::bmm``: ``self [B, M, K] @ mat2 [B, K, N]``."""
     _refuse(_supports_bmm(self, mat2))
     return km.matmul(self, mat2)
 
 
-@register(aten.addmm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_addmm, default=False, reason=REASON)
+@register(aten.addmm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_addmm)
 def addmm(self, mat1, mat2, *, beta=1, alpha=1):
     """``aten::addmm``: ``beta * self + alpha * (mat1 @ mat2)``; ``self`` is ignored when ``beta == 0``."""
     _refuse(_supports_addmm(self, mat1, mat2, beta=beta, alpha=alpha))
