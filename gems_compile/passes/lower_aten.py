@@ -27,8 +27,17 @@ _VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expan
           "squeeze", "split", "chunk", "alias", "detach", "as_strided", "unbind", "split_with_sizes"}
 
 
+def _val(a):
+    """A node argument as ``supports`` sees it: fake values for nodes, inside lists too (``cat``)."""
+    if isinstance(a, fx.Node):
+        return val(a)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_val(x) for x in a)
+    return a
+
+
 def _vals(args):
-    return [val(a) if isinstance(a, fx.Node) else a for a in args]
+    return [_val(a) for a in args]
 
 
 def lower_aten(gm: fx.GraphModule, report: GraphReport, everything: bool = False) -> int:
