@@ -72,7 +72,7 @@ def served(fn, mode: str) -> dict:
     """Per op, (GEMS, NATIVE) calls of one forward, from a record log written after each call."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "ops.log")
-        with _mode(mode, record=True, path=path):
+        with _mode(mode, record=True, fallbacks=True, path=path):
             fn()
         counts: dict = collections.defaultdict(lambda: [0, 0])
         with open(path) as f:

@@ -76,10 +76,13 @@ Record
 ``record=True`` appends one line per call to ``path`` (default ``~/.flaggems/oplist.log``),
 through a ``logging.FileHandler`` on the ``flag_gems.ops`` logger (not propagated while
 recording), written after the work, so it never claims what did not happen:
+``[DEBUG] flag_gems.ops.fill: GEMS FILL_SCALAR_`` once the flag_gems kernel returned (a kernel
+that raises is never logged). With ``fallbacks=True`` the calls that ran the native kernel
+are logged too, distinguishable from the GEMS lines (upstream's file has GEMS lines only, and
+parsers of it expect that, so these are opt-in):
 
-- ``[DEBUG] flag_gems.ops.fill: GEMS FILL_SCALAR_`` once the flag_gems kernel returned;
 - ``[DEBUG] flag_gems.ops.add: NATIVE ADD_TENSOR: <reason>`` when the entry's ``supports``
-  refused the input and the native kernel ran;
+  refused the input;
 - ``[WARNING] flag_gems.ops.sin: NATIVE SIN: the flag_gems kernel raised RuntimeError`` when
   the kernel failed and the native kernel redid the call.
 
@@ -235,17 +238,18 @@ def _note_not_registered(name: str, argname: str) -> None:
 
 
 class _Recorder:
-    """One ``record=True`` configuration: the file, ``once``, and the ops logged so far."""
+    """One ``record=True`` configuration: the file, ``once``, ``fallbacks``, and the ops logged so far."""
 
-    def __init__(self, path: str | None, once: bool):
+    def __init__(self, path: str | None, once: bool, fallbacks: bool = False):
         self.path = os.path.abspath(os.path.expanduser(path if path else DEFAULT_RECORD_PATH))
         self.once = once
+        self.fallbacks = fallbacks
         self._logged: set[str] = set()
         self._lock = threading.Lock()
         self._started = False
 
     def same_as(self, other: _Recorder | None) -> bool:
-        return other is not None and (self.path, self.once) == (other.path, other.once)
+        return other is not None and (self.path, self.once, self.fallbacks) == (other.path, other.once, other.fallbacks)
 
     def open(self) -> logging.Handler:
         """A handler on the file: rewritten on the first open, appended to when an outer
@@ -681,7 +685,7 @@ def _switch_recorder(new: _Recorder | None) -> None:
         _ops_logger_saved = None
     _handler, _recorder = handler, new
     _record = new.log if new is not None else _no_record
-    _record_native = new.log_native if new is not None else _no_record_native
+    _record_native = new.log_native if new is not None and new.fallbacks else _no_record_native
 
 
 def _apply() -> None:
@@ -711,10 +715,10 @@ def _set_base(config: _Config | None) -> None:
         raise
 
 
-def _config(ops: frozenset, record: bool, path, once: bool) -> _Config:
+def _config(ops: frozenset, record: bool, path, once: bool, fallbacks: bool = False) -> _Config:
     recorder = None
     if record:
-        recorder = _Recorder(path, once)
+        recorder = _Recorder(path, once, fallbacks)
         if recorder.same_as(_recorder):  # the same file and mode: keep logging into it
             recorder = _recorder
     return _Config(ops, recorder)
@@ -733,7 +737,7 @@ def _default_ops(unused, preset: str | None = None) -> frozenset:
 
 
 def enable(unused=None, record: bool = False, path: str | None = None, once: bool = False, *, exclude=None,
-           preset: str | None = None) -> None:
+           preset: str | None = None, fallbacks: bool = False) -> None:
     """Run aten ops through flag_gems kernels from now on: every registered entry, as FlagGems does.
 
     Each entry's ``supports`` sends the inputs its kernel does not take to the native kernel, so
@@ -743,11 +747,14 @@ def enable(unused=None, record: bool = False, path: str | None = None, once: boo
 
     Args:
         unused: op names to leave to PyTorch (``["sum", "add"]``; see the module docstring).
-        record: log each call to ``path``: ``GEMS <NAME>`` once a flag_gems kernel returned,
-            ``NATIVE <NAME>: <reason>`` when the call ran the native kernel.
+        record: log each call that ran a flag_gems kernel to ``path``, once the kernel
+            returned: ``[DEBUG] flag_gems.ops.add: GEMS ADD_TENSOR`` (upstream's format).
         path: the record file (default ``~/.flaggems/oplist.log``; its directory is created).
         once: with ``record``, log each op (and each fallback reason) only once.
         exclude: alias of ``unused``.
+        fallbacks: with ``record``, also log each call that ran the native kernel:
+            ``NATIVE <NAME>: <reason>`` (WARNING after a kernel error), so the file shows
+            what did not go through flag_gems and why.
         preset: None (every entry) or ``"fast"``: only the entries measured faster than the
             native kernel at every benchmark shape (``flag_gems.lowerings.registry.describe()``
             shows the figures).
@@ -757,22 +764,23 @@ def enable(unused=None, record: bool = False, path: str | None = None, once: boo
         ValueError: a name that is no aten op (the message lists close matches), an unknown preset.
     """
     with _LOCK:
-        _set_base(_config(_default_ops(_unused_arg(unused, exclude), preset), record, path, once))
+        _set_base(_config(_default_ops(_unused_arg(unused, exclude), preset), record, path, once, fallbacks))
         logger.info("flag_gems eager mode: %d aten ops on the %s key", len(_registered), runtime.dispatch_key)
 
 
-def only_enable(include, record: bool = False, path: str | None = None, once: bool = False) -> None:
+def only_enable(include, record: bool = False, path: str | None = None, once: bool = False, *,
+                fallbacks: bool = False) -> None:
     """Like :func:`enable`, for the listed ops only (any registered entry, excluded ones too).
 
     Args:
         include: op names to run through flag_gems kernels (``["add", "fill_.Scalar"]``).
-        record, path, once: as for :func:`enable`.
+        record, path, once, fallbacks: as for :func:`enable`.
 
     Raises:
         TypeError, ValueError: as for :func:`enable`.
     """
     with _LOCK:
-        _set_base(_config(_resolve(include, "include"), record, path, once))
+        _set_base(_config(_resolve(include, "include"), record, path, once, fallbacks))
         logger.info("flag_gems eager mode: %d aten ops on the %s key", len(_registered), runtime.dispatch_key)
 
 
@@ -805,7 +813,7 @@ class use_gems:  # noqa: N801  (upstream's name: a context manager used like a f
     Args:
         unused: op names to leave to PyTorch (see the module docstring).
         include: op names to use instead of every entry (minus ``unused``).
-        record, once, path: as for :func:`enable`, for the block.
+        record, once, path, fallbacks: as for :func:`enable`, for the block.
         exclude: alias of ``unused``.
         preset: as for :func:`enable` (not with ``include``).
 
@@ -815,13 +823,13 @@ class use_gems:  # noqa: N801  (upstream's name: a context manager used like a f
     """
 
     def __init__(self, unused=None, include=None, record: bool = False, once: bool = False, path=None, *, exclude=None,
-                 preset: str | None = None):
+                 preset: str | None = None, fallbacks: bool = False):
         if include is not None and preset is not None:
             raise TypeError("use_gems: pass include= or preset=, not both")
         self._unused = _unused_arg(unused, exclude)
         self._include = include
         self._preset = preset
-        self._record, self._once, self._path = record, once, path
+        self._record, self._once, self._path, self._fallbacks = record, once, path, fallbacks
         self._tokens: list = []
 
     def __enter__(self):
@@ -831,7 +839,7 @@ class use_gems:  # noqa: N801  (upstream's name: a context manager used like a f
             else:
                 ops = _default_ops(self._unused, self._preset)
             token = object()
-            _frames.append((token, _config(ops, self._record, self._path, self._once)))
+            _frames.append((token, _config(ops, self._record, self._path, self._once, self._fallbacks)))
             try:
                 _apply()
             except BaseException:

@@ -374,6 +374,11 @@ def test_unsupported_input_falls_back_to_native(table, tmp_path):
         a = torch.abs(i)  # the test entry takes floats only
         c = z + z  # no flag_gems kernel takes complex
         f = rand(4) + rand(4)
+    assert _lines(tmp_path / "log") == ["[DEBUG] flag_gems.ops.add: GEMS ADD_TENSOR"]  # upstream's file: GEMS lines only
+    with flag_gems.use_gems(include=["abs", "add"], record=True, fallbacks=True, path=tmp_path / "log"):
+        a = torch.abs(i)
+        c = z + z
+        f = rand(4) + rand(4)
     assert table.n("aten.abs.default") == 0
     assert torch.equal(a, i.abs()) and torch.equal(c, z + z) and f.dtype == torch.float32
     assert (tmp_path / "log").read_text().splitlines() == [
@@ -437,7 +442,7 @@ def test_kernel_error_falls_back_with_one_warning(table, caplog, tmp_path):
     x = rand(6)
     log = tmp_path / "ops.log"
     with caplog.at_level(logging.WARNING, logger="flag_gems.eager"):
-        with flag_gems.use_gems(include=["sin", "abs.default"], record=True, path=log):
+        with flag_gems.use_gems(include=["sin", "abs.default"], record=True, fallbacks=True, path=log):
             a, b = torch.sin(x), torch.sin(x)
             c = torch.abs(x)
     assert table.n("aten.sin.default") == 0 and table.n("aten.abs.default") == 1
@@ -464,7 +469,7 @@ def test_record_is_written_after_the_kernel_returned(table, tmp_path, checks_in_
     REGISTRY[aten.exp.default] = entry
     x = rand(3, 4)
     log = tmp_path / "ops.log"
-    with flag_gems.use_gems(include=["exp"], record=True, once=True, path=log):
+    with flag_gems.use_gems(include=["exp"], record=True, once=True, fallbacks=True, path=log):
         out = torch.exp(x)
     assert seen == [x.shape] and table.n("aten.exp.default") == 0  # the stub was reached, never returned
     assert_close(out, torch.exp(ref64(x)), torch.float32, tag("exp (native after the stub)", x.shape, x.dtype))
