@@ -145,7 +145,11 @@ def bench_graph(args, meta, device, budget) -> list[dict]:
     rows = []
     timer = device_time_us if device == "cuda" else (lambda f: wall_time_us(f))
     calls = 50 if device == "cuda" else 5
-    for name, (op, build) in CASES.items():
+    # The entries a graph decision is pending on first (fast or graph policy on), then the rest.
+    order = sorted(CASES, key=lambda c: not (REGISTRY.get(CASES[c][0]) and (REGISTRY[CASES[c][0]].fast.on
+                                                                                or REGISTRY[CASES[c][0]].graph.on)))
+    for name in order:
+        op, build = CASES[name]
         entry = REGISTRY.get(op)
         if (args.ops and name not in args.ops) or entry is None:
             continue
@@ -180,9 +184,10 @@ def bench_graph(args, meta, device, budget) -> list[dict]:
             host = {p: host_time_us(lambda c=c: c(*tensors), calls=calls, batches=3) for p, c in compiled.items()}
             dtype = case_dtype(a)
             for provider in compiled:
+                timing = getattr(us[provider], "method", "wall_clock")
                 for metric, value in (("device_us", us[provider]), ("host_us", host[provider])):
                     rows.append(dict(meta, op=name, provider=provider, shape=shape_name, dtype=dtype, metric=metric,
-                                     value=float(value)))
+                                     value=float(value), timing=timing))
             speed = float(us["graph_native"]) / float(us["graph_flag_gems"])
             rows.append(dict(meta, op=name, provider="graph_flag_gems", shape=shape_name, dtype=dtype,
                              metric="speed_vs_native", value=speed))
