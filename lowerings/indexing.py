@@ -1,16 +1,16 @@
 """Registry entries for the indexing / data-movement aten ops LLMs run eagerly.
 
-========================================  ==========================================  =========
-overload                                  kernel (``kernels/indexing.py``)            default
-========================================  ==========================================  =========
-``embedding.default``                     row gather (``index_select`` on dim 0)      yes
-``embedding_dense_backward.default``      sorted ids, one fp32 sum per id run         yes
-``index_select.default``                  row gather                                  yes
-``gather.default``                        element gather, <= 4 dims, any strides      yes
-``cat.default``                           one copy launch per non-empty input         yes
-``cumsum.default``                        row scan over the last dim                  yes
-``arange.default/.start/.start_step``     ``start + i * step``                        opt-in
-========================================  ==========================================  =========
+========================================  ==========================================
+overload                                  kernel (``kernels/indexing.py``)
+========================================  ==========================================
+``embedding.default``                     row gather (``index_select`` on dim 0)
+``embedding_dense_backward.default``      sorted ids, one fp32 sum per id run
+``index_select.default``                  row gather
+``gather.default``                        element gather, <= 4 dims, any strides
+``cat.default``                           one copy launch per non-empty input
+``cumsum.default``                        row scan over the last dim
+``arange.default/.start/.start_step``     ``start + i * step``
+========================================  ==========================================
 
 Each ``impl`` takes exactly its overload's arguments; each ``supports`` looks only at
 metadata (dtype, device, rank, sizes, Python scalars), so it runs on FakeTensors, and
