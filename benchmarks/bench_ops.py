@@ -317,7 +317,10 @@ def main(argv=None) -> int:
         except ImportError as e:
             rows.append(dict(meta, op="llama_4layer", provider="use_gems", shape="-", metric="skipped", value=str(e)))
     text = markdown(rows)
-    write_rows(rows, args.out, f"ops_{'cpu-smoke' if args.cpu_smoke else file_tag(meta)}", text)
+    # The default parts keep the historical name; other runs name their parts, so a graph run
+    # next to an ops run in one folder does not overwrite it (make_measurements reads ops_*.json).
+    named = "" if parts == {"ops", "model"} else "_".join(x for x in ("ops", "graph", "model") if x in parts) + "_"
+    write_rows(rows, args.out, f"ops_{named}{'cpu-smoke' if args.cpu_smoke else file_tag(meta)}", text)
     print(text)
     return 0
 

@@ -38,7 +38,7 @@ def test_bench_ops_graph_part_cpu_smoke(tmp_path):
 
     assert bench_ops.main(["--cpu-smoke", "--out", str(tmp_path), "--parts", "graph",
                            "--ops", "_softmax.default", "cat.default"]) == 0
-    rows = json.load(open(tmp_path / "ops_cpu-smoke.json"))
+    rows = json.load(open(tmp_path / "ops_graph_cpu-smoke.json"))
     got = {(r["op"], r["provider"], r["metric"]) for r in rows}
     for op in ("_softmax.default", "cat.default"):  # cat: a list argument, lowered too
         for prov in ("graph_native", "graph_flag_gems"):
