@@ -35,6 +35,7 @@ from the JSON rows in ``benchmarks/results/``; reasons and :func:`describe` rend
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 import torch
@@ -114,8 +115,6 @@ class Policy:
 
 def _natural(text: str) -> tuple:
     """Sort key reading digit runs as numbers (``M=64`` before ``M=512``)."""
-    import re
-
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
 
 
@@ -168,8 +167,7 @@ def graph_policy(data, proxy: bool) -> Policy:
         return _speedup_rule(data, "graph", "device time in a compiled graph")
     if not proxy:
         return Policy(False, "no graph-mode measurement (benchmarks/bench_ops.py --parts graph)")
-    p = _speedup_rule(data, "eager", "eager-call device time (proxy until graph-mode data)")
-    return p
+    return _speedup_rule(data, "eager", "eager-call device time (proxy until graph-mode data)")
 
 
 # --------------------------------------------------------------------------- entries
