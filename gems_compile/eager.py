@@ -113,7 +113,7 @@ import warnings
 
 import torch
 
-from . import availability, runtime
+from . import availability, c_runtime, runtime
 from .lowerings.registry import REGISTRY, Lowering, preset_targets
 
 logger = logging.getLogger(__name__)
@@ -587,24 +587,35 @@ def _kernel_for(entry: Lowering, key: str):
 
 class _Registration:
     """The one place an implementation is registered: ``entry``'s aten overload overridden on a
-    dispatch key by ``kernel``; ``destroy()`` restores the kernel before it.
+    dispatch key; ``destroy()`` restores the kernel before it.
+
+    What is registered, in order: ``kernel`` when given; with ``allow_cpp`` and a C++ wrapper
+    for the overload on a key the C++ runtime serves (``flag_gems.c_runtime``: ``CUDA``), that
+    wrapper (it checks each call in C++ and runs the native kernel for what it does not take);
+    otherwise the Python wrapper of :func:`_kernel_for` (``supports``/``impl``, native
+    fallback, record).
 
     Args:
         entry: the registry entry.
         key: the dispatch key (``"CUDA"``, ``"CPU"``).
-        kernel: the function to register; default: the Python wrapper of :func:`_kernel_for`
-            (``supports``/``impl``, native fallback, record). Another implementation of the
-            same contract (a C++ wrapper) is passed here.
+        allow_cpp: whether the C++ wrapper may serve it (off while recording: C++ kernels
+            write no record lines).
+        kernel: a function of the same contract to register instead.
 
     Create under ``_quiet_overrides()``.
     """
 
-    def __init__(self, entry: Lowering, key: str, kernel=None):
-        kernel = _kernel_for(entry, key) if kernel is None else kernel
+    def __init__(self, entry: Lowering, key: str, allow_cpp: bool = True, kernel=None):
         self.entry = entry
         self.kernel = kernel
         self.lib = torch.library.Library("aten", "IMPL")
-        self.lib.impl(entry.target, kernel, key)
+        self.cpp = None  # the C++ registration's handle
+        self.allow_cpp = allow_cpp
+        if kernel is None and allow_cpp and c_runtime.has_aten(entry.target) and key in c_runtime.installed_keys():
+            self.cpp = c_runtime.register_aten(entry.target, key)
+        else:
+            self.kernel = _kernel_for(entry, key) if kernel is None else kernel
+            self.lib.impl(entry.target, self.kernel, key)
         if _decomposes_above(entry.target, key):
             # A device-key kernel takes the op's Autograd<key> slot from the decomposition;
             # torch then fills it with its autograd backend fallback, which warns at backward
@@ -614,6 +625,8 @@ class _Registration:
             self.lib.impl(entry.target, torch.library.fallthrough_kernel, f"Autograd{key}")
 
     def destroy(self) -> None:
+        if self.cpp is not None:
+            c_runtime.deregister_aten(self.cpp)
         self.lib._destroy()
 
 
@@ -694,14 +707,16 @@ def _apply() -> None:
     config = _frames[-1][1] if _frames else _base
     _switch_recorder(config.recorder if config else None)
     want = {t: REGISTRY[t] for t in (config.ops if config else ()) if t in REGISTRY}
-    for target in [t for t, reg in _registered.items() if want.get(t) is not reg.entry]:
+    allow_cpp = config is None or config.recorder is None  # C++ kernels write no record lines
+    for target in [t for t, reg in _registered.items() if want.get(t) is not reg.entry or reg.allow_cpp != allow_cpp]:
         _registered.pop(target).destroy()
     key = runtime.dispatch_key
     added = sorted(set(want) - set(_registered), key=str)
     if added:
+        only_python = {} if allow_cpp else {"allow_cpp": False}
         with _quiet_overrides():
             for target in added:
-                _registered[target] = _Registration(want[target], key)
+                _registered[target] = _Registration(want[target], key, **only_python)
 
 
 def _set_base(config: _Config | None) -> None:
