@@ -107,8 +107,16 @@ def _supports_addmm(self, mat1, mat2, *, beta=1, alpha=1):
     return _scalar_reason("beta", beta) or _scalar_reason("alpha", alpha)
 
 
-@register(aten.mm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_mm)
+def _tuned(a, b, bias):
     """The tuned config; NotImplementedError (eager mode: cuBLAS runs) where cuBLAS measured faster."""
+    cfg = km.matmul_config(a, b, bias)
+    if cfg[-1]:
+        raise NotImplementedError(f"flag_gems matmul: {_NATIVE_REASON}")
+    return cfg
+
+
+@register(aten.mm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_mm)
+def mm_impl(self, mat2):
     """``aten::mm``: ``self [M, K] @ mat2 [K, N]``."""
     _refuse(_supports_mm(self, mat2))
     return km.matmul(self, mat2, config=_tuned(self, mat2, None))
