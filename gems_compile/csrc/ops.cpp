@@ -828,9 +828,20 @@ bool gemm_aten(Stack* s, int64_t rank) {
   switch (matmul_launch(arg(s, 2, 0).toTensor(), arg(s, 2, 1).toTensor(), rank, true, &out)) {
     case Gemm::Launched: return finish(s, 2, std::move(out));
     case Gemm::Python: {
+      // Once per thread: should the Python implementation come back to aten::mm (it calls
+      // torch.mm for inputs it does not take), that call gets the native kernel.
+      thread_local bool inside = false;
+      if (inside) return false;
       static const c10::OperatorHandle mm = c10::Dispatcher::singleton().findSchemaOrThrow("flag_gems::mm", "");
       static const c10::OperatorHandle bmm = c10::Dispatcher::singleton().findSchemaOrThrow("flag_gems::bmm", "");
-      (rank == 3 ? bmm : mm).callBoxed(s);
+      inside = true;
+      try {
+        (rank == 3 ? bmm : mm).callBoxed(s);
+      } catch (...) {
+        inside = false;
+        throw;
+      }
+      inside = false;
       return true;
     }
     default: return false;
