@@ -1,0 +1,255 @@
+"""A compiled graph as one flat Python function that launches its kernels directly.
+
+What ``_graph_compiler`` runs instead of ``GraphModule.forward`` (as Inductor's wrapper does
+for its graphs). For each post-autograd graph it generates::
+
+    def call(args):
+        arg0_1, arg1_1, arg2_1 = args          # inputs unpacked once; the caller's list is
+        args.clear()                           # emptied so dead inputs can be freed
+        with _device_guard(0):
+            view = arg1_1.view([8, 4096])      # views: Tensor methods (no dispatcher trip for the op lookup)
+            mm = _aten_mm(view, arg2_1)        # other aten ops: the overload's C++ callable
+            del view
+            buf0 = _empty((8, 4096), (4096, 1), _c0, _c1)       # a fused kernel: allocation
+            _k0_32.run(mm, buf0, grid=(32,), warmup=False, BLOCK=1024, num_warps=4)  # and launch
+            del mm
+            ...
+        return (buf0,)
+
+- fused pointwise kernels (``passes.pointwise_fusion``) are inlined: their outputs are
+  allocated with the graph's strides and the kernel is launched through the fast launch
+  path (``kernels._launch.FastKernel``), with the grid and every static argument as literals;
+- flag_gems ops are called as their Python implementations (``passes.direct_calls``);
+- every other aten op through its ``OpOverload``'s C++ callable (``_op``), views through
+  the equivalent Tensor method;
+- a value is deleted right after its last use (``del``), inputs included (boxed calling
+  convention: ``call(args)`` takes the list and clears it), so backward graphs free saved
+  activations as they go;
+- SymInt inputs are plain ints at run time: dynamic graphs run the same function.
+
+The source is dumped as ``graph_NNN_wrapper.py`` (``graph_NNN_backward_wrapper.py``) under
+``dump_dir``, with the generated Triton kernels at its end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+
+import torch
+from torch import fx
+
+from .kernels._common import _INTERPRETER_LOCK, interpreter_mode
+from .passes import pointwise_fusion
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["generate_wrapper"]
+
+aten = torch.ops.aten
+
+# aten views as Tensor methods: the same op, without the OpOverload call's Python frame.
+_METHODS = {
+    aten.view.default: "view", aten._unsafe_view.default: "view", aten.reshape.default: "reshape",
+    aten.expand.default: "expand", aten.permute.default: "permute", aten.transpose.int: "transpose",
+    aten.t.default: "t", aten.unsqueeze.default: "unsqueeze", aten.squeeze.dim: "squeeze",
+    aten.squeeze.dims: "squeeze", aten.squeeze.default: "squeeze", aten.select.int: "select",
+    aten.as_strided.default: "as_strided", aten.sym_size.int: "size", aten.sym_stride.int: "stride",
+    aten.sym_numel.default: "numel", aten.sym_storage_offset.default: "storage_offset",
+}
+_BINARY = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.floordiv: "//", operator.mod: "%",
+           operator.truediv: "/", operator.eq: "==", operator.ne: "!=", operator.lt: "<", operator.le: "<=",
+           operator.gt: ">", operator.ge: ">=", operator.pow: "**"}
+_GUARDS = getattr(torch._C._dynamo, "guards", None)
+_EMPTY_CUDA = getattr(_GUARDS, "_empty_strided_cuda", None)
+
+
+class _Namespace:
+    """Globals of the generated function, named by kind (``_aten_mm``, ``_c3``, ``_k0_32``)."""
+
+    def __init__(self):
+        self.globals = {"torch": torch, "math": math}
+        self.by_id: dict = {}
+
+    def add(self, obj, hint: str) -> str:
+        key = id(obj)
+        if isinstance(obj, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
+            key = (type(obj), obj)  # equal constants share one name
+        name = self.by_id.get(key)
+        if name is None:
+            base = "_" + "".join(c if c.isalnum() else "_" for c in hint).strip("_")
+            name, k = base, 0
+            while name in self.globals:
+                k += 1
+                name = f"{base}_{k}"
+            self.globals[name] = obj
+            self.by_id[key] = name
+        return name
+
+    def const(self, obj) -> str:
+        """Python source for a constant argument."""
+        if obj is None or isinstance(obj, (bool, int, str)):
+            return repr(obj)
+        if isinstance(obj, float):
+            return repr(obj) if math.isfinite(obj) else self.add(obj, f"c_{obj}")
+        if isinstance(obj, (list, tuple)):
+            inner = ", ".join(self.const(x) for x in obj)
+            return f"[{inner}]" if isinstance(obj, list) else f"({inner}{',' if len(obj) == 1 else ''})"
+        return self.add(obj, "c")
+
+
+def _device(gm) -> torch.device | None:
+    """The CUDA device the graph's tensors live on (None: no CUDA tensor)."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        vs = v if isinstance(v, (list, tuple)) else [v]
+        for x in vs:
+            if isinstance(x, torch.Tensor) and x.device.type == "cuda":
+                return x.device
+    return None
+
+
+def generate_wrapper(gm: fx.GraphModule, name: str = "call") -> tuple[str, dict]:
+    """The flat function for ``gm``'s graph: ``(source, globals)``; exec the source with the
+    globals and call ``globals[name](args)``.
+
+    Raises:
+        NotImplementedError: a node the generator does not handle (the caller falls back).
+    """
+    ns = _Namespace()
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    var = {}  # node -> Python name of its value (None: no value kept)
+    last_use = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            last_use[a] = n
+    inline_getitem = {}  # getitem node -> name already bound by the fused launch
+    device = _device(gm)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    body: list[str] = []
+
+    def fmt(a) -> str:
+        if isinstance(a, fx.Node):
+            return var[a]
+        if isinstance(a, (list, tuple)):
+            inner = ", ".join(fmt(x) for x in a)
+            return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
+        if isinstance(a, dict):
+            return "{" + ", ".join(f"{k!r}: {fmt(v)}" for k, v in a.items()) + "}"
+        return ns.const(a)
+
+    def call_args(n) -> str:
+        parts = [fmt(a) for a in n.args] + [f"{k}={fmt(v)}" for k, v in n.kwargs.items()]
+        return ", ".join(parts)
+
+    kernel_sources = []
+    for n in nodes:
+        if n.op == "placeholder":
+            var[n] = n.name
+            continue
+        if n.op == "output":
+            body.append(f"return {fmt(n.args[0])}")
+            break
+        if n.op == "get_attr":
+            obj = gm
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            var[n] = n.name
+            body.append(f"{n.name} = {ns.add(obj, n.target)}")
+        elif n.op != "call_function":
+            raise NotImplementedError(f"{n.op} node {n.name}")
+        elif n in inline_getitem:
+            var[n] = inline_getitem[n]
+            continue
+        else:
+            launch = getattr(n.target, "gems_launch", None)
+            if launch is not None:
+                body += _fused_lines(n, launch, var, ns, inline_getitem, device)
+                kernel_sources += [src for src in launch.kernel.sources.values()]
+            else:
+                body.append(_call_line(n, ns, fmt, call_args))
+                var[n] = n.name if n.users else None
+        dead = [a for a in n.all_input_nodes if last_use.get(a) is n and var.get(a)]
+        if n.op == "call_function" and not n.users and var.get(n):
+            dead.append(n)
+        if dead:
+            body.append("del " + ", ".join(sorted({var[a] for a in dead})))
+            for a in dead:
+                var[a] = None if a is n else var[a]
+    lines = [f"def {name}(args):"]
+    if placeholders:
+        lines.append(f"    {', '.join(p.name for p in placeholders)}, = args")
+    lines.append("    args.clear()")
+    unused = [p.name for p in placeholders if p not in last_use]
+    if unused:
+        lines.append(f"    del {', '.join(unused)}")
+    if device is not None:
+        guard = ns.add(torch.cuda._DeviceGuard, "device_guard")
+        lines.append(f"    with {guard}({device.index if device.index is not None else 0}):")
+    elif interpreter_mode():
+        lines.append(f"    with {ns.add(_INTERPRETER_LOCK, 'interpreter_lock')}:")
+    else:
+        lines.append("    if True:")
+    lines += [f"        {line}" for line in body]
+    src = "\n".join(lines) + "\n"
+    if kernel_sources:
+        src += "\n\n# Generated Triton kernels launched above:\n" + "\n".join(
+            "# " + line for s in dict.fromkeys(kernel_sources) for line in s.splitlines())
+        src += "\n"
+    return src, ns.globals
+
+
+def _call_line(n: fx.Node, ns: _Namespace, fmt, call_args) -> str:
+    t = n.target
+    lhs = f"{n.name} = " if n.users else ""
+    if t is operator.getitem:
+        return f"{lhs}{fmt(n.args[0])}[{fmt(n.args[1])}]"
+    if t in _BINARY and len(n.args) == 2 and not n.kwargs:
+        return f"{lhs}{fmt(n.args[0])} {_BINARY[t]} {fmt(n.args[1])}"
+    method = _METHODS.get(t)
+    if method is not None and not n.kwargs and n.args and isinstance(n.args[0], fx.Node):
+        rest = ", ".join(fmt(a) for a in n.args[1:])
+        return f"{lhs}{fmt(n.args[0])}.{method}({rest})"
+    if isinstance(t, torch._ops.OpOverload):
+        fn = getattr(t, "_op", t)
+        return f"{lhs}{ns.add(fn, 'aten_' + str(t).replace('aten.', '').replace('.', '_') if t.namespace == 'aten' else str(t))}({call_args(n)})"
+    if callable(t):
+        return f"{lhs}{ns.add(t, getattr(t, '__name__', 'fn'))}({call_args(n)})"
+    raise NotImplementedError(f"call_function target {t!r}")
+
+
+def _fused_lines(n, launch, var, ns, inline_getitem, device) -> list[str]:
+    """A fused kernel's launch, with its outputs bound to the names of the getitem nodes that read them."""
+    k = len(launch.outputs)
+    outs = [f"{n.name}_out{i}" for i in range(k)]
+    for u in n.users:
+        if u.target is operator.getitem and isinstance(u.args[1], int) and not u.kwargs:
+            outs[u.args[1]] = u.name
+            inline_getitem[u] = u.name
+    if any(u not in inline_getitem for u in n.users):
+        raise NotImplementedError(f"fused node {n.name} read other than by index")
+    args = [var[a] if isinstance(a, fx.Node) else ns.const(a) for a in n.args]
+    ins, syms = args[:launch.n_inputs], args[launch.n_inputs:]
+    kern = launch.kernel
+    k32 = ns.add(kern.kernel(False), f"k_{kern.name}_32") if False in kern.sources else "None"
+    k64 = ns.add(kern.kernel(True), f"k_{kern.name}_64") if True in kern.sources else "None"
+    fast_cuda = _EMPTY_CUDA is not None and pointwise_fusion.EMPTY_STRIDED is pointwise_fusion._empty_strided
+    generic = ns.add(pointwise_fusion.EMPTY_STRIDED, "empty_strided")
+
+    def empty(shape, stride, dtype, dev):
+        if fast_cuda and device is not None and dev == device:  # under the wrapper's device guard
+            return f"{ns.add(_EMPTY_CUDA, 'empty_cuda')}({shape}, {stride}, {ns.const(dtype)})"
+        return f"{generic}({shape}, {stride}, {ns.const(dtype)}, {ns.const(dev)})"
+
+    ints, alloc, run = launch.lines(ins, syms, outs, k32, k64, empty,
+                                    ns.add(pointwise_fusion.launch_config, "launch_config"), f"_{n.name}_")
+    lines = ints + alloc + run
+    unused = [o for i, o in enumerate(outs) if o == f"{n.name}_out{i}"]
+    if unused:
+        lines.append(f"del {', '.join(unused)}")
+    for u in n.users:
+        if not u.users:  # an output nobody reads
+            lines.append(f"del {u.name}")
+    return lines
