@@ -33,7 +33,8 @@ class CompileOptions:
         max_autotune: with ``inductor``, let Inductor autotune (``mode="max-autotune"``);
             without ``inductor`` the backend has nothing to autotune and ignores it.
         fuse_pointwise: after autograd, group the remaining pointwise and indexing aten ops into
-            generated Triton kernels (``passes.pointwise_fusion``).
+            generated Triton kernels (``passes.pointwise_fusion``). Off by default with
+            ``lower_aten="all"``, which asks for one registry kernel per aten op.
         wrapper: run each compiled graph as one generated flat Python function that launches its
             kernels directly (``flag_gems.wrapper``), instead of the FX GraphModule's forward.
     """
@@ -76,6 +77,8 @@ class CompileOptions:
             if bad:
                 raise ValueError(f"flag_gems backend: unknown fusions {bad}; valid: {', '.join(FUSIONS)}")
             options["fusions"] = fusions
+        if options.get("lower_aten") == "all":
+            options.setdefault("fuse_pointwise", False)
         if mode == "reduce-overhead":
             options.setdefault("cudagraphs", True)
         if mode in ("max-autotune", "max-autotune-no-cudagraphs"):

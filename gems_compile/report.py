@@ -30,6 +30,8 @@ class GraphReport:
         kept: aten op -> {reason: count}: nodes left to PyTorch and why.
         fallback: set when the whole graph ran unmodified (the reason).
         notes: other per-graph remarks (one line each).
+        generated: generated kernel name -> how many launches of it one call makes (the pointwise
+            fusion pass's kernels; identical groups share a name).
         kernels: graph kind -> ``(before, after)``: CUDA kernels one call launches, counted from
             the graph's nodes before and after the post-autograd passes (pointwise fusion, aten
             lowering); see ``passes.pointwise_rules.native_kernels``.
@@ -43,6 +45,7 @@ class GraphReport:
     kept: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(collections.Counter))
     fallback: str | None = None
     notes: list = dataclasses.field(default_factory=list)
+    generated: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     kernels: dict = dataclasses.field(default_factory=dict)
     layers: int | None = None
 
@@ -84,6 +87,7 @@ class GraphReport:
             "kept": {op: dict(r) for op, r in self.kept.items()},
             "fallback": self.fallback,
             "notes": list(self.notes),
+            "generated": dict(self.generated),
             "kernels": {k: {"before": b, "after": a} for k, (b, a) in self.kernels.items()},
             "layers": self.layers,
         }
@@ -103,7 +107,10 @@ class GraphReport:
         if by_reason:
             lines.append("  kept as aten, by reason:")
             lines += [f"    - {reason}: {', '.join(ops)}" for reason, ops in sorted(by_reason.items())]
-        if not (self.fused or self.lowered or by_reason):
+        if self.generated:
+            lines.append(f"  generated kernels: {sum(self.generated.values())} launches of {len(self.generated)} "
+                         f"kernels: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.generated.items())))
+        if not (self.fused or self.lowered or by_reason or self.generated):
             lines.append("  (nothing fused or lowered)")
         kernels = self.kernel_line()
         if kernels:
@@ -133,6 +140,14 @@ class CompileReport:
         for g in self.graphs:
             for k, v in g.fused.items():
                 out[k.split("[")[0]] += v
+        return out
+
+    @property
+    def generated(self) -> collections.Counter:
+        """Generated (pointwise fusion) kernel launches by kernel name, summed over graphs."""
+        out = collections.Counter()
+        for g in self.graphs:
+            out.update(g.generated)
         return out
 
     @property

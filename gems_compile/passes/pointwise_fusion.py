@@ -580,8 +580,8 @@ def fuse_pointwise(gm: fx.GraphModule, report=None, kind: str = "graph") -> int:
 
     Args:
         gm: a post-autograd aten graph (values in ``meta["val"]``).
-        report: a :class:`~flag_gems.report.GraphReport` (optional): one ``pointwise`` fusion per
-            kernel, a note with the totals.
+        report: a :class:`~flag_gems.report.GraphReport` (optional): each kernel under
+            ``generated``, a note with the totals.
         kind: the graph's kind (inference, forward, backward), for the note.
 
     Returns:
@@ -639,7 +639,7 @@ def fuse_pointwise(gm: fx.GraphModule, report=None, kind: str = "graph") -> int:
             prev.append(d)
             prev = d
         if report is not None:
-            report.fuse("pointwise")
+            report.generated[fn.gems_launch.kernel.name] += 1
     for r, g, mem in replace:  # the kernel's own members keep the old node: they are dead now
         r.replace_all_uses_with(g, delete_user_cb=lambda u, mem=mem: u not in mem)
     if built or removed:
