@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import linecache
 import math
 import re
@@ -57,7 +58,8 @@ from .pointwise import _MATH_GPU, _MATH_INTERP, _TL_DTYPES, PointwiseOp, _downca
 from .pointwise import _div_interp, _pow_interp, _recip32, _recip64, _tanh_interp, _upcast_interp
 
 __all__ = [
-    "Affine", "Cast", "Cat", "Const", "Expr", "FusedKernel", "Gather", "Iota", "Load", "Op", "Pad", "Reshape",
+    "Affine", "Cast", "Cat", "Const", "Expr", "FusedKernel", "Gather", "Iota", "Load", "Op", "Pad", "Reduce", "Reshape",
+    "Scan",
     "fused_kernel", "fused_kernel_cache_info", "reg_dtype",
 ]
 
@@ -167,6 +169,28 @@ class Iota(Expr):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class Reduce(Expr):
+    """``op`` (sum, amax, amin) of ``x`` over ``dims`` (static sizes; unrolled), accumulated in
+    ``acc``; ``keepdim`` as torch's. ``scale`` multiplies the result (a mean's 1 / count)."""
+
+    x: Expr
+    dims: tuple
+    op: str
+    keepdim: bool
+    acc: torch.dtype
+    scale: object = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Scan(Expr):
+    """``cumsum`` of ``x`` along ``dim`` (a static size; unrolled), accumulated in ``acc``."""
+
+    x: Expr
+    dim: int
+    acc: torch.dtype
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Gather(Expr):
     """``aten.index.Tensor(src, indices)``: ``indices[j]`` (an integer Expr or None) indexes dim j
     of ``src``; the non-None ones are adjacent, broadcast together, and replace those dims."""
@@ -204,22 +228,51 @@ def _lit(value, dtype: torch.dtype) -> str:
     return f"tl.full([], {int(value)}, {t})"
 
 
+def _int(x) -> int | None:
+    """``x`` as an int when it is a literal (an int, or a string of one), else None."""
+    if isinstance(x, int):
+        return x
+    return int(x) if re.fullmatch(r"-?\d+", x) else None
+
+
 def _mul(a, b) -> str:
-    """Index product ``a * b`` (strings or ints), simplified for 0 and 1."""
-    if a == "0" or b == 0 or b == "0":
+    """Index product ``a * b`` (strings or ints), folded when both are literals."""
+    ia, ib = _int(a), _int(b)
+    if ia == 0 or ib == 0:
         return "0"
-    if b == 1:
-        return a
-    if a == "1":
+    if ia is not None and ib is not None:
+        return str(ia * ib)
+    if ib == 1:
+        return str(a)
+    if ia == 1:
         return str(b)
     return f"{a} * {b}"
 
 
 def _add(terms) -> str:
-    terms = [str(t) for t in terms if t not in ("0", 0)]
-    if not terms:
+    """Index sum (strings or ints), literal terms folded into one."""
+    const, rest = 0, []
+    for t in terms:
+        v = _int(t)
+        if v is None:
+            rest.append(str(t))
+        else:
+            const += v
+    if const:
+        rest.append(str(const))
+    if not rest:
         return "0"
-    return terms[0] if len(terms) == 1 else "(" + " + ".join(terms) + ")"
+    return rest[0] if len(rest) == 1 else "(" + " + ".join(rest) + ")"
+
+
+def _sub(a, b) -> str:
+    """Index difference ``a - b``, folded when both are literals."""
+    ia, ib = _int(a), _int(b)
+    if ib == 0:
+        return str(a)
+    if ia is not None and ib is not None:
+        return str(ia - ib)
+    return f"({a} - {b})"
 
 
 class _Codegen:
@@ -375,14 +428,14 @@ class _Codegen:
     def _cat(self, e: Cat, idx, mask):
         self.ops.add("cat")
         d, i = e.dim, idx[e.dim]
-        if re.fullmatch(r"\d+", i) and all(isinstance(o, int) for o in e.offsets):  # a known position
-            k = max(j for j, o in enumerate(e.offsets) if o <= int(i))
-            sub = idx[:d] + (str(int(i) - e.offsets[k]),) + idx[d + 1:]
+        if _int(i) is not None and all(isinstance(o, int) for o in e.offsets):  # a known position
+            k = max(j for j, o in enumerate(e.offsets) if o <= _int(i))
+            sub = idx[:d] + (str(_int(i) - e.offsets[k]),) + idx[d + 1:]
             return self.cast(self.value(e.inputs[k], sub, mask), e.inputs[k].dtype, e.dtype)
         out = None
         for k in range(len(e.inputs) - 1, -1, -1):
             x, off = e.inputs[k], e.offsets[k]
-            sub = idx[:d] + (i if off == 0 else f"({i} - {off})",) + idx[d + 1:]
+            sub = idx[:d] + (_sub(i, off),) + idx[d + 1:]
             if k == len(e.inputs) - 1:
                 out = self.cast(self.value(x, sub, self.and_mask(mask, f"{i} >= {off}")), x.dtype, e.dtype)
                 continue
@@ -395,10 +448,15 @@ class _Codegen:
         self.ops.add("constant_pad_nd")
         sub, conds = [], []
         for i, lo, size, out_size in zip(idx, e.lo, e.x.shape, e.shape):
-            j = i if lo == 0 else f"({i} - {lo})"
+            j = _sub(i, lo)
             sub.append("0" if size == 1 and lo == 0 else j)
-            if lo != 0 or size != out_size:  # a padded (or cropped) dim
-                conds.append(f"({j} >= 0) & ({j} < {size})")
+            if lo == 0 and size == out_size:
+                continue
+            if _int(j) is not None and isinstance(size, int):  # a known position
+                if not 0 <= _int(j) < size:
+                    return _lit(e.value, reg_dtype(e.dtype))
+                continue
+            conds.append(f"({j} >= 0) & ({j} < {size})")  # a padded (or cropped) dim
         if not conds:
             return self.value(e.x, tuple(sub), mask)
         cond = self.emit(" & ".join(f"({c})" for c in conds), prefix="c")
@@ -410,8 +468,8 @@ class _Codegen:
         r = reg_dtype(e.dtype)
         T = _tl(torch.float64 if r.is_floating_point else r)  # float aranges: start + i * step in fp64
         i = idx[0]
-        code = _add([_mul(f"{i}.to({T})" if i != "0" else "0", e.step), e.start])
-        if re.fullmatch(r"-?\d+", code):
+        code = _add([_mul(i if _int(i) is not None else f"{i}.to({T})", e.step), e.start])
+        if _int(code) is not None:
             code = f"tl.full([], {code}, {T})"
         return self.emit(f"({code}).to({_tl(r)})")
 
@@ -435,6 +493,42 @@ class _Codegen:
         sub += list(idx[first + b:])
         # An index out of range is torch's error; here it reads nothing (never out of bounds).
         return self.value(src, tuple(sub), self.and_mask(mask, *conds))
+
+    def _reduce(self, e: Reduce, idx, mask):
+        self.ops.add(e.op)
+        nd = len(e.x.shape)
+        out_dims = [d for d in range(nd) if e.keepdim or d not in e.dims]  # x dims the result keeps
+        base = dict(zip(out_dims, idx))
+        acc, T = e.acc, _tl(e.acc)
+        total = None
+        for combo in itertools.product(*(range(e.x.shape[d]) for d in e.dims)):
+            sub = dict(base)
+            sub.update({d: str(k) for d, k in zip(e.dims, combo)})
+            v = self.retype(self.value(e.x, tuple(sub[d] for d in range(nd)), mask), reg_dtype(e.x.dtype), acc)
+            if total is None:
+                total = v
+            elif e.op == "sum":
+                total = self.emit(f"{total} + {v}")
+            else:
+                total = self.emit(f"{'_maximum' if e.op == 'amax' else '_minimum'}({total}, {v})")
+        if total is None:  # nothing to reduce over: the identity
+            total = _lit(0, acc) if e.op == "sum" else _lit(float("-inf" if e.op == "amax" else "inf"), acc)
+        if e.scale is not None:
+            total = self.emit(f"{total} * {_lit(e.scale, acc)}")
+        return self.emit(self.retype(f"({total}).to({T})", acc, e.dtype))
+
+    def _scan(self, e: Scan, idx, mask):
+        self.ops.add("cumsum")
+        d, i = e.dim, idx[e.dim]
+        T = _tl(e.acc)
+        known = _int(i)  # a known position: its prefix only
+        total = _lit(0, e.acc)
+        for k in range(e.x.shape[d] if known is None else known + 1):
+            sub = idx[:d] + (str(k),) + idx[d + 1:]
+            v = self.retype(self.value(e.x, sub, mask), reg_dtype(e.x.dtype), e.acc)
+            total = self.emit(f"{total} + {v}" if known is not None else
+                              f"{total} + tl.where({k} <= {i}, {v}, {_lit(0, e.acc)})")
+        return self.emit(self.retype(f"({total}).to({T})", e.acc, e.dtype))
 
     # ----------------------------------------------------------- kernel text
     def source(self, name: str, outputs, out_strides, n_inputs: int, int_params) -> str:

@@ -323,3 +323,40 @@ def test_option_turns_the_pass_off(device):
     x = rand(4, 8, device=device)
     report = flag_gems.explain(lambda a: (a * 2).exp(), x, options={"strict": True, "fuse_pointwise": False})
     assert not report.generated and report.graphs[0].kernels["inference"] == (2, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_small_reductions_and_scans_are_unrolled(dtype, device):
+    # GQA's backward sums the repeated heads (4 here); a decode step's position cumsum runs over
+    # one token. Static extents up to MAX_UNROLL become part of the kernel; longer ones stay aten.
+    def f(g, x, ids):
+        heads = (g * 2).view(2, 3, 4, 5).sum(2, keepdim=True)
+        peak = x.view(2, 3, 4, 5).amax(1) - x.view(2, 3, 4, 5).amin(1)
+        avg = x.view(6, 4, 5).mean(1) * 3
+        pos = ids.ne(1).cumsum(-1) - 1
+        return heads, peak, avg, pos, x.sum(-1)  # the last: over 20 elements, left to aten
+
+    g, x = rand(6, 20, dtype=dtype, device=device), rand(6, 20, dtype=dtype, device=device)
+    ids = torch.randint(0, 3, (2, 7), device=device)
+    gm, _ = fuse(f, g, x, ids)
+    assert len(fused(gm)) == 4 and aten_ops(gm) == ["aten.sum.dim_IntList"], gm.code
+    got, want = gm(g, x, ids), f(*as64(g, x), ids)
+    for k, (o, r) in enumerate(zip(got[:3], want[:3])):
+        assert o.dtype == dtype
+        assert_close(o, r, dtype, tag(f"unrolled reduction {k}", r.shape, dtype))
+    assert got[3].dtype == torch.int64 and torch.equal(got[3], want[3])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels run in the tests above")
+def test_generated_kernels_compile_for_sm90():
+    # The interpreter runs other source (numpy math helpers); this compiles the GPU source of the
+    # rope-table, mask, GQA and cast kernels for an H100/H200 target with Triton, no GPU needed.
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "_sm90_compile.py")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compiled 5" in out.stdout, out.stdout + out.stderr[-2000:]

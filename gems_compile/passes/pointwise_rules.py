@@ -10,6 +10,9 @@ One rule per aten overload: ``rule(ctx, node) -> Expr | reason``, building the n
   or/xor/not, ``clamp``, ``relu``, ``threshold_backward``, ``isnan``, ``rsub``, ``remainder``);
 - **constants**: ``scalar_tensor``, ``full``, ``ones``/``zeros`` and their ``new_``/``_like`` forms;
 - **index**: ``arange``, ``cat``, ``constant_pad_nd``, ``index.Tensor`` (integer indices);
+- **small reductions**: ``sum``, ``mean``, ``amax``, ``amin`` and ``cumsum`` over at most
+  ``MAX_UNROLL`` elements of static size, unrolled (GQA's backward sum over the repeated heads,
+  a decode step's cumsum over one position);
 - **views** of an intermediate: expand, (un)squeeze, permute, transpose, t, slice, select,
   alias, view / ``_unsafe_view``. A view of a tensor the kernel reads is no index math at all:
   the load takes the view's own strides (its FX value's), so no view op runs.
@@ -27,7 +30,7 @@ import torch
 from torch import fx
 
 from ..kernels.pointwise import OPS, PointwiseOp, op_dtypes
-from ..kernels.pointwise_fused import Affine, Cast, Cat, Const, Expr, Gather, Iota, Op, Pad, Reshape
+from ..kernels.pointwise_fused import Affine, Cast, Cat, Const, Expr, Gather, Iota, Op, Pad, Reduce, Reshape, Scan, reg_dtype
 from ..lowerings.pointwise import OVERLOADS
 
 aten = torch.ops.aten
@@ -293,6 +296,55 @@ def _index(ctx, node):
     return Gather(_shape(ctx, node), _val(node).dtype, ctx.ir(src), irs)
 
 
+# --------------------------------------------------------------------------- small reductions
+
+# Reductions and scans over at most this many elements (static sizes) are unrolled in the
+# kernel: the grouped-query-attention backward's sum over the repeated heads, a decode step's
+# cumsum over one position. Longer ones stay aten (a row reduction is another kernel shape).
+MAX_UNROLL = 16
+
+
+def _reduced_dims(x, dims) -> list | str:
+    nd = x.dim()
+    dims = list(range(nd)) if dims is None or len(dims) == 0 else [d % max(nd, 1) for d in dims]
+    sizes = [x.shape[d] for d in dims]
+    if any(isinstance(s, torch.SymInt) for s in sizes):
+        return "a reduction over a symbolic size"
+    if math.prod(sizes) > MAX_UNROLL:
+        return f"a reduction over {math.prod(sizes)} elements (unrolled up to {MAX_UNROLL})"
+    return sorted(set(dims))
+
+
+def _reduction(op: str, mean: bool = False):
+    def rule(ctx, node):
+        a = node_args(node)
+        x, out = _val(a["self"]), _val(node)
+        if x.dtype is torch.bool and op != "sum" or (mean and not x.dtype.is_floating_point):
+            return f"{node.target} of {x.dtype}"
+        dims = _reduced_dims(x, a.get("dim"))
+        if isinstance(dims, str):
+            return dims
+        acc = reg_dtype(out.dtype) if out.dtype.is_floating_point or out.dtype is torch.bool else torch.int64
+        scale = 1.0 / math.prod(x.shape[d] for d in dims) if mean else None
+        keepdim = bool(a.get("keepdim", False)) and len(out.shape) == x.dim()
+        return Reduce(_shape(ctx, node), out.dtype, ctx.ir(a["self"]), tuple(dims), op, keepdim,
+                      acc if out.dtype is not torch.bool else torch.int64, scale)
+
+    return rule
+
+
+def _cumsum(ctx, node):
+    a = node_args(node)
+    x, out = _val(a["self"]), _val(node)
+    dims = _reduced_dims(x, [a["dim"]]) if x.dim() else [0]
+    if isinstance(dims, str):
+        return dims
+    if x.dim() == 0:
+        return "cumsum of a 0-d tensor"
+    acc = reg_dtype(out.dtype) if out.dtype.is_floating_point else torch.int64
+    return Scan(_shape(ctx, node), out.dtype, ctx.ir(a["self"]), dims[0], acc)
+
+
 # --------------------------------------------------------------------------- views of intermediates
 
 
@@ -493,6 +545,12 @@ def _rules() -> dict:
         aten.cat.default: _cat,
         aten.constant_pad_nd.default: _pad,
         aten.index.Tensor: _index,
+        aten.sum.dim_IntList: _reduction("sum"),
+        aten.sum.default: _reduction("sum"),
+        aten.mean.dim: _reduction("sum", mean=True),
+        aten.amax.default: _reduction("amax"),
+        aten.amin.default: _reduction("amin"),
+        aten.cumsum.default: _cumsum,
     })
     for target, fn in VIEWS.items():
         rules[target] = _view_rule(fn)
