@@ -63,6 +63,7 @@ _BINARY = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.flo
            operator.gt: ">", operator.ge: ">=", operator.pow: "**"}
 _GUARDS = getattr(torch._C._dynamo, "guards", None)
 _EMPTY_CUDA = getattr(_GUARDS, "_empty_strided_cuda", None)
+_REINTERPRET = getattr(_GUARDS, "_reinterpret_tensor", None)
 
 
 class _Namespace:
@@ -110,6 +111,41 @@ def _device(gm) -> torch.device | None:
     return None
 
 
+def _is_view(n: fx.Node) -> bool:
+    t = n.target
+    return (n.op == "call_function" and isinstance(t, torch._ops.OpOverload)
+            and (t.is_view or t is aten._unsafe_view.default)  # _unsafe_view: a view of a fresh tensor
+            and t not in (aten.sym_size.int, aten.sym_stride.int))
+
+
+def _static(v) -> bool:
+    return isinstance(v, torch.Tensor) and not any(
+        isinstance(x, torch.SymInt) for x in (*v.shape, *v.stride(), v.storage_offset()))
+
+
+def _collapsed_views(nodes, output) -> dict:
+    """View nodes computed straight from the tensor their chain of views starts at, with the
+    sizes and strides of their FX value (one ``reinterpret_tensor`` call for a chain of views,
+    as Inductor's wrapper does): view -> base. Views whose users are all views are not computed
+    at all. Static shapes only; outputs keep torch's own view ops (aliasing outputs replay them)."""
+    if _REINTERPRET is None:
+        return {}
+    out_nodes = set(output.all_input_nodes)
+    collapsed = {}
+    for n in nodes:
+        if not _is_view(n) or n in out_nodes or not isinstance(n.args[0], fx.Node):
+            continue
+        base = n.args[0]
+        while base in collapsed:
+            base = collapsed[base]
+        while _is_view(base) and all(_is_view(u) for u in base.users) and base not in out_nodes:
+            base = base.args[0]
+        if base is not n.args[0] or _static(n.meta.get("val")):
+            if _static(n.meta.get("val")) and _static(base.meta.get("val")):
+                collapsed[n] = base
+    return collapsed
+
+
 def generate_wrapper(gm: fx.GraphModule, name: str = "call") -> tuple[str, dict]:
     """The flat function for ``gm``'s graph: ``(source, globals)``; exec the source with the
     globals and call ``globals[name](args)``.
@@ -120,11 +156,23 @@ def generate_wrapper(gm: fx.GraphModule, name: str = "call") -> tuple[str, dict]
     ns = _Namespace()
     graph = gm.graph
     nodes = list(graph.nodes)
-    var = {}  # node -> Python name of its value (None: no value kept)
+    output = next(n for n in reversed(nodes) if n.op == "output")
+    collapsed = _collapsed_views(nodes, output)
+    # Views only other (collapsed) views read are never computed.
+    skipped = {n for n in collapsed if n.users and all(u in collapsed for u in n.users)}
+
+    def inputs(n):
+        if n in collapsed:
+            return [collapsed[n]]
+        return n.all_input_nodes
+
     last_use = {}
     for n in nodes:
-        for a in n.all_input_nodes:
+        if n in skipped:
+            continue
+        for a in inputs(n):
             last_use[a] = n
+    var = {}  # node -> Python name of its value (None: no value kept)
     inline_getitem = {}  # getitem node -> name already bound by the fused launch
     device = _device(gm)
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -152,6 +200,8 @@ def generate_wrapper(gm: fx.GraphModule, name: str = "call") -> tuple[str, dict]
         if n.op == "output":
             body.append(f"return {fmt(n.args[0])}")
             break
+        if n in skipped:
+            continue
         if n.op == "get_attr":
             obj = gm
             for part in n.target.split("."):
@@ -163,6 +213,12 @@ def generate_wrapper(gm: fx.GraphModule, name: str = "call") -> tuple[str, dict]
         elif n in inline_getitem:
             var[n] = inline_getitem[n]
             continue
+        elif n in collapsed:
+            v, b = n.meta["val"], collapsed[n].meta["val"]
+            delta = v.storage_offset() - b.storage_offset()
+            body.append(f"{n.name} = {ns.add(_REINTERPRET, 'reinterpret_tensor')}({var[collapsed[n]]}, "
+                        f"{tuple(v.shape)!r}, {tuple(v.stride())!r}, {delta})")
+            var[n] = n.name
         else:
             launch = getattr(n.target, "gems_launch", None)
             if launch is not None:
@@ -171,13 +227,11 @@ def generate_wrapper(gm: fx.GraphModule, name: str = "call") -> tuple[str, dict]
             else:
                 body.append(_call_line(n, ns, fmt, call_args))
                 var[n] = n.name if n.users else None
-        dead = [a for a in n.all_input_nodes if last_use.get(a) is n and var.get(a)]
+        dead = [a for a in inputs(n) if last_use.get(a) is n and var.get(a)]
         if n.op == "call_function" and not n.users and var.get(n):
             dead.append(n)
         if dead:
             body.append("del " + ", ".join(sorted({var[a] for a in dead})))
-            for a in dead:
-                var[a] = None if a is n else var[a]
     lines = [f"def {name}(args):"]
     if placeholders:
         lines.append(f"    {', '.join(p.name for p in placeholders)}, = args")
@@ -210,8 +264,10 @@ def _call_line(n: fx.Node, ns: _Namespace, fmt, call_args) -> str:
         return f"{lhs}{fmt(n.args[0])} {_BINARY[t]} {fmt(n.args[1])}"
     method = _METHODS.get(t)
     if method is not None and not n.kwargs and n.args and isinstance(n.args[0], fx.Node):
-        rest = ", ".join(fmt(a) for a in n.args[1:])
-        return f"{lhs}{fmt(n.args[0])}.{method}({rest})"
+        rest = list(n.args[1:])
+        if len(rest) == 1 and isinstance(rest[0], (list, tuple)) and method in ("view", "reshape", "expand", "permute"):
+            rest = list(rest[0])  # varargs: a list argument costs the Tensor method a conversion
+        return f"{lhs}{fmt(n.args[0])}.{method}({', '.join(fmt(a) for a in rest)})"
     if isinstance(t, torch._ops.OpOverload):
         fn = getattr(t, "_op", t)
         return f"{lhs}{ns.add(fn, 'aten_' + str(t).replace('aten.', '').replace('.', '_') if t.namespace == 'aten' else str(t))}({call_args(n)})"
