@@ -55,6 +55,17 @@ def node_args(node: fx.Node) -> dict:
     return out
 
 
+def _is_one(size) -> bool:
+    """A size known to be 1 (a symbolic size never is: Dynamo specializes 0 and 1), without a guard."""
+    return isinstance(size, int) and size == 1
+
+
+def _same_sizes(a, b) -> bool:
+    """Equal shapes, compared as expressions (no guard on symbolic sizes)."""
+    ex = lambda s: s.node.expr if isinstance(s, torch.SymInt) else s  # noqa: E731
+    return len(a) == len(b) and all(ex(x) == ex(y) for x, y in zip(a, b))
+
+
 def _round(value, dtype: torch.dtype):
     """A Python number as a tensor of ``dtype`` holds it (a tensor constant's value)."""
     if isinstance(value, bool) or dtype is torch.bool:
@@ -361,7 +372,7 @@ def _expand(ctx, node, x):
     index = []
     for j, size in enumerate(x.shape):
         d = out_nd - nd + j
-        index.append((0, ()) if size == 1 and _val(node).shape[d] != 1 else _same(d))
+        index.append((0, ()) if size == 1 and not _is_one(_val(node).shape[d]) else _same(d))
     return _affine(ctx, node, x, index)
 
 
@@ -393,7 +404,7 @@ def _squeezed_dims(node, shape) -> set:
         dims = [node.args[1] % max(nd, 1)]
     else:
         dims = [d % max(nd, 1) for d in node.args[1]]
-    return {d for d in dims if nd and shape[d] == 1}
+    return {d for d in dims if nd and _is_one(shape[d])}
 
 
 def _permute(ctx, node, x):
@@ -459,7 +470,7 @@ def _alias(ctx, node, x):
 
 def _reshape(ctx, node, x):
     out = _val(node)
-    if tuple(_val(node.args[0]).shape) == tuple(out.shape):
+    if _same_sizes(_val(node.args[0]).shape, out.shape):
         return x
     return Reshape(_shape(ctx, node), out.dtype, x, ctx.contiguous_strides(_val(node.args[0]).shape),
                    ctx.contiguous_strides(out.shape))
