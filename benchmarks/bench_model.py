@@ -116,19 +116,18 @@ def cosine(a, b) -> float:
 
 
 def count_cuda_kernels(fn, calls: int = 3) -> float:
-    """CUDA kernels launched per call of ``fn`` (torch.profiler; memcpy and memset excluded)."""
+    """CUDA kernels launched per call of ``fn`` (torch.profiler, as ``profile_model.py`` counts them;
+    memcpy and memset excluded)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    n = 0
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA and not evt.name.startswith(("Memcpy", "Memset")):
-            n += 1
+    n = sum(e.count for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith(("Memcpy", "Memset")))
     return n / calls
 
 

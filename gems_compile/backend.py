@@ -303,8 +303,9 @@ def explain(fn_or_module, *args, options: dict | None = None, **kwargs) -> Compi
 
     Returns:
         A :class:`~flag_gems.report.CompileReport`: per graph, the patterns fused, the aten
-        ops lowered to which kernel, and each node left to PyTorch with its reason. ``print``
-        it for a table.
+        ops lowered to which kernel, the generated pointwise kernels, the CUDA kernels one call
+        launches before and after the passes (per decoder layer when the graph holds a module
+        list of layers), and each node left to PyTorch with its reason. ``print`` it for a table.
     """
     report = CompileReport()
     compiler = GemsCompiler(CompileOptions.from_user(None, options))
