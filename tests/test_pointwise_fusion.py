@@ -366,3 +366,33 @@ def test_generated_kernels_compile_for_sm90():
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "compiled 5" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+@pytest.mark.gpu
+def test_static_kernel_count_matches_the_profiler():
+    # The report's count (native_kernels per node) against what one call launches on the GPU.
+    # cuBLAS may add a split-K reduction per GEMM, hence the bound by the number of mm nodes.
+    transformers = pytest.importorskip("transformers")
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = transformers.AutoConfig.for_model(
+        "llama", vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    ids = torch.randint(3, 256, (8, 1), device="cuda")
+    with torch.no_grad():
+        report = flag_gems.explain(model, ids, use_cache=False, options={"strict": True})
+        torch._dynamo.reset()
+        f = torch.compile(model, backend="flag_gems", options={"strict": True})
+        for _ in range(3):
+            f(ids, use_cache=False)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            f(ids, use_cache=False)
+            torch.cuda.synchronize()
+    launched = sum(e.count for e in prof.key_averages()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith(("Memcpy", "Memset")))
+    before, after = report.graphs[0].kernels["inference"]
+    mms = 15  # 7 projections per layer and the lm head
+    assert after < before and after - 3 <= launched <= after + mms, (before, after, launched, str(report))
