@@ -69,7 +69,7 @@ CONTENDERS = {
     "flag_gems_inductor_cudagraphs": dict(backend="flag_gems", options={"inductor": True, "cudagraphs": True}),
 }
 ALIASES = {"flag_gems_cudagraphs": "flag_gems_reduce_overhead"}  # the name earlier results used
-INPUTS = {"prefill_1x2048": (1, 2048), "decode_1x1": (1, 1), "decode_8x1": (8, 1), "decode_64x1": (64, 1)}
+INPUTS = {"prefill_1x2048": (1, 2048), "decode_8x1": (8, 1), "decode_1x1": (1, 1), "decode_64x1": (64, 1)}
 QUICK_INPUTS = ("prefill_1x2048", "decode_8x1")
 SMOKE_INPUTS = {"prefill_1x16": (1, 16), "decode_2x1": (2, 1)}
 

@@ -19,7 +19,9 @@ for its graphs). For each post-autograd graph it generates::
 - fused pointwise kernels (``passes.pointwise_fusion``) are inlined: their outputs are
   allocated with the graph's strides and the kernel is launched through the fast launch
   path (``kernels._launch.FastKernel``), with the grid and every static argument as literals;
-- flag_gems ops are called as their Python implementations (``passes.direct_calls``);
+- flag_gems ops are called as the C++ runtime's wrappers when it serves the graph's device
+  (``c_runtime.fast_ops``: no Python in the call), else as their Python implementations
+  (``passes.direct_calls``);
 - every other aten op through its ``OpOverload``'s C++ callable (``_op``), views through
   the equivalent Tensor method;
 - a value is deleted right after its last use (``del``), inputs included (boxed calling
@@ -33,6 +35,7 @@ The source is dumped as ``graph_NNN_wrapper.py`` (``graph_NNN_backward_wrapper.p
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import operator
@@ -101,14 +104,18 @@ class _Namespace:
 
 
 def _device(gm) -> torch.device | None:
-    """The CUDA device the graph's tensors live on (None: no CUDA tensor)."""
+    """The device the graph's tensors live on: its CUDA device if it has one, else the first
+    tensor's (None: no tensor)."""
+    first = None
     for n in gm.graph.nodes:
         v = n.meta.get("val")
         vs = v if isinstance(v, (list, tuple)) else [v]
         for x in vs:
-            if isinstance(x, torch.Tensor) and x.device.type == "cuda":
-                return x.device
-    return None
+            if isinstance(x, torch.Tensor):
+                if x.device.type == "cuda":
+                    return x.device
+                first = first or x.device
+    return first
 
 
 def _is_view(n: fx.Node) -> bool:
@@ -225,7 +232,7 @@ def generate_wrapper(gm: fx.GraphModule, name: str = "call") -> tuple[str, dict]
                 body += _fused_lines(n, launch, var, ns, inline_getitem, device)
                 kernel_sources += [src for src in launch.kernel.sources.values()]
             else:
-                body.append(_call_line(n, ns, fmt, call_args))
+                body.append(_call_line(n, ns, fmt, call_args, device))
                 var[n] = n.name if n.users else None
         dead = [a for a in inputs(n) if last_use.get(a) is n and var.get(a)]
         if n.op == "call_function" and not n.users and var.get(n):
@@ -239,7 +246,7 @@ def generate_wrapper(gm: fx.GraphModule, name: str = "call") -> tuple[str, dict]
     unused = [p.name for p in placeholders if p not in last_use]
     if unused:
         lines.append(f"    del {', '.join(unused)}")
-    if device is not None:
+    if device is not None and device.type == "cuda":
         guard = ns.add(torch.cuda._DeviceGuard, "device_guard")
         lines.append(f"    with {guard}({device.index if device.index is not None else 0}):")
     elif interpreter_mode():
@@ -255,9 +262,45 @@ def generate_wrapper(gm: fx.GraphModule, name: str = "call") -> tuple[str, dict]
     return src, ns.globals
 
 
-def _call_line(n: fx.Node, ns: _Namespace, fmt, call_args) -> str:
+@functools.lru_cache(maxsize=None)
+def _ops_by_impl() -> dict:
+    """Python implementation (what ``passes.direct_calls`` points nodes at) -> its flag_gems op."""
+    from .passes.direct_calls import direct_impl
+
+    out = {}
+    for name in dir(torch.ops.flag_gems):
+        packet = getattr(torch.ops.flag_gems, name, None)
+        op = getattr(packet, "default", None)
+        fn = direct_impl(op) if isinstance(op, torch._ops.OpOverload) else None
+        if fn is not None:
+            out[fn] = op
+    return out
+
+
+def _cpp_callable(t, device):
+    """The C++ runtime's wrapper of a flag_gems op (called at the device's dispatch key, below
+    the custom op's Python autograd layer), when the runtime serves that device; else None."""
+    if device is None:
+        return None
+    try:
+        from . import c_runtime
+    except ImportError:
+        return None
+    fast = c_runtime.fast_ops(device.type) if getattr(c_runtime, "available", False) else None
+    if fast is None:
+        return None
+    op = t if isinstance(t, torch._ops.OpOverload) and t.namespace == "flag_gems" else _ops_by_impl().get(t)
+    return getattr(fast, op._opname, None) if op is not None and op._overloadname == "default" else None
+
+
+def _call_line(n: fx.Node, ns: _Namespace, fmt, call_args, device=None) -> str:
     t = n.target
     lhs = f"{n.name} = " if n.users else ""
+    cpp = _cpp_callable(t, device)
+    if cpp is not None:  # positional: the wrapper takes the op's schema order
+        op = t if isinstance(t, torch._ops.OpOverload) else _ops_by_impl()[t]
+        if not n.kwargs:
+            return f"{lhs}{ns.add(cpp, 'cpp_' + op._opname)}({', '.join(fmt(a) for a in n.args)})"
     if t is operator.getitem:
         return f"{lhs}{fmt(n.args[0])}[{fmt(n.args[1])}]"
     if t in _BINARY and len(n.args) == 2 and not n.kwargs:
@@ -295,7 +338,7 @@ def _fused_lines(n, launch, var, ns, inline_getitem, device) -> list[str]:
     generic = ns.add(pointwise_fusion.EMPTY_STRIDED, "empty_strided")
 
     def empty(shape, stride, dtype, dev):
-        if fast_cuda and device is not None and dev == device:  # under the wrapper's device guard
+        if fast_cuda and device is not None and device.type == "cuda" and dev == device:  # under the device guard
             return f"{ns.add(_EMPTY_CUDA, 'empty_cuda')}({shape}, {stride}, {ns.const(dtype)})"
         return f"{generic}({shape}, {stride}, {ns.const(dtype)}, {ns.const(dev)})"
 

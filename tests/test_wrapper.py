@@ -174,3 +174,32 @@ def test_wrapper_under_cuda_graphs():
     for out, x in outs:
         ref = (m64(x.double()) * 2).sigmoid() + x.double()
         assert_close(out, ref, torch.float32, "[op=wrapper+cudagraphs]", grad=True)
+
+
+def test_flag_gems_ops_call_the_cpp_runtime_when_it_serves_the_device(device, tmp_path):
+    from flag_gems import c_runtime
+
+    if not c_runtime.available:
+        pytest.skip(f"C++ runtime not built: {c_runtime.reason}")
+    key = "CUDA" if device == "cuda" else "CPU"
+    installed = key in c_runtime.installed_keys()
+    c_runtime.install(key)
+    try:
+        def f(x, r, w):
+            h = x + r
+            hf = h.float()
+            return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype) * w, h
+
+        x, r = rand(4, 64, dtype=torch.bfloat16, device=device), rand(4, 64, dtype=torch.bfloat16, device=device)
+        w = rand(64, dtype=torch.bfloat16, device=device)
+        with torch.no_grad():
+            y, h = torch.compile(f, backend="flag_gems", options={"strict": True, "dump_dir": str(tmp_path)})(x, r, w)
+        (path,) = tmp_path.glob("graph_*_wrapper.py")
+        assert "_cpp_add_rms_norm(" in path.read_text()  # the C++ wrapper, not the Python function
+        h64 = x.double() + r.double()
+        assert_close(h, h64, torch.bfloat16, tag("cpp add_rms_norm h", h.shape, torch.bfloat16))
+        ref = (h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-6)) * w.double()
+        assert_close(y, ref, torch.bfloat16, tag("cpp add_rms_norm y", y.shape, torch.bfloat16), grad=True)
+    finally:
+        if not installed:
+            c_runtime.uninstall(key)
