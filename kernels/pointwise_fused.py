@@ -74,8 +74,7 @@ def reg_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- IR
-# A size, stride or offset: an int literal, or the name of an int kernel argument.
-Int = "int | str"
+# Sizes, strides and offsets ("Ints" below) are int literals, or names of int kernel arguments.
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

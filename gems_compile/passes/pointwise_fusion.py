@@ -53,7 +53,7 @@ from torch import fx
 
 from ..kernels._common import device_guard, interpreter_mode
 from ..kernels.pointwise import launch_config
-from ..kernels.pointwise_fused import Const, Expr, Load, fused_kernel
+from ..kernels.pointwise_fused import Expr, Load, fused_kernel
 from .pointwise_rules import RULES, native_kernels
 
 logger = logging.getLogger(__name__)
@@ -597,7 +597,7 @@ def fuse_pointwise(gm: fx.GraphModule, report=None, kind: str = "graph") -> int:
         if _is_barrier(n):
             s += 1
     symbols = _Symbols(graph)
-    fusable, reasons = {}, {}
+    fusable = {}
     for n in nodes:
         if n.op != "call_function" or n.target not in RULES:
             continue
@@ -605,7 +605,6 @@ def fuse_pointwise(gm: fx.GraphModule, report=None, kind: str = "graph") -> int:
         if why is None:
             fusable[n] = "view" if getattr(RULES[n.target], "is_view", False) else "op"
         else:
-            reasons[str(n.target)] = why
             logger.debug("pointwise fusion: %s stays: %s", n.format_node(), why)
     built, alone, failed = [], 0, []
     for roots, mem, moved in _groups(nodes, fusable, seg, pos):
