@@ -165,7 +165,7 @@ class GemsCompiler:
             before = count_kernels(gm)
             if self.options.fuse_pointwise:
                 self._optional_pass(report, f"pointwise fusion on the {kind} graph",
-                                    lambda: fuse_pointwise(gm, report, kind))
+                                    lambda: fuse_pointwise(gm, report, kind, strict=self.options.strict))
             if self.options.lower_aten:
                 self._optional_pass(report, f"aten lowering on the {kind} graph",
                                     lambda: lower_aten(gm, report, everything=self.options.lower_aten == "all"))

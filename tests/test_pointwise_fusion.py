@@ -396,3 +396,22 @@ def test_static_kernel_count_matches_the_profiler():
     before, after = report.graphs[0].kernels["inference"]
     mms = 15  # 7 projections per layer and the lm head
     assert after < before and after - 3 <= launched <= after + mms, (before, after, launched, str(report))
+
+
+def test_a_group_the_generator_fails_on_stays_aten(device, monkeypatch):
+    def f(x):
+        return (x * 2).exp() + 1
+
+    def broken(*args, **kwargs):
+        raise KeyError("an unexpected dtype")
+
+    x = rand(4, 8, device=device)
+    monkeypatch.setattr(pf, "_build", broken)
+    gm = make_fx(f, tracing_mode="fake")(x)
+    with pytest.raises(KeyError):
+        pf.fuse_pointwise(gm, strict=True)
+    report = GraphReport(0)
+    with pytest.warns(RuntimeWarning, match="could not generate a kernel"):
+        assert pf.fuse_pointwise(gm, report) == 0
+    assert fused(gm) == [] and any("not generated" in n for n in report.notes)
+    assert_close(gm(x), f(x.double()), torch.float32, "[op=generator failure fallback]")

@@ -46,6 +46,7 @@ import dataclasses
 import logging
 import math
 import operator
+import warnings
 
 import sympy
 import torch
@@ -68,6 +69,15 @@ MERGE_WINDOW = 64
 # A lone op still worth a generated kernel: measured faster than the native kernel.
 _ALONE = {aten._to_copy.default: "H100: bf16 -> fp32 1.5-1.8x the native copy (benchmarks/results/ops_*)"}
 _INDEX32_LIMIT = 2**31
+
+
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
 
 def _val(n):
@@ -575,7 +585,7 @@ def _build(roots, mem, symbols: _Symbols, index: int):
 # --------------------------------------------------------------------------- the pass
 
 
-def fuse_pointwise(gm: fx.GraphModule, report=None, kind: str = "graph") -> int:
+def fuse_pointwise(gm: fx.GraphModule, report=None, kind: str = "graph", strict: bool = False) -> int:
     """Replace groups of pointwise / indexing aten nodes of ``gm`` by generated kernels.
 
     Args:
@@ -583,6 +593,8 @@ def fuse_pointwise(gm: fx.GraphModule, report=None, kind: str = "graph") -> int:
         report: a :class:`~flag_gems.report.GraphReport` (optional): each kernel under
             ``generated``, a note with the totals.
         kind: the graph's kind (inference, forward, backward), for the note.
+        strict: raise when a group's kernel cannot be generated for an unexpected reason (a bug),
+            instead of leaving that group to aten with a note.
 
     Returns:
         The number of kernels generated (``gm`` is recompiled when > 0).
@@ -618,6 +630,13 @@ def fuse_pointwise(gm: fx.GraphModule, report=None, kind: str = "graph") -> int:
         except _Unfusable as e:
             failed.append(str(e))
             logger.debug("pointwise fusion: group of %s not fused: %s", [r.name for r in roots], e)
+            continue
+        except Exception as e:  # a generator bug: that group stays aten, the others are fused
+            if strict:
+                raise
+            failed.append(f"{type(e).__name__}: {e}")
+            _warn_once(f"flag_gems: pointwise fusion could not generate a kernel ({type(e).__name__}: {e}); "
+                       "that group runs as aten ops")
             continue
         built.append((roots, mem, fn, leaves, syms, moved))
     # All kernels are placed before any root is replaced: a kernel reading another's output then
