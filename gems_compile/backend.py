@@ -16,7 +16,9 @@ Fusing *before* autograd is what lets training use the fused backward kernels: A
 traces through our ops' autograd formulas instead of through the decomposed math.
 
 A pass that raises, or a graph the tracing cannot handle, falls back to the unmodified
-graph with one warning (``options={"strict": True}`` raises instead).
+graph with one warning (``options={"strict": True}`` raises instead). Dynamo's own
+control-flow exceptions (a restart of the analysis, ``SkipFrame``: ``signals.py``) are
+never taken for failures: they propagate to Dynamo.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import fx
 from .options import CompileOptions
 from .passes import FUSION_PASSES
 from .report import CompileReport, GraphReport, dump_graph, dump_report
+from .signals import is_dynamo_signal
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +138,7 @@ class GemsCompiler:
             self._dump(report, "fused", aten_gm)
             return aten_gm
         except Exception as e:
-            if self.options.strict:
+            if self.options.strict or is_dynamo_signal(e):
                 raise
             report.fallback = f"{type(e).__name__}: {e}"
             _warn_once(f"fuse:{type(e).__name__}:{e}", "flag_gems: graph passes failed (%s); running the unmodified graph", report.fallback)
@@ -146,7 +149,7 @@ class GemsCompiler:
         try:
             run()
         except Exception as e:
-            if self.options.strict:
+            if self.options.strict or is_dynamo_signal(e):
                 raise
             report.notes.append(f"{what} skipped: {type(e).__name__}: {e}")
 
@@ -173,8 +176,11 @@ class GemsCompiler:
         return compile_graph
 
     def _cudagraphs(self, gm, fn, report):
-        from .cudagraphs import CUDAGraphRunner
+        from .cudagraphs import CUDAGraphRunner, cuda_graphs_available
 
+        if not cuda_graphs_available():  # warned once: runs without CUDA graphs
+            report.notes.append("CUDA graphs off: no CUDA device")
+            return fn
         tc = torch._guards.TracingContext.try_get()
         meta = getattr(tc, "fw_metadata", None) if tc is not None else None
         static = getattr(meta, "static_input_indices", None)
@@ -218,6 +224,10 @@ class GemsCompiler:
                 keep_inference_input_mutations=True,
             )
         except Exception as e:
+            if is_dynamo_signal(e):  # e.g. a restart: Dynamo traces the frame again and calls us anew
+                if sink and report in sink[-1].graphs:
+                    sink[-1].graphs.remove(report)
+                raise
             if self.options.strict or fused is gm:
                 raise
             report.fallback = f"{type(e).__name__}: {e}"
