@@ -62,6 +62,12 @@ def _record_sink():
     return getattr(_sinks, "stack", None)
 
 
+def _forget(report, sink) -> None:
+    """Drop the report of a compile Dynamo abandoned (a restart): the retried compile reports anew."""
+    if sink and report in sink[-1].graphs:
+        sink[-1].graphs.remove(report)
+
+
 def _fake_inputs(example_inputs):
     """Example inputs as fake tensors of Dynamo's fake mode (symbolic sizes kept)."""
     from torch._guards import TracingContext, detect_fake_mode
@@ -259,7 +265,12 @@ class GemsCompiler:
         if sink:
             sink[-1].graphs.append(report)
         self._dump(report, "dynamo", gm)
-        fused = self.fuse(gm, example_inputs, report)
+        try:
+            fused = self.fuse(gm, example_inputs, report)
+        except Exception as e:
+            if is_dynamo_signal(e):
+                _forget(report, sink)
+            raise
         logger.info("flag_gems: graph %d: %s", report.graph_id, dict(report.fused) or "nothing fused")
         try:
             if self.options.inductor:
@@ -277,8 +288,7 @@ class GemsCompiler:
             )
         except Exception as e:
             if is_dynamo_signal(e):  # e.g. a restart: Dynamo traces the frame again and calls us anew
-                if sink and report in sink[-1].graphs:
-                    sink[-1].graphs.remove(report)
+                _forget(report, sink)
                 raise
             if self.options.strict or fused is gm:
                 raise
