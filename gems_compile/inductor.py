@@ -125,6 +125,24 @@ def _tensor_slots(node: fx.Node):
     return args, slots
 
 
+def _trace_key(target, args: list, slots: list, values: list):
+    """What a twin's trace depends on: the op, the other arguments, each tensor's shape, strides,
+    offset, dtype and device, and which tensor arguments share memory."""
+    from .passes.matching import storages
+
+    seen, share = {}, []
+    for i, n in enumerate(slots):
+        mine = storages(args[n]) or set()
+        share.append(next((seen[s] for s in mine if s in seen), i))
+        for s in mine:
+            seen.setdefault(s, i)
+    tensors = tuple(
+        (repr(tuple(v.shape)), repr(v.stride()), repr(v.storage_offset()), v.dtype, str(v.device), group)
+        for v, group in zip(values, share)
+    )
+    return target, tuple(repr(a) for i, a in enumerate(args) if i not in slots), tensors
+
+
 def _trace_twin(twin, args: list, slots: list, values: list) -> fx.GraphModule:
     """The functionalized graph of ``twin(*args)`` with the tensors at ``slots`` as inputs."""
     from torch._guards import detect_fake_mode
@@ -205,16 +223,16 @@ def inline_triton_kernels(gm: fx.GraphModule, report: GraphReport | None = None)
         The number of ops rewritten. 0, with a note, when our kernels cannot be traced
         (the Triton interpreter).
     """
-    from .lowerings.inductor_ops import kernels_traceable, twin_of
+    from .lowerings.inductor_ops import has_twin, kernels_traceable, twin_of
 
-    ops = [n for n in gm.graph.nodes if n.op == "call_function" and twin_of(n.target) is not None]
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and has_twin(n.target)]
     if not ops:
         return 0
     if not kernels_traceable():
         if report is not None:
             report.notes.append("fused ops stay calls: the Triton interpreter's kernels cannot be traced into Inductor")
         return 0
-    count = 0
+    count, traced = 0, {}
     for node in ops:
         name = f"flag_gems.{node.target._opname}"
         found = _tensor_slots(node)
@@ -222,9 +240,13 @@ def inline_triton_kernels(gm: fx.GraphModule, report: GraphReport | None = None)
             reason = found
         else:
             args, slots = found
+            values = [args[i].meta["val"] for i in slots]
+            key = _trace_key(node.target, args, slots, values)
             try:
-                sub = _trace_twin(twin_of(node.target), args, slots, [args[i].meta["val"] for i in slots])
-                reason = _aliased_writes(sub)
+                if key not in traced:  # decoder layers repeat one call: traced (and analyzed) once
+                    sub = _trace_twin(twin_of(node.target), args, slots, values)
+                    traced[key] = (sub, _aliased_writes(sub))
+                sub, reason = traced[key]
                 if reason is None:
                     _splice(gm, node, sub, [args[i] for i in slots])
             except Exception as e:  # the op stays a call: slower, still right

@@ -2,7 +2,7 @@
 
 The published ``torch.ops.flag_gems.*`` ops are ``custom_op``s: inside an Inductor graph each
 one is an opaque call (a ``FallbackKernel``) through the dispatcher into our Python launcher.
-Each functional op listed in ``TWINS`` gets a twin in the graph-only namespace
+Each functional op listed in ``_TWIN_NAMES`` gets a twin (:func:`twins`) in the graph-only namespace
 ``flag_gems_inductor``, with the same schema and the same launcher (the published op's own
 implementation), run under :func:`~flag_gems.kernels._launch.traced_launches`: its kernel
 launches go through ``torch.library.wrap_triton``. Under functionalization (AOT autograd, or
@@ -36,7 +36,7 @@ from ..kernels._launch import traced_launches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NAMESPACE", "TWINS", "kernels_traceable", "twin_of"]
+__all__ = ["NAMESPACE", "has_twin", "kernels_traceable", "twin_of", "twins"]
 
 NAMESPACE = "flag_gems_inductor"
 
@@ -94,19 +94,33 @@ def _make_twin(name: str):
     return torch.library.triton_op(f"{NAMESPACE}::{name}", launch_traced, mutates_args=())
 
 
-def _register() -> dict:
-    twins = {}
-    for name in _TWIN_NAMES:
-        published = getattr(torch.ops.flag_gems, name).default
-        if _make_twin(name) is not None:
-            twins[published] = getattr(getattr(torch.ops, NAMESPACE), name).default
-    return twins
+_twins: dict | None = None
 
 
-TWINS: dict = _register()
-"""Published op overload (``torch.ops.flag_gems.X.default``) -> its twin (``torch.ops.flag_gems_inductor.X.default``)."""
+def twins() -> dict:
+    """Published op overload (``torch.ops.flag_gems.X.default``) -> its twin
+    (``torch.ops.flag_gems_inductor.X.default``). The twins are registered at the first call
+    (about a second: ``triton_op`` reads the implementations' source)."""
+    global _twins
+    if _twins is None:
+        made = {}
+        for name in _TWIN_NAMES:
+            if _make_twin(name) is not None:
+                made[getattr(torch.ops.flag_gems, name).default] = getattr(getattr(torch.ops, NAMESPACE), name).default
+        _twins = made
+    return _twins
+
+
+def has_twin(target) -> bool:
+    """Whether ``target`` is a published op that has a twin (without registering the twins)."""
+    return (
+        isinstance(target, torch._ops.OpOverload)
+        and target.namespace == "flag_gems"
+        and target._overloadname == "default"
+        and target._opname in _TWIN_NAMES
+    )
 
 
 def twin_of(target):
-    """The twin of a published op overload, or None when it has none."""
-    return TWINS.get(target)
+    """The twin of a published op overload (registering the twins if needed), or None."""
+    return twins().get(target) if has_twin(target) else None

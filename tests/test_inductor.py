@@ -78,8 +78,9 @@ def test_uuid_hashes_every_rewrite_source(tmp_path, monkeypatch):
 
 
 def test_each_twin_has_the_published_schema_and_a_graph_only_namespace():
-    assert len(inductor_ops.TWINS) >= 18
-    for published, twin in inductor_ops.TWINS.items():
+    assert len(inductor_ops.twins()) == 18
+    for published, twin in inductor_ops.twins().items():
+        assert inductor_ops.has_twin(published) and inductor_ops.twin_of(published) is twin
         assert published.namespace == "flag_gems" and twin.namespace == inductor_ops.NAMESPACE
         assert twin._opname == published._opname
         assert [(a.name, str(a.type), a.default_value if a.has_default_value() else None) for a in twin._schema.arguments] == [
@@ -154,11 +155,11 @@ def traceable_kernels(monkeypatch):
     def run_interpreted(gm):
         for module, name, value in patched:  # the interpreter calls what it finds in the modules
             monkeypatch.setattr(module, name, value)
-        for n in kernel_nodes(gm):
-            k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+        for idx in {n.kwargs["kernel_idx"] for n in kernel_nodes(gm)}:  # repeated layers share one
+            k = kernel_side_table.get_kernel(idx)
             while not isinstance(k, triton.runtime.jit.JITFunction):
                 k = k.fn  # the one-config autotuner that carries num_warps
-            monkeypatch.setitem(kernel_side_table.id_to_kernel, n.kwargs["kernel_idx"], interpreted[k.fn])
+            monkeypatch.setitem(kernel_side_table.id_to_kernel, idx, interpreted[k.fn])
 
     return run_interpreted
 
@@ -189,6 +190,24 @@ def test_rewrite_into_kernel_nodes_computes_the_same(traceable_kernels):
     assert_close(outs[2], torch.nn.functional.silu(a) * b, F32, tag("inline.silu_and_mul", a.shape, F32))
     gelu = torch.nn.functional.gelu(a, approximate="tanh") * b
     assert_close(outs[3], gelu, F32, tag("inline.gelu_and_mul", a.shape, F32))
+
+
+def test_repeated_layers_are_traced_once(traceable_kernels, monkeypatch):
+    calls = []
+    trace = inductor._trace_twin
+    monkeypatch.setattr(inductor, "_trace_twin", lambda *a: calls.append(a[0]) or trace(*a))
+
+    def layers(a, b, c, d, e, f):
+        return ops.silu_and_mul(ops.silu_and_mul(a, b), c), ops.silu_and_mul(d, e), ops.silu_and_mul(d, f.t())
+
+    shapes = [(4, 24)] * 5 + [(24, 4)]
+    gm = _graph(layers, *shapes)
+    assert inductor.inline_triton_kernels(gm) == 4 and not published_nodes(gm)
+    assert len(calls) == 2  # one shape and layout, then f.t()'s other strides
+    traceable_kernels(gm)
+    inputs = [rand(*s) for s in shapes]
+    for i, (o, r) in enumerate(zip(gm(*inputs), layers(*inputs))):
+        assert torch.equal(o, r), f"[output {i}] the rewritten graph differs from the published ops"
 
 
 _PRECISE = textwrap.dedent('''
