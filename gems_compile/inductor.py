@@ -185,9 +185,18 @@ def _aliased_writes(sub: fx.GraphModule) -> str | None:
 
 def _splice(gm: fx.GraphModule, node: fx.Node, sub: fx.GraphModule, inputs: list) -> None:
     """Copy ``sub``'s nodes in before ``node``, its placeholders bound to ``inputs``, and give
-    ``node``'s users (or its ``getitem`` users, for a tuple) ``sub``'s outputs."""
+    ``node``'s users (or its ``getitem`` users, for a tuple) ``sub``'s outputs.
+
+    The copies' example values are computed anew from ``inputs``' (one trace serves every layer;
+    Inductor's reinplacing reads buffers' aliasing off these values).
+    """
+    from torch._guards import detect_fake_mode
+
+    tuple_out = isinstance(node.meta.get("val"), (list, tuple))
+    if tuple_out and any(u.target is not operator.getitem for u in node.users):
+        raise RuntimeError("a tuple output is used other than through getitem")
     graph = gm.graph
-    env = {}
+    env, new = {}, []
     placeholders = iter(inputs)
     outputs = None
     with graph.inserting_before(node):
@@ -198,10 +207,15 @@ def _splice(gm: fx.GraphModule, node: fx.Node, sub: fx.GraphModule, inputs: list
                 outputs = fx.map_arg(n.args[0], lambda a: env[a])
             else:
                 env[n] = graph.node_copy(n, lambda a: env[a])
-    if isinstance(outputs, (list, tuple)) and isinstance(node.meta.get("val"), (list, tuple)):
+                new.append(env[n])
+    fake_mode = detect_fake_mode([i.meta.get("val") for i in inputs])
+    with fake_mode:
+        for n in new:
+            if n.op == "call_function":
+                args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a: a.meta.get("val"))
+                n.meta["val"] = n.target(*args, **kwargs)
+    if tuple_out:
         for user in list(node.users):
-            if user.target is not operator.getitem:
-                raise RuntimeError(f"a tuple output is used by {user.format_node()} directly")
             user.replace_all_uses_with(outputs[user.args[1]])
             graph.erase_node(user)
     else:

@@ -204,6 +204,12 @@ def test_repeated_layers_are_traced_once(traceable_kernels, monkeypatch):
     gm = _graph(layers, *shapes)
     assert inductor.inline_triton_kernels(gm) == 4 and not published_nodes(gm)
     assert len(calls) == 2  # one shape and layout, then f.t()'s other strides
+    # Each copy has example values of its own: four output buffers, four storages (what
+    # Inductor's reinplacing reads aliasing from).
+    from flag_gems.passes.matching import storages
+
+    buffers = [n for n in gm.graph.nodes if n.target in (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default)]
+    assert len(buffers) == 4 and len(set().union(*(storages(b) for b in buffers))) == 4
     traceable_kernels(gm)
     inputs = [rand(*s) for s in shapes]
     for i, (o, r) in enumerate(zip(gm(*inputs), layers(*inputs))):
