@@ -180,7 +180,7 @@ def test_hf_static_cache_update_after_fused_rope(write):
         assert_close(c, rc, F32, tag(f"rope_kv.{write}.{name}", c.shape, F32))
 
 
-@pytest.mark.parametrize("write", ["index_copy_", "index_put_"])
+@pytest.mark.parametrize("write", list(WRITES))
 def test_vllm_cache_write_after_fused_rope(write):
     m, args = vllm_case(write, BF16)
     before, after, report = fused_graphs(m, args)
