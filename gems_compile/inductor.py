@@ -255,8 +255,8 @@ def inline_triton_kernels(gm: fx.GraphModule, report: GraphReport | None = None)
         else:
             args, slots = found
             values = [args[i].meta["val"] for i in slots]
-            key = _trace_key(node.target, args, slots, values)
             try:
+                key = _trace_key(node.target, args, slots, values)
                 if key not in traced:  # decoder layers repeat one call: traced (and analyzed) once
                     sub = _trace_twin(twin_of(node.target), args, slots, values)
                     traced[key] = (sub, _aliased_writes(sub))

@@ -76,6 +76,15 @@ def _implementation(name: str):
     return getattr(opdef, "_init_fn", None)
 
 
+def _wrap_triton_enabled() -> bool:
+    """False inside ``triton_op``'s eager call (real tensors: launch directly). A torch without
+    the switch always traces, which still launches correctly on real tensors, through the
+    kernel-wrapper op."""
+    import torch._library.triton as library_triton
+
+    return getattr(library_triton, "is_wrap_triton_enabled", lambda: True)()
+
+
 def _make_twin(name: str):
     impl = _implementation(name)
     if impl is None:
@@ -84,9 +93,7 @@ def _make_twin(name: str):
 
     @functools.wraps(impl)
     def launch_traced(*args, **kwargs):
-        from torch._library.triton import is_wrap_triton_enabled
-
-        if not is_wrap_triton_enabled():  # an eager call of the twin: launch as the published op does
+        if not _wrap_triton_enabled():  # an eager call of the twin: launch as the published op does
             return impl(*args, **kwargs)
         with traced_launches():
             return impl(*args, **kwargs)
