@@ -40,6 +40,8 @@ from .backend import explain, flag_gems_backend
 from .eager import all_registered_ops, disable, enable, only_enable, use_gems
 from .lowerings.act_and_mul import gelu_and_mul, gelu_and_mul_fused, silu_and_mul, silu_and_mul_fused
 from .lowerings.attention import scaled_dot_product_attention
+from .lowerings.matmul import addmm, bmm, mm
+from .kernels._autotune import config_for
 from .lowerings.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm
 from .lowerings.rotary_embedding import apply_rotary_pos_emb, apply_rotary_pos_emb_hf, rotary_embedding_cache
 
@@ -48,9 +50,12 @@ __version__ = "0.1.0"
 __all__ = [
     "GemsFusionPass",
     "add_rms_norm",
+    "addmm",
     "all_registered_ops",
     "apply_rotary_pos_emb",
     "apply_rotary_pos_emb_hf",
+    "bmm",
+    "config_for",
     "device",
     "disable",
     "enable",
@@ -60,6 +65,7 @@ __all__ = [
     "gelu_and_mul",
     "gelu_and_mul_fused",
     "inductor_pass",
+    "mm",
     "only_enable",
     "rms_norm",
     "rotary_embedding_cache",
@@ -68,6 +74,7 @@ __all__ = [
     "silu_and_mul_fused",
     "use_gems",
     "vendor_name",
+    "warmup",
 ]
 
 
@@ -78,4 +85,9 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module(".inductor", __name__), name)
+    # warmup lives in flag_gems.pretune, which `python -m flag_gems.pretune` runs as __main__: not imported here.
+    if name == "warmup":
+        from .pretune import warmup
+
+        return warmup
     raise AttributeError(f"module 'flag_gems' has no attribute {name!r}")
