@@ -88,6 +88,12 @@ def traced_launches():
         _tracing.on = previous
 
 
+def launches_traced() -> bool:
+    """Whether this thread is inside :func:`traced_launches` (the autotuner then never tunes:
+    a config chosen there is baked into a compiled graph, and tuning would launch under the tracer)."""
+    return getattr(_tracing, "on", False)
+
+
 def fast_launch_enabled() -> bool:
     """Whether :func:`jit` kernels may skip Triton's launch path (``GEMS_FAST_LAUNCH`` not 0)."""
     return _ENABLED

@@ -234,7 +234,7 @@ _PRECISE = textwrap.dedent('''
             return 0
     triton.runtime.driver.set_active(Driver())
     torch._C._cuda_getDevice = lambda: 0
-    torch.cuda.get_device_properties = lambda index=None: types.SimpleNamespace(multi_processor_count=8)
+    torch.cuda.get_device_properties = lambda index=None: types.SimpleNamespace(multi_processor_count=8, name="stub")
     ops = torch.ops.flag_gems
     cases = {
         "add_rms_norm": (lambda x, r, w: ops.add_rms_norm(x, r, w, 1e-6), [(2, 5, 64), (2, 5, 64), (64,)]),
@@ -256,11 +256,12 @@ _PRECISE = textwrap.dedent('''
 ''')
 
 
-def test_compiled_triton_analysis_names_only_the_written_outputs():
+def test_compiled_triton_analysis_names_only_the_written_outputs(tmp_path):
     """In a compiled-Triton process (fake CUDA tensors; Triton generates the kernels' IR for an
     sm_90 target without a device), Inductor's analysis of our kernels names only the outputs
-    they store to, so each op becomes one kernel node that copies no input."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    they store to, so each op becomes one kernel node that copies no input. The autotuner is on
+    and must not tune inside the trace (it would launch under the tracer)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "GEMS_AUTOTUNE": "on", "GEMS_CACHE_DIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", _PRECISE], capture_output=True, text=True, env=env, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
