@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_session.sh PARTS
 # PARTS is a comma-separated list of: tests (GPU test suite incl. gpu/slow tests, 8 xdist workers),
 # sweep (launch-heuristic sweep), bench (kernel table, issue 2), model (model table, issue 3),
-# ops (op + model table, issue 4), profile (where the model's time goes), hostprof (host time of eager
+# ops (op + model table, issue 4), eager (model under eager / use_gems() / preset fast, issue 10), graph (each
+# op alone in a compiled graph, aten vs lowered), profile (where the model's time goes), hostprof (host time of eager
 # op calls, with a cProfile), retest (pytest on $RETEST). Each part runs under its own time limit (seconds, overridable
 # with e.g. TESTS_S=200) so that the parts chosen for one call end inside the call's 10 minutes.
 set -uo pipefail
@@ -50,6 +51,11 @@ for part in "${list[@]}"; do
            tail -60 "$OUT/ops.log" ;;
     profile) run_part profile "${PROFILE_S:-150}" python3 benchmarks/profile_model.py $PROFILE_ARGS
            grep -vE "^\s+-? *$" "$OUT/profile.log" | tail -120 ;;
+    eager) run_part eager "${EAGER_S:-200}" python3 benchmarks/bench_eager.py --out "$OUT" ${EAGER_ARGS:-}
+           tail -45 "$OUT/eager.log" ;;
+    graph) run_part graph "${GRAPH_S:-240}" python3 benchmarks/bench_ops.py --parts graph --out "$OUT" \
+             --time-budget "$(( ${GRAPH_S:-240} - 30 ))" ${GRAPH_ARGS:-}
+           tail -80 "$OUT/graph.log" ;;
     hostprof) run_part hostprof "${HOSTPROF_S:-60}" python3 benchmarks/host_profile_ops.py
             grep -E "^== " "$OUT/hostprof.log" ;;
     retest) run_part retest "${RETEST_S:-120}" python3 -m pytest -q -n 8 -p no:cacheprovider --runslow -rfE $RETEST

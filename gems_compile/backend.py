@@ -19,7 +19,9 @@ Fusing *before* autograd is what lets training use the fused backward kernels: A
 traces through our ops' autograd formulas instead of through the decomposed math.
 
 A pass that raises, or a graph the tracing cannot handle, falls back to the unmodified
-graph with one warning (``options={"strict": True}`` raises instead).
+graph with one warning (``options={"strict": True}`` raises instead). Dynamo's own
+control-flow exceptions (a restart of the analysis, ``SkipFrame``: ``signals.py``) are
+never taken for failures: they propagate to Dynamo.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import fx
 from .options import CompileOptions
 from .passes import FUSION_PASSES
 from .report import CompileReport, GraphReport, count_layers, dump_graph, dump_report, dump_text
+from .signals import is_dynamo_signal
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,12 @@ def _warn_once(key: str, msg: str, *args) -> None:
 
 def _record_sink():
     return getattr(_sinks, "stack", None)
+
+
+def _forget(report, sink) -> None:
+    """Drop the report of a compile Dynamo abandoned (a restart): the retried compile reports anew."""
+    if sink and report in sink[-1].graphs:
+        sink[-1].graphs.remove(report)
 
 
 def _fake_inputs(example_inputs):
@@ -99,7 +108,39 @@ def trace_pre_dispatch(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
 
     fake_mode, fakes = _fake_inputs(example_inputs)
     with fake_mode:
-        return make_fx(gm, pre_dispatch=True, tracing_mode="real")(*fakes)
+        aten_gm = make_fx(gm, pre_dispatch=True, tracing_mode="real")(*fakes)
+    _carry_dynamo_metadata(gm, aten_gm)
+    return aten_gm
+
+
+def _carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> None:
+    """Give the retraced graph what AOT autograd reads off a Dynamo graph.
+
+    AOT autograd takes a graph for Dynamo's only with ``meta["dynamo_compile_id"]``,
+    ``_param_name_to_source`` and each placeholder's ``_dynamo_source``; from them it
+    lists the static inputs (parameters, buffers, ``mark_static_address`` tensors such as
+    a static KV cache) that CUDA graphs read in place. A retraced graph without them has
+    no static inputs: Inductor's CUDA graphs then copied every weight into its graph
+    buffers before each replay (issue 11: ``options={"inductor": True, "cudagraphs": True}``
+    decode 1.94 ms against 0.81), and skip graphs that update a static cache in place.
+    The placeholders are the same inputs in the same order, so the metadata is copied
+    by position; nothing is copied when that does not hold.
+    """
+    src_ph, dst_ph = list(src.graph.find_nodes(op="placeholder")), list(dst.graph.find_nodes(op="placeholder"))
+    names = getattr(src, "_param_name_to_source", None)
+    if len(src_ph) != len(dst_ph) or "dynamo_compile_id" not in src.meta or names is None:
+        return
+    own = [n for n, _ in dst.named_parameters(remove_duplicate=False)] + [n for n, _ in dst.named_buffers(remove_duplicate=False)]
+    if any(n not in names for n in own):  # AOT autograd would look these up by name
+        return
+    for a, b in zip(src_ph, dst_ph):
+        if hasattr(a, "_dynamo_source"):
+            b._dynamo_source = a._dynamo_source
+        if "tensor_dict" in a.meta:
+            b.meta["tensor_dict"] = a.meta["tensor_dict"]
+    dst._param_name_to_source = names
+    for key, value in src.meta.items():
+        dst.meta.setdefault(key, value)
 
 
 class GemsCompiler:
@@ -138,7 +179,7 @@ class GemsCompiler:
             self._dump(report, "fused", aten_gm)
             return aten_gm
         except Exception as e:
-            if self.options.strict:
+            if self.options.strict or is_dynamo_signal(e):
                 raise
             report.fallback = f"{type(e).__name__}: {e}"
             _warn_once(f"fuse:{type(e).__name__}:{e}", "flag_gems: graph passes failed (%s); running the unmodified graph", report.fallback)
@@ -149,7 +190,7 @@ class GemsCompiler:
         try:
             run()
         except Exception as e:
-            if self.options.strict:
+            if self.options.strict or is_dynamo_signal(e):
                 raise
             report.notes.append(f"{what} skipped: {type(e).__name__}: {e}")
 
@@ -209,8 +250,11 @@ class GemsCompiler:
         return fn
 
     def _cudagraphs(self, gm, fn, report):
-        from .cudagraphs import CUDAGraphRunner
+        from .cudagraphs import CUDAGraphRunner, cuda_graphs_available
 
+        if not cuda_graphs_available():  # warned once: runs without CUDA graphs
+            report.notes.append("CUDA graphs off: no CUDA device")
+            return fn
         tc = torch._guards.TracingContext.try_get()
         meta = getattr(tc, "fw_metadata", None) if tc is not None else None
         static = getattr(meta, "static_input_indices", None)
@@ -225,6 +269,31 @@ class GemsCompiler:
         report.notes.append(f"CUDA graphs on ({len(static)} static inputs, {len(mutated)} mutated inputs)")
         return CUDAGraphRunner(fn, static, mutated)
 
+    def _inductor(self, gm: fx.GraphModule, example_inputs, report: GraphReport):
+        """Hand the rewritten graph to Inductor, which launches our fused ops' kernels itself.
+
+        A post-grad pass (:class:`~flag_gems.inductor.InlineKernelsPass`, after any post-grad
+        pass the user configured) turns the fused ops of the forward and backward graphs into
+        Triton kernel nodes of Inductor's own code. CUDA graphs are Inductor's (cudagraph
+        trees), fed the static inputs that the retraced graph now reports.
+        """
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
+
+        from .cudagraphs import cuda_graphs_available
+        from .inductor import InlineKernelsPass
+
+        report.kind = "inductor"
+        cudagraphs = self.options.cudagraphs and cuda_graphs_available()
+        patches = {
+            "max_autotune": self.options.max_autotune,
+            "triton.cudagraphs": cudagraphs,
+            "post_grad_custom_post_pass": InlineKernelsPass(report, inductor_config.post_grad_custom_post_pass),
+        }
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        self._finish(report)
+        return compiled
+
     # -------------------------------------------------------------- entry
     def __call__(self, gm: fx.GraphModule, example_inputs):
         report = GraphReport(next(_graph_ids))
@@ -233,16 +302,16 @@ class GemsCompiler:
         if sink:
             sink[-1].graphs.append(report)
         self._dump(report, "dynamo", gm)
-        fused = self.fuse(gm, example_inputs, report)
+        try:
+            fused = self.fuse(gm, example_inputs, report)
+        except Exception as e:
+            if is_dynamo_signal(e):
+                _forget(report, sink)
+            raise
         logger.info("flag_gems: graph %d: %s", report.graph_id, dict(report.fused) or "nothing fused")
         try:
             if self.options.inductor:
-                from torch._inductor.compile_fx import compile_fx
-
-                report.kind = "inductor"
-                self._finish(report)
-                patches = {"max_autotune": self.options.max_autotune, "triton.cudagraphs": self.options.cudagraphs}
-                return compile_fx(fused, example_inputs, config_patches=patches)
+                return self._inductor(fused, example_inputs, report)
             from torch._functorch.aot_autograd import aot_module_simplified
 
             return aot_module_simplified(
@@ -255,6 +324,9 @@ class GemsCompiler:
                 keep_inference_input_mutations=True,
             )
         except Exception as e:
+            if is_dynamo_signal(e):  # e.g. a restart: Dynamo traces the frame again and calls us anew
+                _forget(report, sink)
+                raise
             if self.options.strict or fused is gm:
                 raise
             report.fallback = f"{type(e).__name__}: {e}"

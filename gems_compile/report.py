@@ -15,6 +15,8 @@ import logging
 import os
 import re
 
+from . import availability
+
 logger = logging.getLogger(__name__)
 
 
@@ -74,7 +76,10 @@ class GraphReport:
         self.lowered[f"{op} -> {kernel}"] += 1
 
     def keep(self, op: str, reason: str) -> None:
-        """Record an aten node left to PyTorch, with its reason."""
+        """Record an aten node left to PyTorch, with its reason (in a process where no kernel
+        can run, the first one warns: ``flag_gems.availability``)."""
+        if op != "views":
+            availability.warn_refused(op)
         self.kept[op][reason] += 1
         logger.debug("graph %d: kept %s: %s", self.graph_id, op, reason)
 
@@ -155,12 +160,17 @@ class CompileReport:
         return [(g.graph_id, g.fallback) for g in self.graphs if g.fallback]
 
     def to_dict(self) -> dict:
-        return {"graphs": [g.to_dict() for g in self.graphs]}
+        return {"kernels_unavailable": availability.unavailable(), "graphs": [g.to_dict() for g in self.graphs]}
 
     def __str__(self) -> str:
+        """The graphs' tables; the first line says so when no kernel can run in this process."""
+        lines = []
+        if availability.unavailable():
+            lines.append(f"flag_gems: KERNELS UNAVAILABLE: {availability.unavailable()}")
         if not self.graphs:
-            return "flag_gems: no graph was compiled"
-        return "\n".join(g.table() for g in self.graphs)
+            lines.append("flag_gems: no graph was compiled")
+        lines += [g.table() for g in self.graphs]
+        return "\n".join(lines)
 
     __repr__ = __str__
 

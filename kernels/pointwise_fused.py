@@ -60,12 +60,29 @@ from .pointwise import _div_interp, _pow_interp, _recip32, _recip64, _tanh_inter
 __all__ = [
     "Affine", "Cast", "Cat", "Const", "Expr", "FusedKernel", "Gather", "Iota", "Load", "Op", "Pad", "Reduce", "Reshape",
     "Scan",
-    "fused_kernel", "fused_kernel_cache_info", "reg_dtype",
+    "fused_kernel", "fused_kernel_cache_info", "launch_config", "reg_dtype",
 ]
 
 _INTERPRET = interpreter_mode()
 # Computation ("register") dtype of a value of each dtype between ops (torch's opmath).
 _REG = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def launch_config(n: int) -> tuple[int, int]:
+    """Elements per program (BLOCK) and warps of a fused kernel over ``n`` elements.
+
+    GPU: 1024 elements on 4 warps, the single-op pointwise kernels' heuristic (H100 sweep in
+    benchmarks/NOTES.md: no block/warp choice more than 2 % faster for bf16 add at any M). Not
+    their autotuner: a fused group is another kernel than the one it tunes, and the choice is
+    made at graph-compile time, where tuning would launch. Interpreter: one program per up to
+    4096 elements (each program is a Python round trip).
+
+    Returns:
+        (BLOCK, num_warps)
+    """
+    if _INTERPRET:
+        return max(16, min(4096, 1 << max(n - 1, 0).bit_length())), 1
+    return 1024, 4
 
 
 def reg_dtype(dtype: torch.dtype) -> torch.dtype:

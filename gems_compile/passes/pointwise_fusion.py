@@ -53,8 +53,7 @@ import torch
 from torch import fx
 
 from ..kernels._common import device_guard, interpreter_mode
-from ..kernels.pointwise import launch_config
-from ..kernels.pointwise_fused import Expr, Load, fused_kernel
+from ..kernels.pointwise_fused import Expr, Load, fused_kernel, launch_config
 from .pointwise_rules import RULES, native_kernels
 
 logger = logging.getLogger(__name__)
