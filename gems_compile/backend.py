@@ -9,8 +9,11 @@ Pipeline, per graph Dynamo hands over::
                                           rewritten into torch.ops.flag_gems.* functional ops
       -> aot_autograd                     functionalization; forward + backward graphs whose
                                           fused ops' backward is our backward kernels
-      -> aten lowering + report           per-node decisions (flag_gems.lowerings registry)
-      -> executable                       the graph as is, CUDA-graph replay, or Inductor
+      -> pointwise fusion                 the remaining pointwise / indexing aten ops grouped into
+                                          generated Triton kernels (forward, backward, inference)
+      -> aten lowering + report           per-node decisions (flag_gems.lowerings registry), kernel counts
+      -> executable                       one generated flat function per graph (flag_gems.wrapper),
+                                          optionally CUDA-graph replayed; or Inductor
 
 Fusing *before* autograd is what lets training use the fused backward kernels: AOT
 traces through our ops' autograd formulas instead of through the decomposed math.
@@ -34,7 +37,7 @@ from torch import fx
 
 from .options import CompileOptions
 from .passes import FUSION_PASSES
-from .report import CompileReport, GraphReport, dump_graph, dump_report
+from .report import CompileReport, GraphReport, count_layers, dump_graph, dump_report, dump_text
 from .signals import is_dynamo_signal
 
 logger = logging.getLogger(__name__)
@@ -196,22 +199,55 @@ class GemsCompiler:
 
         from .passes.direct_calls import direct_calls
         from .passes.lower_aten import lower_aten
+        from .passes.pointwise_fusion import count_kernels, fuse_pointwise
 
         def compile_graph(gm: fx.GraphModule, example_inputs):
             report.kind = kind if report.kind == "dynamo" else f"{report.kind}+{kind}"
+            before = count_kernels(gm)
+            if self.options.fuse_pointwise:
+                self._optional_pass(report, f"pointwise fusion on the {kind} graph",
+                                    lambda: fuse_pointwise(gm, report, kind, strict=self.options.strict))
             if self.options.lower_aten:
                 self._optional_pass(report, f"aten lowering on the {kind} graph",
                                     lambda: lower_aten(gm, report, everything=self.options.lower_aten == "all"))
+            report.count_kernels(kind, before, count_kernels(gm))
             self._dump(report, kind, gm)
             # Skipped, the dispatcher calls stay: slower, still right.
             self._optional_pass(report, f"direct calls on the {kind} graph", lambda: direct_calls(gm))
-            fn = make_boxed_func(gm.forward)
+            fn = self._wrapper(gm, report, kind) if self.options.wrapper else None
+            if fn is None:
+                fn = make_boxed_func(gm.forward)
             if self.options.cudagraphs and kind == "inference":
                 fn = self._cudagraphs(gm, fn, report)
             self._finish(report)
             return fn
 
         return compile_graph
+
+    def _wrapper(self, gm, report, kind):
+        """The graph as one generated flat function (boxed), or None after a note (strict: raises)."""
+        from .wrapper import generate_wrapper
+
+        try:
+            src, namespace = generate_wrapper(gm)
+            filename = f"<flag_gems wrapper graph {report.graph_id} {kind}>"
+            import linecache
+
+            linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+            exec(compile(src, filename, "exec"), namespace)
+        except Exception as e:
+            if self.options.strict:
+                raise
+            report.notes.append(f"flat wrapper off for the {kind} graph ({type(e).__name__}: {e}); "
+                                "running the FX graph's forward")
+            return None
+        if self.options.dump_dir:
+            stage = "backward_wrapper" if kind == "backward" else "wrapper"
+            dump_text(self.options.dump_dir, report.graph_id, stage, src)
+        fn = namespace["call"]
+        fn._boxed_call = True
+        fn.gems_source = src
+        return fn
 
     def _cudagraphs(self, gm, fn, report):
         from .cudagraphs import CUDAGraphRunner, cuda_graphs_available
@@ -261,6 +297,7 @@ class GemsCompiler:
     # -------------------------------------------------------------- entry
     def __call__(self, gm: fx.GraphModule, example_inputs):
         report = GraphReport(next(_graph_ids))
+        report.layers = count_layers(gm)
         sink = _record_sink()
         if sink:
             sink[-1].graphs.append(report)
@@ -338,8 +375,9 @@ def explain(fn_or_module, *args, options: dict | None = None, **kwargs) -> Compi
 
     Returns:
         A :class:`~flag_gems.report.CompileReport`: per graph, the patterns fused, the aten
-        ops lowered to which kernel, and each node left to PyTorch with its reason. ``print``
-        it for a table.
+        ops lowered to which kernel, the generated pointwise kernels, the CUDA kernels one call
+        launches before and after the passes (per decoder layer when the graph holds a module
+        list of layers), and each node left to PyTorch with its reason. ``print`` it for a table.
     """
     report = CompileReport()
     compiler = GemsCompiler(CompileOptions.from_user(None, options))
