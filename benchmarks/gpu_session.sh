@@ -15,11 +15,14 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gems_out}
 mkdir -p "$OUT"
 parts=${1:-tests}
+t_install=$SECONDS
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
 if ls .carry/liger_kernel-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-deps --target /tmp/liger .carry/liger_kernel-*.whl >>/tmp/install.log 2>&1
   export PYTHONPATH=/tmp/liger${PYTHONPATH:+:$PYTHONPATH}
 fi
+echo "install (with the C++ runtime build): $((SECONDS - t_install)) s"
+python3 -c "import flag_gems.c_runtime as c; print('C++ runtime:', c.available, c.reason)" 2>&1
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -39,7 +42,7 @@ run_part() {  # name, seconds, command...
 IFS=, read -ra list <<<"$parts"
 for part in "${list[@]}"; do
   case $part in
-    tests) run_part tests "${TESTS_S:-300}" python3 -m pytest tests -q -n 8 --maxfail=40 -p no:cacheprovider --runslow -rfE
+    tests) run_part tests "${TESTS_S:-300}" python3 -m pytest tests -q -n 8 --maxfail=${MAXFAIL:-40} -p no:cacheprovider --runslow -rfE
            tail -40 "$OUT/tests.log" ;;
     sweep) run_part sweep "${SWEEP_S:-200}" python3 benchmarks/sweep.py --out "$OUT" ${SWEEP_ARGS:-}
            grep -E "current|best|Error" "$OUT/sweep.log" | tail -40 ;;
