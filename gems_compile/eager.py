@@ -585,6 +585,11 @@ def _kernel_for(entry: Lowering, key: str):
     return kernel
 
 
+# The implementations the registry was built with (flag_gems imports lowerings/ before this
+# module): a C++ wrapper stands in for one of these only, never for an entry replaced later.
+_BUILTIN_IMPLS = {target: entry.impl for target, entry in REGISTRY.items()}
+
+
 class _Registration:
     """The one place an implementation is registered: ``entry``'s aten overload overridden on a
     dispatch key; ``destroy()`` restores the kernel before it.
@@ -611,7 +616,13 @@ class _Registration:
         self.lib = torch.library.Library("aten", "IMPL")
         self.cpp = None  # the C++ registration's handle
         self.allow_cpp = allow_cpp
-        if kernel is None and allow_cpp and c_runtime.has_aten(entry.target) and key in c_runtime.installed_keys():
+        if (
+            kernel is None
+            and allow_cpp
+            and entry.impl is _BUILTIN_IMPLS.get(entry.target)  # the C++ wrapper ports this impl, not a replacement
+            and c_runtime.has_aten(entry.target)
+            and key in c_runtime.installed_keys()
+        ):
             self.cpp = c_runtime.register_aten(entry.target, key)
         else:
             self.kernel = _kernel_for(entry, key) if kernel is None else kernel
