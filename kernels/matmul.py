@@ -137,26 +137,35 @@ def _tile_acc(a_desc, b_desc, off_m, off_n, k_tiles,
 
 
 @triton.jit
-def _tile_store(c_desc, acc, bias_ptr, off_m, off_n, M, N, stride_xm, stride_xn, alpha, beta,
-                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``alpha * acc (+ beta * bias)`` rounded once into ``out`` (the descriptor clips the edges)."""
+def _tile_store(c_desc, c_ptr, acc, bias_ptr, off_m, off_n, M, N, stride_cm, stride_xm, stride_xn, alpha, beta,
+                HAS_BIAS: tl.constexpr, PTR_STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``alpha * acc (+ beta * bias)`` rounded once into ``out``: through the descriptor (which clips
+    the edges), or with ``PTR_STORE`` through masked pointers (the warp-specialized variants: Triton
+    3.6's Hopper warp specialization splits a 128-row tile between two consumer warp groups and
+    re-types ``out``'s host descriptor to the half tile but not the stored value, so a descriptor
+    store there does not compile; pointer stores are split with the tile)."""
     acc = acc * alpha
+    rm = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
+    rn = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
+    inside = (rm[:, None] < M) & (rn[None, :] < N)
     if HAS_BIAS:
-        rm = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
-        rn = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
-        x = tl.load(bias_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn,
-                    mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0).to(tl.float32)
-        acc += beta * x
-    c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+        x = tl.load(bias_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn, mask=inside, other=0.0)
+        acc += beta * x.to(tl.float32)
+    if PTR_STORE:
+        tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=inside)
+    else:
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
 @triton.jit
 def _matmul_tma_kernel(
     a_desc,  # [M, K] block [BLOCK_M, BLOCK_K]
     b_desc,  # [K, N] block [BLOCK_K, BLOCK_N], or (B_KMAJOR) [N, K] block [BLOCK_N, BLOCK_K]
-    c_desc,  # [M, N] block [BLOCK_M, BLOCK_N]
+    c_desc,  # [M, N] block [BLOCK_M, BLOCK_N] (unused with WARP_SPEC)
+    c_ptr,  # out [M, N], unit column stride (the WARP_SPEC variants store through it)
     bias_ptr,  # broadcast to [M, N] through its strides (unused without HAS_BIAS)
     M, N, K,
+    stride_cm,
     stride_xm, stride_xn,
     alpha, beta,
     n_programs,  # the grid (persistent: programs walk tiles with this step)
@@ -183,16 +192,16 @@ def _matmul_tma_kernel(
             off_m = (first_m + (tile % per_group) % rows_in_group) * BLOCK_M
             off_n = ((tile % per_group) // rows_in_group) * BLOCK_N
             acc = _tile_acc(a_desc, b_desc, off_m, off_n, k_tiles, B_KMAJOR, UPCAST, False, BLOCK_M, BLOCK_N, BLOCK_K)
-            _tile_store(c_desc, acc, bias_ptr, off_m, off_n, M, N, stride_xm, stride_xn, alpha, beta,
-                        HAS_BIAS, BLOCK_M, BLOCK_N)
+            _tile_store(c_desc, c_ptr, acc, bias_ptr, off_m, off_n, M, N, stride_cm, stride_xm, stride_xn, alpha,
+                        beta, HAS_BIAS, WARP_SPEC, BLOCK_M, BLOCK_N)
     else:
         first_m = (pid // per_group) * GROUP_M
         rows_in_group = tl.minimum(n_m - first_m, GROUP_M)
         off_m = (first_m + (pid % per_group) % rows_in_group) * BLOCK_M
         off_n = ((pid % per_group) // rows_in_group) * BLOCK_N
         acc = _tile_acc(a_desc, b_desc, off_m, off_n, k_tiles, B_KMAJOR, UPCAST, WARP_SPEC, BLOCK_M, BLOCK_N, BLOCK_K)
-        _tile_store(c_desc, acc, bias_ptr, off_m, off_n, M, N, stride_xm, stride_xn, alpha, beta,
-                    HAS_BIAS, BLOCK_M, BLOCK_N)
+        _tile_store(c_desc, c_ptr, acc, bias_ptr, off_m, off_n, M, N, stride_cm, stride_xm, stride_xn, alpha, beta,
+                    HAS_BIAS, WARP_SPEC, BLOCK_M, BLOCK_N)
 
 
 def tile_config(m: int, elem_bytes: int) -> tuple[int, int, int, int, int]:
@@ -426,8 +435,9 @@ def _launch_tma(a, b, out, bias_v, xs, m, n, k, alpha, beta, has_bias, persisten
     programs = min(tiles, num_sms(a.device)) if persistent else tiles
     with device_guard(a):
         _matmul_tma_kernel[(programs,)](
-            a_desc, b_desc, c_desc, bias_v,
+            a_desc, b_desc, c_desc, out, bias_v,
             m, n, k,
+            out.stride(0),
             xs[1], xs[2],
             float(alpha), float(beta),
             programs,
@@ -467,6 +477,22 @@ _TILES_LARGE = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4)
                 (128, 128, 128, 8, 3), (64, 256, 64, 4, 4))
 
 
+def _ws_tiles(tiles) -> list:
+    """``tiles`` as warp-specialized variants. Triton's Hopper warp specialization (3.6) runs only at 4
+    warps (one producer and up to two 4-warp consumer groups; at other counts the loop is left as it
+    is: a duplicate candidate), on a pipelined loop (2+ stages) and on wgmma tiles (64+ rows; smaller
+    ones compile unspecialized). It splits a 128-row tile between the two consumers along M (the
+    epilogue stores through pointers for that: ``_tile_store``); a narrower tile 256 or more wide it
+    splits along N, which 3.6 does not lower (a wgmma operand layout assertion). Checked by compiling
+    every candidate offline for sm_90 with Triton 3.6."""
+    out = []
+    for bm, bn, bk, _, stages in tiles:
+        tile = (bm, bn, bk, 4, max(stages, 2))
+        if bm >= 64 and (bm >= 128 or bn < 256) and tile not in out:
+            out.append(tile)
+    return out
+
+
 def _tune_candidates(key, dev) -> list:
     """Per M bucket a few tiles (above) in each class the call can use: ``tma`` first on Hopper,
     ``persistent`` (and its warp-specialized form) where there are more tiles than SMs, ``plain``
@@ -478,7 +504,8 @@ def _tune_candidates(key, dev) -> list:
         if tma_ok:
             out += [_cfg("tma", 16, 16, 16, 1, 1), _cfg("persistent", 16, 16, 16, 1, 1, group_m=2)]
             if HAS_WARP_SPEC:
-                out.append(_cfg("persistent", 16, 16, 16, 1, 1, warp_spec=1, group_m=2))
+                out += [_cfg("persistent", 16, 16, 16, 1, 1, warp_spec=1, group_m=2),
+                        _cfg("tma", 16, 32, 16, 1, 1, warp_spec=1)]
         return out
     tiles = _TILES_SMALL if m <= 16 else _TILES_MID if m <= 128 else _TILES_LARGE
     if dtype.itemsize == 4:
@@ -490,8 +517,8 @@ def _tune_candidates(key, dev) -> list:
         many = [t for t in tiles if cdiv(m, t[0]) * cdiv(n, t[1]) * batch > sms]
         out += [_cfg("persistent", *t) for t in many[:3]]
         if HAS_WARP_SPEC:
-            out += [_cfg("persistent", *t, warp_spec=1) for t in many[:2]]
-            out += [_cfg("tma", *t, warp_spec=1) for t in tiles[:2]]
+            out += [_cfg("persistent", *t, warp_spec=1) for t in _ws_tiles(many)[:2]]
+            out += [_cfg("tma", *t, warp_spec=1) for t in _ws_tiles(tiles)[:2]]
     out += [_cfg("plain", *t) for t in tiles]
     return out
 
@@ -536,5 +563,5 @@ TUNABLE = at.register(at.Tunable(
     candidates=_tune_candidates,
     make_bench=_tune_bench,
     baseline=_tune_baseline,
-    sources=(_matmul_kernel, _matmul_tma_kernel, _tile_acc, _tile_store, tma_eligible),
+    sources=(_matmul_kernel, _matmul_tma_kernel, _tile_acc, _tile_store, tma_eligible, _ws_tiles),
 ))
