@@ -174,10 +174,11 @@ _SMEM: dict = {}
 def max_shared_memory(dev: int) -> int | None:
     """Bytes of shared memory one program may use on CUDA device ``dev``: the opt-in per-block limit
     that Triton checks before a launch (``OutOfResources`` above it; 232448 on H100 and H200). None
-    for the interpreter (-1): no limit. Candidate lists drop configs whose estimate exceeds it."""
-    if dev < 0:
-        return None
+    (no limit) for the interpreter (-1) and without CUDA. Candidate lists drop configs whose estimate
+    exceeds it."""
     limit = _SMEM.get(dev)
+    if limit is None and (dev < 0 or not torch.cuda.is_available()):
+        return None
     if limit is None:
         props = torch.cuda.get_device_properties(dev)
         limit = getattr(props, "shared_memory_per_block_optin", 0)

@@ -15,9 +15,13 @@ Three kernel classes, chosen per shape by the autotuner (``kernels/_autotune.py`
   output tile per program.
 * ``persistent``: the ``tma`` kernel with one program per SM walking the output tiles in the
   grouped order (fewer, longer programs: no tail effect, the next tile's loads overlap the
-  epilogue). ``WARP_SPEC`` adds Triton's warp specialization of that loop where the installed
-  Triton has it (``tl.range(warp_specialize=...)``); a candidate that does not compile on a
-  given GPU / Triton is skipped by the tuner.
+  epilogue). ``WARP_SPEC`` adds Triton's warp specialization of that loop (of the K loop for
+  ``tma``) where the installed Triton has it (``tl.range(warp_specialize=...)``). Its epilogue
+  stores through masked pointers, not the descriptor: Triton 3.6's Hopper pass splits a 128-row
+  tile between two consumer warp groups and re-types the host descriptors to the half tile, but
+  not a descriptor-stored value (``'tt.descriptor_store' op tensor descriptor block and tensor
+  types must match``). The candidates are the tiles 3.6 lowers (:func:`_ws_tiles`); one that
+  still does not compile on some GPU / Triton is dropped by the tuner with a warning.
 
 Tensor-descriptor classes need fp16/bf16 operands, a GPU of compute capability >= 9 (Hopper)
 or the interpreter, unit stride on ``a``'s and ``out``'s rows and on ``b``'s rows or columns,
@@ -493,6 +497,24 @@ def _ws_tiles(tiles) -> list:
     return out
 
 
+def smem_estimate(cfg: dict, elem_bytes: int) -> int:
+    """An upper bound of a config's shared memory, in bytes: the A and B tiles of each pipeline stage,
+    and for the descriptor classes the output tile (staged for the bulk store, or converted for the
+    warp-specialized pointer store; at least 16 KiB) and 1 KiB of barriers. Not below the compiled
+    size of any candidate (205 compiles, Triton 3.6, sm_90: every class, tile, layout, bias); the
+    plain class's figure is an Ampere-style cp.async pipeline (Hopper's compile of it uses less)."""
+    bm, bn, bk, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"]
+    need = stages * (bm * bk + bk * bn) * elem_bytes
+    if cfg["KIND"] != "plain":
+        need += max(bm * bn * elem_bytes, 16384) + 1024
+    return need
+
+
+def _fits(cfg: dict, elem_bytes: int, dev: int) -> bool:
+    limit = at.max_shared_memory(dev)
+    return limit is None or smem_estimate(cfg, elem_bytes) <= limit
+
+
 def _tune_candidates(key, dev) -> list:
     """Per M bucket a few tiles (above) in each class the call can use: ``tma`` first on Hopper,
     ``persistent`` (and its warp-specialized form) where there are more tiles than SMs, ``plain``
@@ -509,7 +531,8 @@ def _tune_candidates(key, dev) -> list:
         return out
     tiles = _TILES_SMALL if m <= 16 else _TILES_MID if m <= 128 else _TILES_LARGE
     if dtype.itemsize == 4:
-        return [_cfg("plain", bm, bn, max(16, bk // 2), w, st) for bm, bn, bk, w, st in tiles]
+        out = [_cfg("plain", bm, bn, max(16, bk // 2), w, st) for bm, bn, bk, w, st in tiles]
+        return [c for c in out if _fits(c, 4, dev)]
     out = []
     if tma_ok:
         out += [_cfg("tma", *t) for t in tiles]
@@ -520,7 +543,7 @@ def _tune_candidates(key, dev) -> list:
             out += [_cfg("persistent", *t, warp_spec=1) for t in _ws_tiles(many)[:2]]
             out += [_cfg("tma", *t, warp_spec=1) for t in _ws_tiles(tiles)[:2]]
     out += [_cfg("plain", *t) for t in tiles]
-    return out
+    return [c for c in out if _fits(c, dtype.itemsize, dev)]  # what a launch can have (smaller GPUs than Hopper)
 
 
 def _bench_operands(key, dev, dims):
@@ -563,5 +586,6 @@ TUNABLE = at.register(at.Tunable(
     candidates=_tune_candidates,
     make_bench=_tune_bench,
     baseline=_tune_baseline,
-    sources=(_matmul_kernel, _matmul_tma_kernel, _tile_acc, _tile_store, tma_eligible, _ws_tiles),
+    sources=(_matmul_kernel, _matmul_tma_kernel, _tile_acc, _tile_store, tma_eligible, _ws_tiles,
+             smem_estimate, _fits),
 ))
