@@ -182,7 +182,7 @@ CLASS_CONFIGS = [  # (KIND, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, W
     ("persistent", 16, 16, 16, 2, 4, 2, 0),
     ("persistent", 16, 32, 16, 8, 4, 2, 1),
     # 128 rows, 4 warps, 2+ stages: Hopper's warp specialization splits the tile between two consumer
-    # warp groups (the epilogue stores through pointers there: kernels/matmul.py _tile_store).
+    # warp groups (hence the in-kernel descriptors of kernels/matmul.py _matmul_ws_kernel).
     ("tma", 128, 64, 32, 8, 4, 3, 1),
 ]
 
@@ -224,6 +224,29 @@ def test_every_class(cfg, layout, dtype, device):
                    extra=None if term is None else torch.broadcast_to(term, prod.shape))
     ran_tma = cfg[0] != "plain" and dtype != torch.float32
     assert km.tma_eligible(a, b, out) == ran_tma or cfg[0] == "plain"
+
+
+def test_scratch_allocator_is_scoped():
+    """The warp-specialized launch lends Triton a scratch allocator for its own launch only, and keeps
+    one the process set (``triton.set_allocator``)."""
+    if km._allocation is None:
+        pytest.skip("this Triton has no scratch allocator")
+    var = km._allocation._allocator
+    before = var.get()
+    with km._scratch_allocator():
+        inside = var.get()
+    assert var.get() is before
+    assert inside is (km._scratch if isinstance(before, km._allocation.NullAllocator) else before)
+
+    def mine(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    token = var.set(mine)
+    try:
+        with km._scratch_allocator():
+            assert var.get() is mine
+    finally:
+        var.reset(token)
 
 
 def test_descriptor_config_on_unaligned_operands_runs_the_plain_kernel(device):
