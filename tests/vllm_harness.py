@@ -221,15 +221,17 @@ class Decoder(nn.Module):
     """A decoder in vLLM's layer forms. ``forward(input_ids, positions) -> logits``; attention
     goes through ``torch.ops.gems_harness.attention`` (the current :class:`AttentionContext`)."""
 
-    def __init__(self, shape: Shape, dtype=torch.bfloat16, device="cpu", seed: int = 0):
+    def __init__(self, shape: Shape, dtype=torch.bfloat16, device="cpu", seed: int = 0, init: bool = True):
         super().__init__()
         self.shape = s = shape
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(device=device).manual_seed(seed)
 
         def param(*size, scale=None, mean=0.0):
+            if not init:  # filled by load_state_dict
+                return nn.Parameter(torch.empty(*size, device=device, dtype=dtype), requires_grad=False)
             scale = scale if scale is not None else 1.0 / math.sqrt(size[-1])
-            return nn.Parameter((torch.randn(*size, generator=g) * scale + mean).to(device=device, dtype=dtype),
-                                requires_grad=False)
+            w = torch.randn(*size, generator=g, device=device) * scale + mean
+            return nn.Parameter(w.to(dtype), requires_grad=False)
 
         self.embed = param(s.vocab, s.hidden, scale=1.0)
         self.layers = nn.ModuleList()
@@ -596,7 +598,7 @@ def reference_logits(model: Decoder, ref: Decoder, ref_ctx: AttentionContext, in
 
 
 def fp32_copy(model: Decoder) -> Decoder:
-    ref = Decoder(model.shape, dtype=torch.float32, device=model.lm_head.device)
+    ref = Decoder(model.shape, dtype=torch.float32, device=model.lm_head.device, init=False)
     ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     ref.cos_sin_cache = model.cos_sin_cache.float()  # the model's rounded cache: the reference reads the same values
     return ref
@@ -617,9 +619,11 @@ def prefill_batch(shape: Shape, tokens: int, device, generator):
 
 def fill_caches(ctx: AttentionContext, ref_ctx: AttentionContext, generator):
     """The same random KV-cache contents in both contexts (the earlier steps' keys and values)."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+    device_gen = torch.Generator(device=ctx.k_cache[0].device).manual_seed(seed)
     for caches, ref_caches in ((ctx.k_cache, ref_ctx.k_cache), (ctx.v_cache, ref_ctx.v_cache)):
         for c, r in zip(caches, ref_caches):
-            values = torch.randn(c.shape, generator=generator).to(c.dtype)
+            values = torch.randn(c.shape, generator=device_gen, device=c.device).to(c.dtype)
             c.copy_(values)
             r.copy_(values.float())
 

@@ -34,11 +34,12 @@ def compile_with_vllm_passes(vllm_config, fresh_dynamo):
     from vllm.compilation.passes.pass_manager import PostGradPassManager
     from vllm.config.utils import Range
 
-    def run(fn, *args, dynamic=True):
+    def run(fn, *args, dynamic=True, gems=True):
         manager = PostGradPassManager()
         manager.configure(vllm_config)
-        gems = GemsVllmPass(strict=True)
-        manager.add(gems)
+        gems = GemsVllmPass(strict=True) if gems else None
+        if gems is not None:
+            manager.add(gems)
         graphs = []
         backend = post_grad_backend(manager, graphs, VllmIRInplaceFunctionalizationPass(vllm_config))
         if dynamic:
@@ -48,7 +49,7 @@ def compile_with_vllm_passes(vllm_config, fresh_dynamo):
         with pass_context(Range(1, 8192)), torch.no_grad():
             out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
         assert len(graphs) == 1
-        return out, graphs[0], gems.report()
+        return out, graphs[0], gems.report() if gems is not None else None
 
     return run
 
@@ -224,3 +225,24 @@ def test_dumps_and_report_go_to_gems_dump_dir(compile_with_vllm_passes, tmp_path
                      "graph_000_vllm post-grad_report.txt"], files
     assert "silu_and_mul_fused" in (tmp_path / d / "graph_000_after.py").read_text()
     assert "act_and_mul" in (tmp_path / d / "graph_000_vllm post-grad_report.txt").read_text()
+
+
+def test_without_the_pass_vllms_ir_lowering_picks_the_patched_provider(compile_with_vllm_passes, unpatched):
+    """The patches' IR route in compiled graphs: vLLM's own lowering traces our provider."""
+    from flag_gems.vllm import apply_gems_patches_to_vllm
+
+    assert apply_gems_patches_to_vllm(ops=["rms_norm"]) == {"rms_norm": "ir"}
+    norm = _norm()
+    x, r = rand(6, 64, dtype=DT), rand(6, 64, dtype=DT)
+
+    def f(x, r):
+        return norm(x.clone()), *norm(x.clone(), r.clone())
+
+    (y, y2, h), gm, _ = compile_with_vllm_passes(f, x, r, gems=False)
+    ops = targets(gm)
+    assert "flag_gems.rms_norm.default" in ops and "flag_gems.fused_add_rms_norm.default" in ops, ops
+    w = norm.weight.data
+    assert_close(y, rms_math(x, w, 1e-6)[0], DT, tag("vllm IR lowering -> flag_gems rms_norm", x.shape, DT))
+    ry, rh = rms_math(x, w, 1e-6, r)
+    assert_close(y2, ry, DT, tag("vllm IR lowering -> flag_gems fused_add_rms_norm y", x.shape, DT))
+    assert_close(h, rh, DT, tag("vllm IR lowering -> flag_gems fused_add_rms_norm h", x.shape, DT))
