@@ -33,10 +33,15 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 from .runtime import device, vendor_name  # noqa: E402  (GEMS_VENDOR; raises for an unknown vendor)
 
 from . import lowerings as _lowerings  # noqa: F401  (registers torch.ops.flag_gems.*)
+from . import c_runtime as _c_runtime  # noqa: E402
+
+_c_runtime.start()  # the C++ runtime when it was built (flag_gems.c_operators)
 from .backend import explain, flag_gems_backend
 from .eager import all_registered_ops, disable, enable, only_enable, use_gems
 from .lowerings.act_and_mul import gelu_and_mul, gelu_and_mul_fused, silu_and_mul, silu_and_mul_fused
 from .lowerings.attention import scaled_dot_product_attention
+from .lowerings.matmul import addmm, bmm, mm
+from .kernels._autotune import config_for
 from .lowerings.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm
 from .lowerings.rotary_embedding import apply_rotary_pos_emb, apply_rotary_pos_emb_hf, rotary_embedding_cache
 
@@ -45,10 +50,13 @@ __version__ = "0.1.0"
 __all__ = [
     "GemsFusionPass",
     "add_rms_norm",
+    "addmm",
     "all_registered_ops",
     "apply_gems_patches_to_vllm",
     "apply_rotary_pos_emb",
     "apply_rotary_pos_emb_hf",
+    "bmm",
+    "config_for",
     "device",
     "disable",
     "enable",
@@ -58,6 +66,7 @@ __all__ = [
     "gelu_and_mul",
     "gelu_and_mul_fused",
     "inductor_pass",
+    "mm",
     "only_enable",
     "rms_norm",
     "rotary_embedding_cache",
@@ -67,6 +76,7 @@ __all__ = [
     "use_gems",
     "vendor_name",
     "vllm_pass",
+    "warmup",
 ]
 
 
@@ -88,4 +98,9 @@ def __getattr__(name):
         # Kept in the module's namespace: vLLM resolves "flag_gems.vllm_pass" through __dict__.
         globals()[name] = value
         return value
+    # warmup lives in flag_gems.pretune, which `python -m flag_gems.pretune` runs as __main__: not imported here.
+    if name == "warmup":
+        from .pretune import warmup
+
+        return warmup
     raise AttributeError(f"module 'flag_gems' has no attribute {name!r}")

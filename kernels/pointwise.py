@@ -87,6 +87,7 @@ import triton.language as tl
 from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
 from triton.language.extra import libdevice
 
+from . import _autotune as at
 from ._common import device_guard, interpreter_mode
 from ._launch import jit
 
@@ -123,7 +124,8 @@ def _category(dtype: torch.dtype) -> str:
 
 
 def launch_config(n: int) -> tuple[int, int]:
-    """Elements per program (BLOCK) and warps for a pointwise kernel over ``n`` elements.
+    """Elements per program (BLOCK) and warps for a pointwise kernel over ``n`` elements, tuned per
+    element-count bucket and device kind (``TUNABLE`` at the end of this file). The heuristic:
 
     GPU: 1024 elements on 4 warps (8 per thread: two 16-byte fp32 vectors, one for fp16)
     for every size, so each signature compiles once. These are the values of Triton's
@@ -136,9 +138,11 @@ def launch_config(n: int) -> tuple[int, int]:
     Returns:
         (BLOCK, num_warps)
     """
-    if _INTERPRET:
-        return max(16, min(4096, 1 << max(n - 1, 0).bit_length())), 1
-    return 1024, 4
+    # Plans cache the answer: one lookup per plan, not per call.
+    key = tune_key(n)
+    dev = at.current_device()
+    cfg = TUNABLE.chosen.get((dev, key))
+    return cfg if cfg is not None else TUNABLE.resolve(key, dev, {"n": n})
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -1030,3 +1034,51 @@ def kernel_source(op: PointwiseOp, *operands, out=None) -> str:
         raise NotImplementedError(f"pointwise {op.name}: {plan if isinstance(plan, str) else 'no kernel for this call'}")
     name = f"pointwise_{plan.kernel_key[0]}_{hashlib.sha1(repr(plan.kernel_key).encode()).hexdigest()[:12]}"
     return _source(name, plan.kernel_key)
+
+
+# --------------------------------------------------------------------------- autotuning
+
+_N_BUCKET_CAP = 1 << 28
+
+
+def tune_key(n: int) -> tuple:
+    """The autotuning key of a pointwise launch over ``n`` elements: (n bucket,)."""
+    return (at.pow2_bucket(n, _N_BUCKET_CAP),)
+
+
+def _tune_default(key, dev) -> dict:
+    if _INTERPRET:
+        return {"BLOCK": max(16, min(4096, key[0])), "num_warps": 1}
+    return {"BLOCK": 1024, "num_warps": 4}
+
+
+def _tune_candidates(key, dev) -> list:
+    """512-8192 elements per program on 2-16 warps (4-64 elements per thread); the interpreter gets one."""
+    if dev < 0:
+        return [{"BLOCK": max(16, min(4096, key[0]) // 2), "num_warps": 1}]
+    out = [{"BLOCK": b, "num_warps": w} for b in (512, 1024, 2048, 4096, 8192) for w in (2, 4, 8, 16)
+           if 4 <= b // (32 * w) <= 64]
+    return at.near_first(_tune_default(key, dev), out)
+
+
+def _tune_bench(key, dev, dims):
+    """A bf16 ``add`` of two contiguous vectors of the bucket's size (plans are built per run, so the
+    forced config is the one launched)."""
+    n = (dims or {}).get("n", key[0])
+    device = at.torch_device(dev)
+    a = torch.randn(n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, device=device, dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+    op = OPS["add"]
+    return lambda: _build(op, (a, b), out, symbolic=False).run((a, b), out)
+
+
+TUNABLE = at.register(at.Tunable(
+    "pointwise",
+    fields=("BLOCK", "num_warps"),
+    key_fields=("n_bucket",),
+    default=_tune_default,
+    candidates=_tune_candidates,
+    make_bench=_tune_bench,
+    sources=(_source,),
+))

@@ -14,14 +14,16 @@ embedding from a ``cos_sin_cache``, DeepSeek's YaRN rope on interleaved pairs):
    and once per capture size (the size made concrete), with the post-grad custom pass being
    ``flag_gems.vllm_pass`` or nothing (Inductor alone). Without a GPU the pieces go through
    Inductor's pipeline up to code generation and run as post-grad graphs (``codegen=False``).
-4. **Warm-up and capture per size**, largest first: one eager run of the compiled pieces, then
-   each piece captured as its own CUDA graph into one shared pool (piecewise CUDA graphs).
+4. **Warm-up and capture per size**, largest first: one eager run of the compiled pieces (where
+   kernels compile and tune), then each piece captured as its own CUDA graph into one shared pool
+   (piecewise CUDA graphs).
 5. **Replay with new data** copied into persistent input buffers (vLLM's model-runner buffers),
    attention running between the replays.
 
-``torch.cuda.set_sync_debug_mode("error")`` is on around the warm-up runs, inside each piece's
-capture (torch's own synchronization when a capture starts and ends is outside it) and around
-replays: a kernel that synchronizes the host fails there, as it would break vLLM's capture.
+``torch.cuda.set_sync_debug_mode("error")`` is on inside each piece's capture (torch's own
+synchronization when a capture starts and ends is outside it) and around replays: a kernel that
+synchronizes the host there fails, as it would break vLLM's capture. The warm-up runs before
+are free to (our kernels tune a shape they have not seen there, as vLLM's warm-up allows).
 """
 
 from __future__ import annotations
@@ -546,9 +548,10 @@ class GraphRunner:
         self.pool = torch.cuda.graph_pool_handle()
         for size in sizes or self.capture_sizes:
             self.ctx.prefill = False
-            with sync_debug_error():
-                self.mode = "warmup"
-                self.run(size)
+            # The warm-up may synchronize (our kernels tune a new shape there, as vLLM's warm-up
+            # allows); capture and replay must not.
+            self.mode = "warmup"
+            self.run(size)
             self.mode = "capture"  # each piece checks its own capture (Piece.forward)
             self.run(size)
         self.mode = "replay"
