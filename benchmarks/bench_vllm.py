@@ -4,8 +4,7 @@ The model is tests/vllm_harness.py's Llama-style decoder (Llama-3-8B layers: hid
 8 kv heads of 128, intermediate 14336, vocab 128256; 4 layers, ``--layers``; bf16), in the forms
 vLLM's layers reach its compiler. Each contender goes through the harness's copy of vLLM's
 pipeline: one Dynamo capture with a symbolic token count, split at attention, every piece
-compiled by Inductor for the symbolic size and for each capture size, the post-grad custom pass
-being ``flag_gems.vllm_pass`` (contender ``flag_gems_pass``) or nothing (``inductor``), piecewise
+compiled by Inductor (``--compile-sizes`` below), the post-grad custom pass being ``flag_gems.vllm_pass`` (contender ``flag_gems_pass``) or nothing (``inductor``), piecewise
 CUDA graphs captured per size into one pool.
 
 Measured per contender, alternating the contenders over ``--rounds`` rounds:
@@ -15,8 +14,11 @@ Measured per contender, alternating the contenders over ``--rounds`` rounds:
   read per step over that time (GB/s, % of a measured device copy);
 * ``prefill_2048``: one 2048-token sequence through the symbolic-size pieces without graphs
   (vLLM does not capture prefill sizes); ms per step;
-* ``compile_s`` (the first run: Dynamo, split, all Inductor compiles) and the logits' cosine
-  similarity with an fp32 eager reference of the same weights, per input.
+* ``compile_s`` (the first run: Dynamo, split, all Inductor compiles, and the capture) and the
+  logits' cosine similarity with an fp32 eager reference of the same weights, per input.
+
+Each piece is compiled once for the symbolic size, which every size runs, as with vLLM's default
+``compile_sizes`` (none); ``--compile-sizes`` adds per-size compiles.
 
 Rows (long format, with GPU, versions, git sha and date) go to ``--out`` as JSON and a Markdown
 table. ``--quick``: 2 layers, fewer timed steps. ``--cpu-smoke``: a tiny decoder on the CPU
@@ -76,7 +78,8 @@ class Contender:
         gpu = device == "cuda"
         self.sizes = args.sizes
         self.runner = H.GraphRunner(model, max_tokens=max(args.prefill, max(args.sizes)), post_pass=self.gems,
-                                    capture_sizes=args.sizes if gpu else (), compile_sizes=args.sizes, codegen=gpu,
+                                    capture_sizes=args.sizes if gpu else (), compile_sizes=args.compile_sizes,
+                                    codegen=gpu,
                                     n_seqs=max(args.sizes), max_len=max(args.prefill, args.context) + 1)
         self.runner.ctx.context_len = args.context
         self.device = device
@@ -110,7 +113,7 @@ def run(args) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
     if args.cpu_smoke:
         shape = H.LLAMA_TINY
-        args.sizes, args.prefill, args.context, args.rounds, args.iters = (2,), 16, 16, 1, 1
+        args.sizes, args.compile_sizes, args.prefill, args.context, args.rounds, args.iters = (2,), (2,), 16, 16, 1, 1
     else:
         shape = H.Shape(**{**H.LLAMA3_8B.__dict__, "layers": args.layers})
     meta = run_meta(device)
@@ -212,6 +215,9 @@ def main(argv=None) -> int:
     p.add_argument("--contenders", nargs="*", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--sizes", type=int, nargs="*", default=[1, 8, 64], help="decode batch sizes (captured)")
+    p.add_argument("--compile-sizes", type=int, nargs="*", default=[],
+                   help="sizes also compiled on their own (vLLM's compile_sizes; default none: every size runs "
+                        "the symbolic-size compile, as vLLM does by default)")
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--context", type=int, default=512, help="decode context length bound")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds over the contenders")
@@ -222,7 +228,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.rounds, args.iters = 2, 2, 10
-    args.sizes = tuple(args.sizes)
+    args.sizes, args.compile_sizes = tuple(args.sizes), tuple(args.compile_sizes)
     rows = run(args)
     text = markdown(rows)
     write_rows(rows, args.out, f"vllm_{'cpu-smoke' if args.cpu_smoke else file_tag(rows[0])}", text)
