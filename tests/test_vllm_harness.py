@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vllm_harness as H
+from accuracy import DEVICE
 from flag_gems.vllm.fusion_pass import GemsVllmPass
 
 SHAPES = {"llama": H.LLAMA_TINY, "deepseek": H.DEEPSEEK_TINY}
@@ -34,10 +35,11 @@ def _step(runner, ref, ref_ctx, batch, what):
 
 @pytest.mark.parametrize("post_pass", ["vllm_pass", "inductor_alone"])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_split_per_size_compile_and_logits_on_the_cpu(name, post_pass, fresh_dynamo):
+def test_split_per_size_compile_and_logits_without_cuda_graphs(name, post_pass, fresh_dynamo):
+    """Post-grad graphs run as they are (no code generation): on the CPU through Triton's interpreter."""
     shape = SHAPES[name]
     gen = torch.Generator().manual_seed(1)
-    model = H.Decoder(shape, dtype=torch.bfloat16)
+    model = H.Decoder(shape, dtype=torch.bfloat16, device=DEVICE)
     ref = H.fp32_copy(model)
     gems = GemsVllmPass(strict=True) if post_pass == "vllm_pass" else None
     runner = H.GraphRunner(model, max_tokens=16, post_pass=gems, compile_sizes=(4,), codegen=False, n_seqs=8,
@@ -46,10 +48,10 @@ def test_split_per_size_compile_and_logits_on_the_cpu(name, post_pass, fresh_dyn
     what = f"{name} {post_pass}"
     # Prefill of one sequence (the symbolic-size compile), then decode steps: 4 tokens (compiled
     # for that size) and 3 (the symbolic one again).
-    _step(runner, ref, ref_ctx, H.prefill_batch(shape, 8, "cpu", gen), what + " prefill")
+    _step(runner, ref, ref_ctx, H.prefill_batch(shape, 8, DEVICE, gen), what + " prefill")
     H.fill_caches(runner.ctx, ref_ctx, gen)
-    _step(runner, ref, ref_ctx, H.decode_batch(shape, 4, 32, 8, "cpu", gen), what + " decode")
-    _step(runner, ref, ref_ctx, H.decode_batch(shape, 3, 32, 8, "cpu", gen), what + " decode")
+    _step(runner, ref, ref_ctx, H.decode_batch(shape, 4, 32, 8, DEVICE, gen), what + " decode")
+    _step(runner, ref, ref_ctx, H.decode_batch(shape, 3, 32, 8, DEVICE, gen), what + " decode")
 
     # One Dynamo graph, split at each layer's attention: layers + 1 compiled pieces.
     assert len(runner.pieces) == shape.layers + 1

@@ -37,11 +37,11 @@ def test_the_pass_fuses_under_plain_torch_compile(fresh_dynamo):
     import vllm_harness as H
     from flag_gems.vllm.fusion_pass import GemsVllmPass
 
-    from accuracy import assert_close, rand, tag
+    from accuracy import DEVICE, assert_close, rand, tag
 
     gems = GemsVllmPass(strict=True)
     compile_piece = H._post_grad_only(gems)
-    x = rand(5, 64, dtype=torch.bfloat16)
+    x = rand(5, 64, dtype=torch.bfloat16, device=DEVICE)
     gm = torch.fx.symbolic_trace(lambda x: (H.silu_and_mul(x),))
     (out,) = compile_piece(gm, [x])(x)
     assert gems.report().fused["act_and_mul"] == 1, gems.report()

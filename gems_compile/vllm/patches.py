@@ -307,12 +307,17 @@ def _apply_route(route: Route, plan: list) -> Applied:
 
 def _import_vllm():
     try:
-        import vllm  # noqa: F401
+        import vllm
     except ImportError as e:
         raise ImportError(
             "flag_gems.apply_gems_patches_to_vllm: vLLM is not installed in this environment "
             f"(import vllm failed: {e}); install vllm, or leave this call out"
         ) from e
+    if getattr(vllm, "__file__", None) is None:  # a folder named vllm on sys.path, not the package
+        raise ImportError(
+            "flag_gems.apply_gems_patches_to_vllm: vLLM is not installed in this environment "
+            f"('import vllm' found the directory {list(getattr(vllm, '__path__', []))}, not the package)"
+        )
     return getattr(vllm, "__version__", "?")
 
 

@@ -12,9 +12,9 @@ import textwrap
 import pytest
 import torch
 
-from vllm_helpers import SKIP_REASON
+from vllm_helpers import import_vllm_or_skip
 
-vllm = pytest.importorskip("vllm", reason=SKIP_REASON)
+vllm = import_vllm_or_skip()
 
 import flag_gems  # noqa: E402
 from accuracy import TOLERANCES, tag  # noqa: E402

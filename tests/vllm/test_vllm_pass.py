@@ -14,9 +14,9 @@ import pickle
 import pytest
 import torch
 
-from vllm_helpers import SKIP_REASON, act_math, post_grad_backend, rms_math, rope_math, targets
+from vllm_helpers import act_math, import_vllm_or_skip, post_grad_backend, rms_math, rope_math, targets
 
-vllm = pytest.importorskip("vllm", reason=SKIP_REASON)
+vllm = import_vllm_or_skip()
 
 import flag_gems  # noqa: E402
 from accuracy import assert_close, rand, tag  # noqa: E402

@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from vllm_helpers import SKIP_REASON, act_math, rms_math, rope_math
+from vllm_helpers import act_math, import_vllm_or_skip, rms_math, rope_math
 
-vllm = pytest.importorskip("vllm", reason=SKIP_REASON)
+vllm = import_vllm_or_skip()
 
 from accuracy import DTYPES, DTYPE_IDS, assert_close, poison, rand, tag  # noqa: E402
 from flag_gems.vllm import apply_gems_patches_to_vllm, patched, remove_gems_patches_from_vllm  # noqa: E402

@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 
-from vllm_helpers import SKIP_REASON
+from vllm_helpers import import_vllm_or_skip
 
-vllm = pytest.importorskip("vllm", reason=SKIP_REASON)
+vllm = import_vllm_or_skip()
 
 import flag_gems  # noqa: E402
 from flag_gems.vllm import parse_modes  # noqa: E402
