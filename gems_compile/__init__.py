@@ -18,17 +18,23 @@ logger.addHandler(logging.NullHandler())
 # Without a CUDA device, Triton can only run through its CPU interpreter, which reads
 # TRITON_INTERPRET when a function is decorated: Triton's own library functions are
 # decorated when triton is imported, ours during this import. So the switch is flipped
-# here only if triton is not imported yet; otherwise CPU tensors get a clear error at
-# launch (set TRITON_INTERPRET=1 at process start). An explicit TRITON_INTERPRET=0 is respected.
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    if "triton" in sys.modules:
-        logger.warning(
-            "no CUDA device, and triton was imported before flag_gems without TRITON_INTERPRET=1: "
-            "flag_gems kernels cannot run on the CPU in this process; set TRITON_INTERPRET=1 at its start"
-        )
-    else:
+# here only if triton is not imported yet (an explicit TRITON_INTERPRET is respected).
+# Otherwise no kernel can run in this process: flag_gems.availability records why, and the
+# first kernel refused warns on stderr (warnings) and explain() says it in its first line.
+from . import availability as _availability  # noqa: E402
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules:
         os.environ["TRITON_INTERPRET"] = "1"
         logger.info("no CUDA device: flag_gems kernels run through Triton's CPU interpreter")
+    else:
+        _why = ("triton was imported before flag_gems without TRITON_INTERPRET=1"
+                if "TRITON_INTERPRET" not in os.environ else f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']!r}")
+        _availability.set_unavailable(
+            f"no CUDA device and {_why}: flag_gems kernels cannot run in this process and every op falls back "
+            "to PyTorch; set TRITON_INTERPRET=1 at process start (before importing triton or transformers)"
+        )
+        logger.warning("%s", _availability.unavailable())
 
 from .runtime import device, vendor_name  # noqa: E402  (GEMS_VENDOR; raises for an unknown vendor)
 

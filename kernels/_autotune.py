@@ -482,6 +482,11 @@ class Tunable:
             if capturing():  # never tune (or sync) inside a graph capture; decide again afterwards
                 logger.debug("autotune %s %s: inside CUDA-graph capture, heuristic config", self.name, key)
                 return self.as_tuple(self._default(key, dev))
+            from ._launch import launches_traced
+
+            if launches_traced():  # a trace into Inductor's graph: the caches above, else the heuristic
+                logger.debug("autotune %s %s: launch traced into a graph, heuristic config", self.name, key)
+                return self.as_tuple(self._default(key, dev))
             if tune and policy == "on" and dev >= 0 and not _interpreter():
                 budget = _env_float("GEMS_AUTOTUNE_BUDGET_S", 5.0)
                 try:

@@ -91,7 +91,8 @@ from . import _autotune as at
 from ._common import device_guard, interpreter_mode
 from ._launch import jit
 
-__all__ = ["CAST_DTYPES", "MAX_DIMS", "OPS", "PointwiseOp", "cast_op", "kernel_cache_info", "kernel_source", "launch_config"]
+__all__ = ["CAST_DTYPES", "MAX_DIMS", "OPS", "PointwiseOp", "cast_op", "kernel_cache_info", "kernel_source", "launch_config",
+           "op_dtypes"]
 
 # Most dims of a strided (class g) index space after coalescing; more -> a reason.
 MAX_DIMS = 8
@@ -581,34 +582,10 @@ def _build(op: PointwiseOp, operands, out, symbolic: bool):
     ptrs = [i for i, a in enumerate(operands) if isinstance(a, torch.Tensor) and a.device == device]
 
     # --- dtypes: result, and the computation dtype (torch's opmath)
-    promote = op.promote if op.promote is not None else tuple(i for i in range(op.arity) if i not in op.bool_args)
-    if op.promotion == "out":
-        if out is None:
-            return "the output dtype comes from out="
-        common = result = out.dtype
-    elif op.promotion == "cast":
-        common = operands[0].dtype if isinstance(operands[0], torch.Tensor) else None
-        result = common if op.dtype is None else op.dtype
-    else:
-        args = [operands[i] for i in promote]
-        common = elementwise_dtypes(*args, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)[1]
-        result = common
-        if op.promotion == "int_to_float":
-            result = elementwise_dtypes(*args, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.INT_TO_FLOAT)[1]
-        elif op.promotion == "bool":
-            result = torch.bool
-    if common is None:
-        return "operand 0 must be a tensor"
-    for d in (common, result):
-        if d not in _TL_DTYPES:
-            return f"dtype {d} is not supported"
-    if _category(common) not in op.accepts:
-        return f"{op.name} is not defined for {common}"
-    if op.promotion == "cast":
-        base = common if result is torch.bool else result  # a bool result is x != 0 in the input's dtype
-    else:
-        base = result if op.promotion == "int_to_float" else common
-    compute = _OPMATH.get(base, base)
+    dtypes = _dtypes(op, operands, out)
+    if dtypes.__class__ is str:
+        return dtypes
+    result, compute = dtypes
     if out is not None and not torch.can_cast(result, out.dtype):
         return f"result type {result} can't be cast to the output dtype {out.dtype}"
     if op.out_format is not None:
@@ -741,6 +718,55 @@ def _build(op: PointwiseOp, operands, out, symbolic: bool):
     plan.result_range = _INT_RANGE.get(result) or ((-_FLOAT_MAX[result], _FLOAT_MAX[result]) if result in _FLOAT_MAX else None)
     plan.per_call_checks = bool(plan.scalar_checks) or out is not None
     return plan
+
+
+def op_dtypes(op: "PointwiseOp", *operands) -> tuple[torch.dtype, torch.dtype] | str:
+    """Result dtype and computation dtype of ``op(*operands)`` (torch's type promotion and opmath).
+
+    Metadata only (FakeTensors and symbolic scalars welcome); what the fused-group generator
+    (``kernels/pointwise_fused.py``) uses to type each op of a group as this module types a call.
+
+    Args:
+        operands: tensors or Python numbers, ``op.arity`` of them.
+
+    Returns:
+        ``(result, compute)``, or a reason string when the op is not defined for these dtypes.
+    """
+    if len(operands) != op.arity:
+        return f"expected {op.arity} operands, got {len(operands)}"
+    return _dtypes(op, operands, None)
+
+
+def _dtypes(op, operands, out):
+    """(result, compute) dtypes of a call, or a reason (see :func:`op_dtypes`)."""
+    promote = op.promote if op.promote is not None else tuple(i for i in range(op.arity) if i not in op.bool_args)
+    if op.promotion == "out":
+        if out is None:
+            return "the output dtype comes from out="
+        common = result = out.dtype
+    elif op.promotion == "cast":
+        common = operands[0].dtype if isinstance(operands[0], torch.Tensor) else None
+        result = common if op.dtype is None else op.dtype
+    else:
+        args = [operands[i] for i in promote]
+        common = elementwise_dtypes(*args, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)[1]
+        result = common
+        if op.promotion == "int_to_float":
+            result = elementwise_dtypes(*args, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.INT_TO_FLOAT)[1]
+        elif op.promotion == "bool":
+            result = torch.bool
+    if common is None:
+        return "operand 0 must be a tensor"
+    for d in (common, result):
+        if d not in _TL_DTYPES:
+            return f"dtype {d} is not supported"
+    if _category(common) not in op.accepts:
+        return f"{op.name} is not defined for {common}"
+    if op.promotion == "cast":
+        base = common if result is torch.bool else result  # a bool result is x != 0 in the input's dtype
+    else:
+        base = result if op.promotion == "int_to_float" else common
+    return result, _OPMATH.get(base, base)
 
 
 class _SymbolicOk:

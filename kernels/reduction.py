@@ -47,7 +47,7 @@ OP_SUM, OP_MAX, OP_ALL = 0, 1, 2
 # _MAX_TILE_ROWS rows); it keeps a tile's register footprint near that of one 4096-element
 # row. Measured on the H100 (benchmarks/results/ops_*): 2.2-2.9x native at [8, 4096], but
 # 0.86x (sum) and 0.83x (amax) at [4096, 4096], where native's row kernel is faster; those
-# entries are opt-in until this tile is swept (benchmarks/NOTES.md).
+# entries stay out of preset "fast" until this tile is swept (benchmarks/NOTES.md).
 _TILE_ELEMS = 4096
 _MAX_TILE_ROWS = 64
 # Largest number of partials per row a split reduction writes (reduced by one more tile).

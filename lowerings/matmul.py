@@ -16,9 +16,9 @@ Per shape: the kernel's config comes from the autotuner (``kernels/_autotune.py`
 eager mode runs cuBLAS. So an enabled GEMM entry only runs the Triton kernel where it measured
 faster on this GPU (or where no measurement exists: the heuristic tiles).
 
-Defaults: off (opt-in with ``include=["mm", "bmm", "addmm"]``): on the H100 the fixed-tile
-kernel ran at 0.6-0.8x cuBLAS (benchmarks/results/ops_*); the tuned kernel's per-shape results
-are rows of ``benchmarks/bench_tune.py``. Not rewritten in compiled graphs (cuBLAS or
+Policies (``flag_gems.lowerings.registry``): on in the eager mode, as every entry (the H100 rows of the
+untuned fixed-tile kernel in ``lowerings/measurements.py`` put it below cuBLAS, so it is
+not in ``preset="fast"``). Not rewritten in compiled graphs (no graph-mode data; cuBLAS or
 Inductor's templates do that work there).
 
 Public functions with upstream's signatures: :func:`mm`, :func:`bmm`, :func:`addmm`.
@@ -36,13 +36,10 @@ from .registry import register
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REASON", "TARGETS", "addmm", "bmm", "mm"]
+__all__ = ["TARGETS", "addmm", "bmm", "mm"]
 
 aten = torch.ops.aten
 
-REASON = ("measured on H100 vs cuBLAS at [8, 4096] / [4096, 4096] @ [4096, 4096] (bf16), untuned tiles: mm 0.64x / "
-          "0.75x, addmm 0.59x / 0.73x, bmm 0.83x / 0.69x; now tuned per shape, cuBLAS kept where the tuner measured it "
-          "faster (benchmarks/bench_tune.py): opt-in (include=...)")
 _NATIVE_REASON = "cuBLAS measured faster for this shape on this GPU (autotuner; GEMS_AUTOTUNE)"
 
 
@@ -118,21 +115,21 @@ def _tuned(a, b, bias):
     return cfg
 
 
-@register(aten.mm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_mm, default=False, reason=REASON)
+@register(aten.mm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_mm)
 def mm_impl(self, mat2):
     """``aten::mm``: ``self [M, K] @ mat2 [K, N]``."""
     _refuse(_supports_mm(self, mat2))
     return km.matmul(self, mat2, config=_tuned(self, mat2, None))
 
 
-@register(aten.bmm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_bmm, default=False, reason=REASON)
+@register(aten.bmm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_bmm)
 def bmm_impl(self, mat2):
     """``aten::bmm``: ``self [B, M, K] @ mat2 [B, K, N]``."""
     _refuse(_supports_bmm(self, mat2))
     return km.matmul(self, mat2, config=_tuned(self, mat2, None))
 
 
-@register(aten.addmm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_addmm, default=False, reason=REASON)
+@register(aten.addmm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_addmm)
 def addmm_impl(self, mat1, mat2, *, beta=1, alpha=1):
     """``aten::addmm``: ``beta * self + alpha * (mat1 @ mat2)``; ``self`` is ignored when ``beta == 0``."""
     _refuse(_supports_addmm(self, mat1, mat2, beta=beta, alpha=alpha))
