@@ -13,6 +13,15 @@ with ``GEMS_CPP_JIT=1``, a build now into torch's extension cache; ``GEMS_CPP=0`
 Nothing fails when it is missing: :data:`available` is False, :data:`reason` says why in one
 line, and every op keeps its Python path.
 
+Launch configs: a wrapper launches with the config the op's Python launcher would use, the
+autotuner's (``kernels/_autotune.py``). The C++ side keeps the configs by tuning key; a key it
+has not seen comes here once, to :func:`_tuned_config`, which resolves it with the family's
+own ``Tunable`` (caches, ``GEMS_AUTOTUNE``, capture rules) and says whether C++ may keep the
+answer: a heuristic answered during CUDA-graph capture is not kept (the next call asks again,
+as the Python launcher resolves again); under ``GEMS_AUTOTUNE=off`` the answer is "the
+heuristic", which the C++ side computes itself. When the Python side's choices change
+(``_autotune.clear_memory``, a key tuned again) the C++ copies are dropped.
+
 Where wrappers are registered: the ``CUDA`` key, and with ``GEMS_CPP_CPU=1`` under Triton's
 interpreter also the ``CPU`` key (there every launch goes through this hook to the
 interpreter: it tests the C++ wrappers' logic without a GPU). :func:`install` /
@@ -43,11 +52,14 @@ __all__ = [
     "has_aten",
     "install",
     "installed_keys",
+    "kept_config",
+    "last_launch",
     "python_launches",
     "reason",
     "register_aten",
     "start",
     "stats",
+    "tune_queries",
     "uninstall",
 ]
 
@@ -60,6 +72,8 @@ _python_launches = 0
 _hook_lib = None  # the torch.library.Library holding the hook implementation
 _installed: dict = {}  # dispatch key -> {qualname: handle}
 _fast: dict = {}  # device type -> _FastOps
+_tune_queries = 0
+_last_launch: dict = {}  # kernel name -> what the last launch through the hook ran (last_launch)
 
 
 # --------------------------------------------------------------------------- the kernels the wrappers launch
@@ -101,6 +115,7 @@ def _kernel_table():
 
 
 _resolvers: list = []  # by kernel id
+_kernel_names: list = []  # by kernel id (csrc/runtime.cpp: kKernelNames)
 
 
 # --------------------------------------------------------------------------- the hook
@@ -210,9 +225,137 @@ def _triton_launch(kernel, variant, tensors, kinds, ints, floats, launch, cachea
         busy.active = was
     with _lock:
         _python_launches += 1
+    names = getattr(fn, "arg_names", None) or [f"arg{j}" for j in range(len(kinds))]
+    _last_launch[_kernel_names[kernel]] = {
+        "constexprs": {n: v for n, k, v in zip(names, kinds, params) if k >= 5},
+        "grid": (g0, g1, g2), "num_warps": warps, "num_stages": stages,
+    }
     if not cacheable or interpreter_mode():
         return []
     return _launch_info(compiled, fn, len(kinds))
+
+
+def last_launch(kernel: str) -> dict | None:
+    """What the last launch of ``kernel`` (a name of ``kernel_names()``: ``"rms_norm_fwd"``, ...)
+    through the Python hook ran, recorded after Triton's launch returned: ``{"constexprs":
+    {name: value}, "grid", "num_warps", "num_stages"}`` (num_stages 0: Triton's default); None
+    when none went through it. On a GPU only first calls of a specialization pass the hook; on
+    the CPU (``GEMS_CPP_CPU=1``) every launch does."""
+    return _last_launch.get(kernel)
+
+
+# --------------------------------------------------------------------------- the tuned-config hook
+
+# Sizes of the real call each family's wrapper passes after its key (csrc/ops.cpp), by the
+# names the family's Python launcher gives ``Tunable.resolve`` (what a tuning run benchmarks).
+_TUNE_DIMS = {"rms_norm": ("n_rows",), "act_and_mul": ("n_rows",), "rope": ("n_tokens",), "pointwise": ("n",),
+              "matmul": ("m", "n", "k", "batch"), "reduction": ("n_rows", "n_cols")}
+# Key fields the C++ side sends as 0/1 that the Python keys hold as bools (cache files spell them so).
+_BOOL_KEY_FIELDS = frozenset({"has_residual", "copy_pass", "interleaved", "full_table", "has_bias", "b_kmajor",
+                              "tma_ok"})
+# The hook's answer: [status, values...] (csrc/runtime.cpp: kTuneKeep, kTuneOnce, kTuneOff).
+_KEEP, _ONCE, _OFF = 0, 1, 2
+_families: list = []  # by family id (csrc/runtime.h: Family): the Tunable
+_kinds: tuple = ()  # kernels/matmul.py:KINDS (matmul's KIND field as its index)
+
+
+def _decode_key(tunable, key, dtype) -> tuple:
+    """The Python key of ``tunable`` from the C++ key values (the dtype field given apart)."""
+    values, it = [], iter(key)
+    for field in tunable.key_fields:
+        if field == "dtype":
+            values.append(dtype)
+        elif field in _BOOL_KEY_FIELDS:
+            values.append(bool(next(it)))
+        else:
+            values.append(int(next(it)))
+    return tuple(values)
+
+
+def _encode_key(tunable, key) -> tuple[list, torch.dtype | None]:
+    """The inverse of :func:`_decode_key`: (C++ key values, dtype)."""
+    ints, dtype = [], None
+    for field, v in zip(tunable.key_fields, key, strict=True):
+        if field == "dtype":
+            dtype = v
+        else:
+            ints.append(int(v))
+    return ints, dtype
+
+
+def _encode_config(tunable, values) -> list[int]:
+    return [_kinds.index(v) if f == "KIND" else int(v) for f, v in zip(tunable.fields, values)]
+
+
+def _tuned_config(family, device, key, dtype, dims):
+    """``flag_gems_cpp::tuned_config``: the launch config the family's Python launcher uses for this key.
+
+    The lookup is the launchers' own (``Tunable.chosen``, then ``Tunable.resolve``: caches,
+    tuning policy, capture rules), so the C++ wrapper and the Python launcher agree.
+
+    Args:
+        family: index into ``tuned_family_names()``; device: CUDA index, -1 for the CPU.
+        key, dtype: the family's key (csrc/ops.cpp's order, bools as 0/1) without and with its dtype.
+        dims: the call's sizes (``_TUNE_DIMS``): what a tuning run benchmarks.
+
+    Returns:
+        ``[status, values...]``: ``_KEEP`` (the Python side remembered this config for the key),
+        ``_ONCE`` (for this call only: a heuristic chosen during CUDA-graph capture, or a tuning
+        run's forced config), ``_OFF`` (``GEMS_AUTOTUNE=off``: the C++ heuristic, no values).
+    """
+    global _tune_queries
+    from .kernels import _autotune as at
+
+    t = _families[family]
+    full = _decode_key(t, key, dtype)
+    table = t.chosen  # a _Forced view while a tuning run forces a config on this thread
+    values = table.get((device, full))
+    if values is not None:
+        answer = [_ONCE if isinstance(table, at._Forced) else _KEEP, *_encode_config(t, values)]
+    elif at.mode() == "off":
+        t.resolve(full, device)  # what the Python launcher's call does: remember the heuristic
+        answer = [_OFF]
+    else:
+        values = t.resolve(full, device, dict(zip(_TUNE_DIMS[t.name], dims)))
+        kept = t._table.get((device, full)) == values  # not remembered: a capture-time heuristic
+        answer = [_KEEP if kept else _ONCE, *_encode_config(t, values)]
+    with _lock:
+        _tune_queries += 1
+    return answer
+
+
+def tune_queries() -> int:
+    """Configs the C++ wrappers asked from the Python side since the process started (one per
+    tuning key the C++ table had not kept); a repeated call of a kept key adds none."""
+    return _tune_queries
+
+
+def kept_config(name: str, key: tuple, device: int = -1):
+    """What the C++ table keeps for tuning key ``key`` of family ``name`` (read only, never asks).
+
+    Args:
+        name: a family of ``tuned_family_names()`` (``"rms_norm"``, ``"matmul"``, ...).
+        key: the family's Python key (``kernels/<family>.py:tune_key``).
+        device: CUDA device index, -1 for the CPU.
+
+    Returns:
+        None (nothing kept), ``"heuristic"`` (kept under ``GEMS_AUTOTUNE=off``: the C++
+        heuristic), or the config as ``{field: value}``.
+    """
+    family = [t.name for t in _families].index(name)
+    t = _families[family]
+    ints, dtype = _encode_key(t, key)
+    got = torch.ops.flag_gems_cpp.tuned_peek(family, device, ints, dtype)
+    if not got:
+        return None
+    if got[0]:
+        return "heuristic"
+    values = got[1:1 + len(t.fields)]
+    return {f: (_kinds[v] if f == "KIND" else v) for f, v in zip(t.fields, values)}
+
+
+def _forget_tuned() -> None:
+    torch.ops.flag_gems_cpp.clear_tuned()
 
 
 def python_launches() -> int:
@@ -224,9 +367,10 @@ def python_launches() -> int:
 
 def stats() -> dict:
     """The C++ launcher's counters: ``cpp_launches`` (cache hits), ``python_launches`` (through
-    the hook), ``uncacheable`` (specializations that keep Triton's path)."""
-    cpp, py, unc = torch.ops.flag_gems_cpp.stats()
-    return {"cpp_launches": cpp, "python_launches": py, "uncacheable": unc}
+    the hook), ``uncacheable`` (specializations that keep Triton's path), ``tune_queries``
+    (launch configs asked from the Python side: tuning keys the C++ table had not kept)."""
+    cpp, py, unc, tq = torch.ops.flag_gems_cpp.stats()
+    return {"cpp_launches": cpp, "python_launches": py, "uncacheable": unc, "tune_queries": tq}
 
 
 # --------------------------------------------------------------------------- loading
@@ -270,7 +414,7 @@ def _jit_build() -> str:
 
 def _load() -> None:
     """Load the library and register the hook; sets :data:`available` and :data:`reason`."""
-    global available, reason, _hook_lib
+    global available, reason, _hook_lib, _kinds
     if os.environ.get("GEMS_CPP", "1") == "0":
         reason = "disabled by GEMS_CPP=0"
         return
@@ -294,8 +438,21 @@ def _load() -> None:
         reason = f"the C++ extension launches kernels this package does not have: {missing}"
         return
     _resolvers[:] = [table[n] for n in names]
+    _kernel_names[:] = names
+    from .kernels import _autotune, matmul, pointwise  # noqa: F401  (pointwise: its Tunable)
+
+    families = list(torch.ops.flag_gems_cpp.tuned_family_names())
+    missing = [n for n in families if n not in _autotune.TUNABLES or n not in _TUNE_DIMS]
+    if missing:
+        reason = f"the C++ extension asks for tuned configs of kernel families this package does not have: {missing}"
+        return
+    _families[:] = [_autotune.TUNABLES[n] for n in families]
+    _kinds = tuple(matmul.KINDS)
+    torch.ops.flag_gems_cpp.set_tma_available(bool(matmul.HAS_TMA))
     _hook_lib = torch.library.Library("flag_gems_cpp", "IMPL")
     _hook_lib.impl("triton_launch", _triton_launch, "CompositeExplicitAutograd")
+    _hook_lib.impl("tuned_config", _tuned_config, "CompositeExplicitAutograd")
+    _autotune.on_change(_forget_tuned)
     available, reason = True, None
     why = torch.ops.flag_gems_cpp.driver_unavailable_reason()
     if why:

@@ -76,6 +76,7 @@ __all__ = [
     "export_entries",
     "mode",
     "near_first",
+    "on_change",
     "pow2_bucket",
     "register",
     "row_candidates",
@@ -503,8 +504,11 @@ class Tunable:
 
     def _remember(self, key, dev, result: TuneResult) -> tuple:
         values = self.as_tuple(result.config)
+        old = self._table.get((dev, key))
         self._table[(dev, key)] = values
         self._origin[(dev, key)] = result
+        if old is not None and old != values:
+            _changed()
         return values
 
     def _known(self, key, dev) -> TuneResult | None:
@@ -704,6 +708,22 @@ def clear_memory() -> None:
         for t in TUNABLES.values():
             t._table.clear()
             t._origin.clear()
+        _changed()
+
+
+_LISTENERS: list = []
+
+
+def on_change(fn: Callable[[], None]) -> None:
+    """Call ``fn()`` whenever a remembered choice may have changed (:func:`clear_memory`, a key
+    tuned again with another result): launchers that keep copies of the choices (the C++
+    runtime's table, ``flag_gems.c_runtime``) forget them."""
+    _LISTENERS.append(fn)
+
+
+def _changed() -> None:
+    for fn in _LISTENERS:
+        fn()
 
 
 def export_entries(dev: int | None = None) -> list:

@@ -1,7 +1,10 @@
 // The C++ wrappers: argument checks, launch configuration, output allocation and the launch
 // of our Triton kernels, for the ops of FlagGems' C++ runtime. Each wrapper ports the host
-// side of its Python launcher (kernels/*.py: the same heuristics, the same kernel
-// parameters) for the inputs it takes, and refuses the rest (returns false): the caller
+// side of its Python launcher (kernels/*.py: the same tuning key, the same kernel
+// parameters) for the inputs it takes, and refuses the rest (returns false). The launch
+// config is the autotuner's, as the Python launcher gets it (TuneQuery, runtime.h: the
+// family's key looked up in C++, asked from Python once per key); each family's heuristic
+// below is the config while the tuner is off (GEMS_AUTOTUNE=off). The caller
 // (runtime.cpp's WrapperKernel) then runs the kernel registered before it, i.e. the Python
 // implementation for `flag_gems::` ops (which handles or rejects every input with its own
 // error) and the native kernel for `aten::` ops.
@@ -70,6 +73,9 @@ std::optional<std::vector<int64_t>> view_strides(const at::Tensor& t, IntArrayRe
 
 void bump_version(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
 
+// _autotune.pow2_bucket: n rounded up to a power of two (1 for n <= 1), at most `cap`.
+int64_t pow2_bucket(int64_t n, int64_t cap) { return std::min(next_pow2(n), cap); }
+
 // ================================================================== RMSNorm (kernels/rms_norm.py)
 
 // row_config: the whole row up to MAX_FUSED_BLOCK in registers, about one warp per KiB.
@@ -77,6 +83,18 @@ std::pair<int64_t, int64_t> row_config(int64_t n_cols, int64_t elem) {
   int64_t block = std::min(next_pow2(n_cols), kMaxFusedBlock);
   int64_t warps = std::max<int64_t>(1, std::min<int64_t>(16, block * elem / 1024));
   return {block, warps};
+}
+
+constexpr int64_t kRmsRowsBucketCap = 1 << 16;  // kernels/rms_norm.py:_ROWS_BUCKET_CAP
+
+// The forward's (BLOCK_N, num_warps): Tunable "rms_norm", key (rows bucket, n_cols, dtype, has_residual).
+std::pair<int64_t, int64_t> rms_norm_config(const at::Tensor& x, int64_t n_rows, int64_t n_cols, bool has_residual) {
+  auto cfg = TuneQuery(Family::RmsNorm, x.device(), x.scalar_type())
+                 .k(pow2_bucket(n_rows, kRmsRowsBucketCap)).k(n_cols).k(has_residual)
+                 .dim(n_rows)
+                 .get();
+  if (cfg.heuristic) return row_config(n_cols, x.element_size());
+  return {cfg[0], cfg[1]};
 }
 
 struct Rows3 {
@@ -128,7 +146,7 @@ bool rms_norm_launch(const at::Tensor& x, const std::optional<at::Tensor>& resid
   const int64_t n_cols = shape.back();
   const int64_t n_rows = prod(shape, 0, shape.size() - 1);
   if (n_rows * n_cols == 0) return true;
-  auto [block, warps] = row_config(n_cols, x.element_size());
+  auto [block, warps] = rms_norm_config(x, n_rows, n_cols, residual.has_value());
   const auto& s = r3->strides;
   std::array<int64_t, 2> rs{0, 0}, hs{0, 0};
   if (residual) rs = s[2];
@@ -313,8 +331,11 @@ bool act_and_mul_launch(const at::Tensor& a, const at::Tensor& b, const at::Tens
   IntArrayRef lead = out.sizes().slice(0, out.dim() - 1);
   auto f = fold_tokens(lead, {&a, &b, &out});
   if (!f) return false;
-  auto cfg = act_config(std::min(next_pow2(n_rows), kActRowsBucketCap), n_cols, out.element_size(),
-                        num_sms(out.device()));
+  // Tunable "act_and_mul": key (rows bucket, n_cols, dtype), fields (BLOCK_M, BLOCK_N, num_warps).
+  const int64_t rows_bucket = std::min(next_pow2(n_rows), kActRowsBucketCap);
+  auto tuned = TuneQuery(Family::ActAndMul, out.device(), out.scalar_type()).k(rows_bucket).k(n_cols).dim(n_rows).get();
+  const ActConfig cfg = tuned.heuristic ? act_config(rows_bucket, n_cols, out.element_size(), num_sms(out.device()))
+                                        : ActConfig{tuned[0], tuned[1], tuned[2]};
   Launch l(Kernel::ActAndMulFwd);
   l.tensor(a).tensor(b).tensor(out);
   for (auto& st : f->strides) l.i(st[0]).i(st[1]);
@@ -368,6 +389,8 @@ RopeLayout rope_layout(const at::Tensor& t, const std::vector<std::array<int64_t
 struct RopeConfig {
   int64_t bhq, bhk, br2, bp, warps;
 };
+
+constexpr int64_t kRopeTokensBucketCap = 1 << 16;  // kernels/rotary_embedding.py:_TOKENS_BUCKET_CAP
 
 RopeConfig rope_config(int64_t nq, int64_t nk, int64_t half_rot, int64_t head_dim, int64_t elem, bool copy_pass) {
   int64_t br2 = next_pow2(half_rot);
@@ -448,7 +471,16 @@ bool rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos
   }
   const int64_t nq = q.size(-2), nk = k.size(-2);
   const bool copy_pass = !inplace && 2 * half_rot < head_dim;
-  auto cfg = rope_config(nq, nk, half_rot, head_dim, q.element_size(), copy_pass);
+  // Tunable "rope": key (tokens bucket, q heads, k heads, r/2, head_dim, dtype, copy pass,
+  // interleaved, full table), fields (BLOCK_HQ, BLOCK_HK, BLOCK_R2, BLOCK_P, num_warps).
+  const int64_t n_tokens = split[0] * split[1];
+  auto tuned = TuneQuery(Family::Rope, q.device(), q.scalar_type())
+                   .k(pow2_bucket(n_tokens, kRopeTokensBucketCap)).k(nq).k(nk).k(half_rot).k(head_dim)
+                   .k(copy_pass).k(interleaved).k(false)
+                   .dim(n_tokens)
+                   .get();
+  const RopeConfig cfg = tuned.heuristic ? rope_config(nq, nk, half_rot, head_dim, q.element_size(), copy_pass)
+                                         : RopeConfig{tuned[0], tuned[1], tuned[2], tuned[3], tuned[4]};
   const int64_t n_q_blocks = cdiv(nq, cfg.bhq), n_k_blocks = cdiv(nk, cfg.bhk);
   Launch l(Kernel::Rope);
   l.tensor(ql.t).tensor(kl.t).tensor(qo.t).tensor(ko.t).tensor(cos).tensor(sin);
@@ -496,6 +528,7 @@ bool rotary_embedding_inplace_op(const c10::OperatorHandle&, Stack* s) {
 // ================================================================== add (kernels/pointwise.py's generator)
 
 constexpr int kMaxDims = 8;  // pointwise.MAX_DIMS
+constexpr int64_t kPointwiseBucketCap = int64_t(1) << 28;  // pointwise._N_BUCKET_CAP
 
 // _iteration_order: dims outermost to innermost, as TensorIterator's reorder_dimensions.
 std::vector<int64_t> iteration_order(IntArrayRef shape, const std::vector<std::vector<int64_t>>& strides) {
@@ -604,9 +637,14 @@ std::optional<at::Tensor> add_launch(const at::Tensor& a, const at::Tensor& b) {
   }
   const int64_t rank = any_g ? r : 0;
   if (rank > kMaxDims) return std::nullopt;
-  // launch_config: 1024 elements on 4 warps; the interpreter: one program per <= 4096 elements
+  // launch_config: Tunable "pointwise", key (n bucket,), fields (BLOCK, num_warps). The
+  // heuristic: 1024 elements on 4 warps; the interpreter: one program per <= 4096 elements.
+  auto tuned = TuneQuery(Family::Pointwise, out.device()).k(pow2_bucket(n, kPointwiseBucketCap)).dim(n).get();
   int64_t block = 1024, warps = 4;
-  if (interpreter_mode() && !out.is_cuda()) {
+  if (!tuned.heuristic) {
+    block = tuned[0];
+    warps = tuned[1];
+  } else if (interpreter_mode() && !out.is_cuda()) {
     block = std::max<int64_t>(16, std::min<int64_t>(4096, next_pow2(n)));
     warps = 1;
   }
@@ -669,32 +707,87 @@ bool add_aten(const c10::OperatorHandle&, Stack* s) {
 
 // ================================================================== mm / bmm (kernels/matmul.py)
 
-std::optional<at::Tensor> matmul_launch(const at::Tensor& a, const at::Tensor& b, int64_t rank) {
+constexpr int64_t kMatmulMaxBatch = 65535;  // kernels/matmul.py:MAX_BATCH (grid axis 1)
+constexpr int64_t kMatmulBucketCap = 1 << 20;
+constexpr int64_t kKindPlain = 0;  // kernels/matmul.py:KINDS[0]; the others need tensor descriptors
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// kernels/matmul.py:tma_eligible for a new contiguous output: 16-bit floats on a device with
+// tensor descriptors, a 2-D (or batch-1) product, rows of a and b 16-byte aligned.
+bool tma_eligible(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() != at::kBFloat16 && a.scalar_type() != at::kHalf) return false;
+  if (!tma_device(a.device())) return false;
+  if (a.dim() == 3 && a.size(0) != 1) return false;
+  const int64_t m = a.size(-2), k = a.size(-1), n = b.size(-1), e = a.element_size();
+  if (m == 0 || n == 0 || k == 0) return false;
+  const int64_t sa0 = a.stride(-2), sa1 = a.stride(-1), sb0 = b.stride(-2), sb1 = b.stride(-1);
+  if (sa1 != 1 || (sa0 * e) % 16 || !aligned16(a) || !aligned16(b)) return false;
+  if (!((sb1 == 1 && (sb0 * e) % 16 == 0) || (sb0 == 1 && (sb1 * e) % 16 == 0))) return false;
+  return (n * e) % 16 == 0;
+}
+
+// The config kernels/matmul.py:matmul_config gives `a @ b`: Tunable "matmul", key (batch
+// bucket, M bucket, N, K, dtype, has_bias, b K-major, tensor descriptors usable), N and K
+// bucketed for batched products; fields (KIND, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
+// num_stages, WARP_SPEC, NATIVE). The heuristic: tile_config's plain tiles.
+struct GemmConfig {
+  int64_t kind, bm, bn, bk, group_m, warps, stages;
+  bool native;
+};
+
+GemmConfig matmul_config(const at::Tensor& a, const at::Tensor& b, bool tma) {
+  const int64_t m = a.size(-2), k = a.size(-1), n = b.size(-1);
+  const int64_t batch = a.dim() == 3 ? a.size(0) : 1;
+  const bool kmajor = b.stride(-2) == 1 && b.stride(-1) != 1 && n > 1;
+  TuneQuery q(Family::Matmul, a.device(), a.scalar_type());
+  if (batch > 1) {
+    q.k(pow2_bucket(batch, kMatmulMaxBatch + 1)).k(pow2_bucket(m, kMatmulBucketCap));
+    q.k(pow2_bucket(n, kMatmulBucketCap)).k(pow2_bucket(k, kMatmulBucketCap)).k(false).k(kmajor).k(false);
+  } else {
+    q.k(1).k(pow2_bucket(m, kMatmulBucketCap)).k(n).k(k).k(false).k(kmajor).k(tma);
+  }
+  auto tuned = q.dim(m).dim(n).dim(k).dim(batch).get();
+  if (!tuned.heuristic) {
+    return {tuned[0], tuned[1], tuned[2], tuned[3], tuned[4], tuned[5], tuned[6], tuned[8] != 0};
+  }
+  // tile_config
+  if (!a.is_cuda()) return {kKindPlain, 32, 32, 32, 8, 1, 1, false};
+  GemmConfig c{kKindPlain, 128, 128, 64, 8, 8, 3, false};
+  if (m <= 16)
+    c = {kKindPlain, 16, 64, 128, 8, 4, 4, false};
+  else if (m <= 64)
+    c = {kKindPlain, 64, 64, 64, 8, 4, 4, false};
+  if (a.element_size() == 4) c.bk /= 2;
+  return c;
+}
+
+enum class Gemm {
+  Launched,  // *out holds the product
+  Refused,   // inputs the wrapper does not take
+  Native,    // the tuner measured the native kernel faster (NATIVE): the aten wrappers refuse
+  Python,    // a tensor-descriptor class (KIND tma / persistent): kernels/matmul.py launches it
+};
+
+// `honor_native`: refuse where the config says the native kernel is faster (the aten entries).
+Gemm matmul_launch(const at::Tensor& a, const at::Tensor& b, int64_t rank, bool honor_native, at::Tensor* out_p) {
   if (!float_tensor(a) || !float_tensor(b) || a.scalar_type() != b.scalar_type() || a.device() != b.device() ||
       a.dim() != rank || b.dim() != rank || a.size(-1) != b.size(-2)) {
-    return std::nullopt;
+    return Gemm::Refused;
   }
-  if (rank == 3 && (a.size(0) != b.size(0) || a.size(0) > 65535)) return std::nullopt;
+  if (rank == 3 && (a.size(0) != b.size(0) || a.size(0) > kMatmulMaxBatch)) return Gemm::Refused;
   const int64_t m = a.size(-2), k = a.size(-1), n = b.size(-1);
   const int64_t batch = rank == 3 ? a.size(0) : 1;
-  auto out = rank == 3 ? at::empty({batch, m, n}, a.options()) : at::empty({m, n}, a.options());
-  if (out.numel() == 0) return out;
-  // tile_config
-  const bool interp = !a.is_cuda();
-  int64_t bm, bn, bk, warps, stages;
-  if (interp) {
-    bm = bn = bk = 32;
-    warps = stages = 1;
-  } else {
-    if (m <= 16) {
-      bm = 16, bn = 64, bk = 128, warps = 4, stages = 4;
-    } else if (m <= 64) {
-      bm = 64, bn = 64, bk = 64, warps = 4, stages = 4;
-    } else {
-      bm = 128, bn = 128, bk = 64, warps = 8, stages = 3;
-    }
-    if (a.element_size() == 4) bk /= 2;
+  if (m == 0 || n == 0 || batch == 0) {
+    *out_p = rank == 3 ? at::empty({batch, m, n}, a.options()) : at::empty({m, n}, a.options());
+    return Gemm::Launched;
   }
+  const bool tma = tma_eligible(a, b);
+  const GemmConfig cfg = matmul_config(a, b, tma);
+  if (cfg.native && honor_native) return Gemm::Native;
+  if (cfg.kind != kKindPlain && tma) return Gemm::Python;
+  auto out = rank == 3 ? at::empty({batch, m, n}, a.options()) : at::empty({m, n}, a.options());
+  const bool interp = !a.is_cuda();
   ConstStr precision = ConstStr::Tf32;
   if (interp || (a.scalar_type() == at::kFloat &&
                  at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST)) {
@@ -711,24 +804,54 @@ std::optional<at::Tensor> matmul_launch(const at::Tensor& a, const at::Tensor& b
   for (auto* st : {&sa, &sb, &sc})
     for (int64_t v : *st) l.i(v);
   l.i(0).i(0).i(0).f(1.0).f(1.0);
-  l.cb(false).cb(interp).cs(precision).c(bm).c(bn).c(bk).c(8);
-  l.run(a, cdiv(m, bm) * cdiv(n, bn), batch, 1, warps, stages);
-  return out;
+  l.cb(false).cb(interp).cs(precision).c(cfg.bm).c(cfg.bn).c(cfg.bk).c(cfg.group_m);
+  l.run(a, cdiv(m, cfg.bm) * cdiv(n, cfg.bn), batch, 1, cfg.warps, cfg.stages);
+  *out_p = std::move(out);
+  return Gemm::Launched;
 }
 
-// flag_gems::mm / aten::mm (Tensor self, Tensor mat2) -> Tensor
-bool mm_op(const c10::OperatorHandle&, Stack* s) {
-  auto out = matmul_launch(arg(s, 2, 0).toTensor(), arg(s, 2, 1).toTensor(), 2);
-  if (!out) return false;
-  return finish(s, 2, std::move(*out));
+// flag_gems::mm / flag_gems::bmm (Tensor self, Tensor mat2) -> Tensor. As the ops' Python
+// implementations (kernels/matmul.py:matmul), the Triton kernel runs whatever NATIVE says;
+// a tensor-descriptor config is refused: the Python implementation launches it.
+bool gemm_op(Stack* s, int64_t rank) {
+  at::Tensor out;
+  if (matmul_launch(arg(s, 2, 0).toTensor(), arg(s, 2, 1).toTensor(), rank, false, &out) != Gemm::Launched)
+    return false;
+  return finish(s, 2, std::move(out));
 }
 
-// flag_gems::bmm / aten::bmm (Tensor self, Tensor mat2) -> Tensor
-bool bmm_op(const c10::OperatorHandle&, Stack* s) {
-  auto out = matmul_launch(arg(s, 2, 0).toTensor(), arg(s, 2, 1).toTensor(), 3);
-  if (!out) return false;
-  return finish(s, 2, std::move(*out));
+// aten::mm / aten::bmm: as the eager mode's Python entries (lowerings/matmul.py): where the
+// tuner measured the native kernel faster, refuse (the native kernel runs); a
+// tensor-descriptor config runs through flag_gems::mm / bmm (its Python implementation).
+bool gemm_aten(Stack* s, int64_t rank) {
+  at::Tensor out;
+  switch (matmul_launch(arg(s, 2, 0).toTensor(), arg(s, 2, 1).toTensor(), rank, true, &out)) {
+    case Gemm::Launched: return finish(s, 2, std::move(out));
+    case Gemm::Python: {
+      // Once per thread: should the Python implementation come back to aten::mm (it calls
+      // torch.mm for inputs it does not take), that call gets the native kernel.
+      thread_local bool inside = false;
+      if (inside) return false;
+      static const c10::OperatorHandle mm = c10::Dispatcher::singleton().findSchemaOrThrow("flag_gems::mm", "");
+      static const c10::OperatorHandle bmm = c10::Dispatcher::singleton().findSchemaOrThrow("flag_gems::bmm", "");
+      inside = true;
+      try {
+        (rank == 3 ? bmm : mm).callBoxed(s);
+      } catch (...) {
+        inside = false;
+        throw;
+      }
+      inside = false;
+      return true;
+    }
+    default: return false;
+  }
 }
+
+bool mm_op(const c10::OperatorHandle&, Stack* s) { return gemm_op(s, 2); }
+bool bmm_op(const c10::OperatorHandle&, Stack* s) { return gemm_op(s, 3); }
+bool mm_aten(const c10::OperatorHandle&, Stack* s) { return gemm_aten(s, 2); }
+bool bmm_aten(const c10::OperatorHandle&, Stack* s) { return gemm_aten(s, 3); }
 
 // ================================================================== cat (kernels/indexing.py)
 
@@ -816,9 +939,18 @@ std::array<int64_t, 3> reduce_tile(int64_t n_rows, int64_t n_cols, int64_t elem)
   return {bm, bn, warps};
 }
 
-// row sums of a contiguous [n_rows, n_cols] x into out [n_rows] (_reduce with OP_SUM).
+constexpr int64_t kReduceBucketCap = 1 << 24;  // kernels/reduction.py:_BUCKET_CAP
+
+// row sums of a contiguous [n_rows, n_cols] x into out [n_rows] (_reduce with OP_SUM). The
+// first launch's tile is Tunable "reduction"'s, key (rows bucket, columns bucket, dtype); the
+// second pass over the partial sums keeps the heuristic (as the Python launcher).
 void row_sum_launch(const at::Tensor& x, int64_t n_rows, int64_t n_cols, const at::Tensor& out) {
-  auto [bm, bn, warps] = reduce_tile(n_rows, n_cols, x.element_size());
+  auto tuned = TuneQuery(Family::Reduction, x.device(), x.scalar_type())
+                   .k(pow2_bucket(n_rows, kReduceBucketCap)).k(pow2_bucket(n_cols, kReduceBucketCap))
+                   .dim(n_rows).dim(n_cols)
+                   .get();
+  auto [bm, bn, warps] = tuned.heuristic ? reduce_tile(n_rows, n_cols, x.element_size())
+                                         : std::array<int64_t, 3>{tuned[0], tuned[1], tuned[2]};
   int64_t n_splits = 1;
   const int64_t row_programs = cdiv(n_rows, bm);
   if (n_cols > kMaxFusedBlock) {
@@ -956,8 +1088,8 @@ const std::unordered_map<std::string, BoxedWrapper>& wrappers() {
       {"flag_gems::nonzero", nonzero_op},
       {"aten::add.Tensor", add_aten},
       {"aten::_fused_rms_norm", fused_rms_norm_aten},
-      {"aten::mm", mm_op},
-      {"aten::bmm", bmm_op},
+      {"aten::mm", mm_aten},
+      {"aten::bmm", bmm_aten},
       {"aten::cat", cat_op},
       {"aten::sum", sum_aten},
       {"aten::sum.dim_IntList", sum_dim_op},

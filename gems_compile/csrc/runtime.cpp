@@ -235,6 +235,47 @@ std::string check_packing(const Entry& e) {
   return "";
 }
 
+// ------------------------------------------------------------------ tuned configs (state)
+
+const char* const kFamilyNames[] = {"rms_norm", "act_and_mul", "rope", "pointwise", "matmul", "reduction"};
+static_assert(sizeof(kFamilyNames) / sizeof(kFamilyNames[0]) == static_cast<size_t>(Family::Count_));
+
+// The hook's answer: [status, config values...].
+constexpr int64_t kTuneKeep = 0;  // the Python launcher keeps this config for the key: so do we
+constexpr int64_t kTuneOnce = 1;  // this call only (a capture-time heuristic, a tuning run's forced config)
+constexpr int64_t kTuneOff = 2;   // the tuner is off: the wrapper's heuristic, kept
+
+struct TuneKey {
+  int len = 0;
+  std::array<int64_t, TuneQuery::kMaxKey> v;
+  bool operator==(const TuneKey& o) const {
+    return len == o.len && std::memcmp(v.data(), o.v.data(), sizeof(int64_t) * len) == 0;
+  }
+};
+
+struct TuneKeyHash {
+  size_t operator()(const TuneKey& k) const {
+    uint64_t h = 1469598103934665603ull;
+    for (int j = 0; j < k.len; ++j) {
+      h ^= static_cast<uint64_t>(k.v[j]);
+      h *= 1099511628211ull;
+    }
+    return static_cast<size_t>(h);
+  }
+};
+
+std::shared_mutex g_tuned_mutex;
+std::unordered_map<TuneKey, TunedConfig, TuneKeyHash> g_tuned;
+std::atomic<int64_t> g_tuned_generation{0};  // bumped by clear_tuned: an answer asked before is not kept
+std::atomic<int64_t> g_tune_queries{0};
+std::atomic<bool> g_tma_available{false};
+
+const c10::OperatorHandle& tuned_hook_op() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("flag_gems_cpp::tuned_config", "");
+  return op;
+}
+
 // ------------------------------------------------------------------ registration
 
 struct WrapperKernel final : c10::OperatorKernel {
@@ -525,9 +566,12 @@ void Launch::python_launch(const std::array<int64_t, 5>& launch, int64_t* key, i
   g_cache.emplace(k, std::move(e));  // another thread's entry for this key stays: either is right
 }
 
-Stats stats() { return {g_cpp_launches.load(), g_python_launches.load(), g_uncacheable.load()}; }
+Stats stats() {
+  return {g_cpp_launches.load(), g_python_launches.load(), g_uncacheable.load(), g_tune_queries.load()};
+}
 void reset_stats() {
   g_cpp_launches = 0;
+  g_tune_queries = 0;
   g_python_launches = 0;
   g_uncacheable = 0;
 }
@@ -537,6 +581,107 @@ void clear_cache() {
 }
 void set_launch_cache(bool on) { g_cache_on = on; }
 bool launch_cache_enabled() { return g_cache_on; }
+
+// ------------------------------------------------------------------ tuned configs
+
+const char* family_name(Family f) { return kFamilyNames[static_cast<int>(f)]; }
+
+TuneQuery::TuneQuery(Family f, const at::Device& device, std::optional<at::ScalarType> dtype) : dtype_(dtype) {
+  key_[len_++] = static_cast<int64_t>(f);
+  key_[len_++] = device.is_cuda() ? device.index() : -1;  // Tensor.get_device(): -1 off CUDA
+  key_[len_++] = dtype ? static_cast<int64_t>(*dtype) : -1;
+}
+
+TuneQuery& TuneQuery::k(int64_t v) {
+  TORCH_CHECK(len_ < kMaxKey, "flag_gems tuned config: a key of more than ", kMaxKey - 3, " values");
+  key_[len_++] = v;
+  return *this;
+}
+
+TuneQuery& TuneQuery::dim(int64_t v) {
+  TORCH_CHECK(n_dims_ < kMaxDims, "flag_gems tuned config: more than ", kMaxDims, " sizes");
+  dims_[n_dims_++] = v;
+  return *this;
+}
+
+std::optional<TunedConfig> TuneQuery::peek() const {
+  TuneKey key;
+  key.len = len_;
+  std::memcpy(key.v.data(), key_.data(), sizeof(int64_t) * len_);
+  std::shared_lock<std::shared_mutex> lock(g_tuned_mutex);
+  auto it = g_tuned.find(key);
+  if (it == g_tuned.end()) return std::nullopt;
+  return it->second;
+}
+
+TunedConfig TuneQuery::get() const {
+  TuneKey key;
+  key.len = len_;
+  std::memcpy(key.v.data(), key_.data(), sizeof(int64_t) * len_);
+  {
+    std::shared_lock<std::shared_mutex> lock(g_tuned_mutex);
+    auto it = g_tuned.find(key);
+    if (it != g_tuned.end()) return it->second;
+  }
+  const int64_t generation = g_tuned_generation.load();
+  torch::jit::Stack stack;
+  stack.reserve(5);
+  stack.emplace_back(key_[0]);
+  stack.emplace_back(key_[1]);
+  stack.emplace_back(std::vector<int64_t>(key_.begin() + 3, key_.begin() + len_));
+  if (dtype_)
+    stack.emplace_back(*dtype_);
+  else
+    stack.emplace_back(c10::IValue());
+  stack.emplace_back(std::vector<int64_t>(dims_.begin(), dims_.begin() + n_dims_));
+  tuned_hook_op().callBoxed(&stack);
+  const std::vector<int64_t> answer = stack.at(0).toIntVector();
+  TORCH_CHECK(!answer.empty() && answer.size() <= 1 + TunedConfig::kMaxFields && answer[0] >= kTuneKeep &&
+                  answer[0] <= kTuneOff,
+              "flag_gems tuned config: bad answer from the Python side for ", family_name(static_cast<Family>(key_[0])),
+              " (", answer.size(), " values)");
+  TunedConfig cfg;
+  cfg.heuristic = answer[0] == kTuneOff;
+  for (size_t j = 1; j < answer.size(); ++j) cfg.v[j - 1] = answer[j];
+  g_tune_queries.fetch_add(1, std::memory_order_relaxed);
+  if (answer[0] != kTuneOnce) {
+    std::unique_lock<std::shared_mutex> lock(g_tuned_mutex);
+    if (g_tuned_generation.load() == generation) g_tuned.emplace(key, cfg);
+  }
+  return cfg;
+}
+
+void clear_tuned() {
+  std::unique_lock<std::shared_mutex> lock(g_tuned_mutex);
+  g_tuned_generation.fetch_add(1);
+  g_tuned.clear();
+}
+
+void set_tma_available(bool on) { g_tma_available = on; }
+
+bool tma_device(const at::Device& d) {
+  if (!g_tma_available.load(std::memory_order_relaxed)) return false;
+  if (!d.is_cuda()) return true;  // the interpreter
+#if defined(GEMS_HAVE_CUDA_H)
+  static std::mutex m;
+  static std::array<int, 64> major{};
+  int index = d.index() >= 0 ? d.index() : 0;
+  TORCH_CHECK(index < 64, "flag_gems: device index ", index);
+  if (major[index] == 0) {
+    auto& drv = driver();
+    TORCH_CHECK(drv.error.empty(), "flag_gems: ", drv.error);
+    std::lock_guard<std::mutex> g(m);
+    CUdevice dev;
+    int v = 0;
+    drv.check(drv.device_get(&dev, index), "cuDeviceGet");
+    drv.check(drv.device_get_attribute(&v, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute");
+    major[index] = v;
+  }
+  return major[index] >= 9;
+#else
+  TORCH_CHECK(false, "flag_gems was built without cuda.h: no device queries");
+#endif
+}
 
 std::string driver_unavailable_reason() {
 #if defined(GEMS_HAVE_CUDA_H)
@@ -597,7 +742,34 @@ std::vector<std::string> kernel_names_op() {
 
 std::vector<int64_t> stats_op() {
   auto s = gems::stats();
-  return {s.cpp_launches, s.python_launches, s.uncacheable};
+  return {s.cpp_launches, s.python_launches, s.uncacheable, s.tune_queries};
+}
+
+std::vector<std::string> tuned_family_names_op() {
+  std::vector<std::string> names;
+  for (int64_t f = 0; f < static_cast<int64_t>(gems::Family::Count_); ++f)
+    names.emplace_back(gems::family_name(static_cast<gems::Family>(f)));
+  return names;
+}
+
+bool set_tma_available_op(bool on) {
+  gems::set_tma_available(on);
+  return on;
+}
+
+// What the C++ table keeps for a key (tests): [] when nothing, else [heuristic, values...].
+// Reads the table only (never asks Python). `device` -1: the CPU.
+std::vector<int64_t> tuned_peek_op(int64_t family, int64_t device, std::vector<int64_t> key,
+                                   std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK_VALUE(family >= 0 && family < static_cast<int64_t>(gems::Family::Count_), "tuned_peek: family ", family);
+  const at::Device d = device < 0 ? at::Device(at::kCPU) : at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
+  gems::TuneQuery q(static_cast<gems::Family>(family), d, dtype);
+  for (int64_t v : key) q.k(v);
+  auto cfg = q.peek();
+  if (!cfg) return {};
+  std::vector<int64_t> out{cfg->heuristic ? 1 : 0};
+  out.insert(out.end(), cfg->v.begin(), cfg->v.end());
+  return out;
 }
 
 bool set_launch_cache_op(bool on) {
@@ -652,7 +824,12 @@ TORCH_LIBRARY(flag_gems_cpp, m) {
   m.def(
       "triton_launch(int kernel, int[] variant, Tensor[] tensors, int[] kinds, int[] ints, float[] floats, "
       "int[] launch, bool cacheable) -> int[]");
+  m.def("tuned_config(int family, int device, int[] key, ScalarType? dtype, int[] dims) -> int[]");
   m.def("kernel_names() -> str[]", &kernel_names_op);
+  m.def("tuned_family_names() -> str[]", &tuned_family_names_op);
+  m.def("clear_tuned() -> ()", &gems::clear_tuned);
+  m.def("set_tma_available(bool on) -> bool", &set_tma_available_op);
+  m.def("tuned_peek(int family, int device, int[] key, ScalarType? dtype) -> int[]", &tuned_peek_op);
   m.def("wrapper_names() -> str[]", &gems::wrapper_names);
   m.def("stats() -> int[]", &stats_op);
   m.def("reset_stats() -> ()", &gems::reset_stats);

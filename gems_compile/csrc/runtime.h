@@ -22,6 +22,7 @@
 
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 namespace gems {
@@ -100,9 +101,10 @@ class Launch {
 };
 
 // Counters since load (or the last reset): launches from C++ (cache hits), launches through
-// the Python hook (misses), and of those the ones the cache cannot take.
+// the Python hook (misses), of those the ones the cache cannot take, and configs asked from
+// the Python side (tuned-config misses, counted when answered).
 struct Stats {
-  int64_t cpp_launches, python_launches, uncacheable;
+  int64_t cpp_launches, python_launches, uncacheable, tune_queries;
 };
 Stats stats();
 void reset_stats();
@@ -112,6 +114,59 @@ void set_launch_cache(bool on);
 bool launch_cache_enabled();
 // Why launches cannot bypass Python on this machine ("" when they can): no libcuda, no cuda.h.
 std::string driver_unavailable_reason();
+
+// ---------------------------------------------------------------- tuned launch configs
+//
+// The wrappers launch with the config the family's Python launcher would use: the autotuner's
+// (kernels/_autotune.py). `TuneQuery::get` looks the family's tuning key up in a C++ table
+// (one hash lookup, no Python); a miss asks the Python hook `flag_gems_cpp::tuned_config`
+// once, which resolves the key exactly as the Python launcher does (caches, GEMS_AUTOTUNE,
+// capture rules) and says whether the answer may be kept: a heuristic answered during a
+// CUDA-graph capture (or under a tuning run's forced config) is used for that call only.
+// With the tuner off the answer is "heuristic": the wrapper's own C++ port of the family's
+// heuristic is the config, and later calls of the key cost the lookup and that arithmetic.
+
+// Kernel families with a Tunable; the Python side maps each id to kernels/_autotune.py's
+// TUNABLES by name (tuned_family_names()): keep the two lists in the same order.
+enum class Family : int64_t { RmsNorm = 0, ActAndMul, Rope, Pointwise, Matmul, Reduction, Count_ };
+const char* family_name(Family f);
+
+// The config of one key: the Tunable's fields in order (matmul's KIND as its index in
+// kernels/matmul.py:KINDS), or `heuristic` (the tuner is off: the wrapper's heuristic).
+struct TunedConfig {
+  static constexpr int kMaxFields = 10;
+  bool heuristic = true;
+  std::array<int64_t, kMaxFields> v{};
+  int64_t operator[](int j) const { return v[j]; }
+};
+
+// One family's tuning key (kernels/*.py: tune_key, in TUNABLES[name].key_fields order) with
+// its dtype field given separately (bools as 0/1), and the call's real sizes (`dim`: what a
+// tuning run benchmarks, in the hook's order for the family; not part of the key).
+class TuneQuery {
+ public:
+  static constexpr int kMaxKey = 16, kMaxDims = 4;
+  // `device`: the tensors' device (the CPU under the interpreter is the Python side's -1).
+  TuneQuery(Family f, const at::Device& device, std::optional<at::ScalarType> dtype = std::nullopt);
+  TuneQuery& k(int64_t v);
+  TuneQuery& dim(int64_t v);
+  TunedConfig get() const;
+  // What the table keeps for this key, without asking Python (tests, introspection).
+  std::optional<TunedConfig> peek() const;
+
+ private:
+  int len_ = 0, n_dims_ = 0;
+  std::optional<at::ScalarType> dtype_;
+  std::array<int64_t, kMaxKey> key_{};  // family, device, dtype code, key values
+  std::array<int64_t, kMaxDims> dims_{};
+};
+
+// Forget every kept config (the Python side calls it when its choices change: clear_memory, a re-tune).
+void clear_tuned();
+// Matmul's tensor-descriptor classes exist in this Triton (kernels/matmul.py:HAS_TMA; set at load).
+void set_tma_available(bool on);
+// kernels/matmul.py:_tma_device: compute capability >= 9 (the interpreter: HAS_TMA alone).
+bool tma_device(const at::Device& d);
 
 // ---------------------------------------------------------------- registration helpers
 
