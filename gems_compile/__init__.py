@@ -39,11 +39,16 @@ from .lowerings.act_and_mul import gelu_and_mul, gelu_and_mul_fused, silu_and_mu
 from .lowerings.attention import scaled_dot_product_attention
 from .lowerings.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm
 from .lowerings.rotary_embedding import apply_rotary_pos_emb, apply_rotary_pos_emb_hf, rotary_embedding_cache
+from .modules import GemsDeepseekYarnRoPE, GemsRMSNorm, GemsRope, GemsSiluAndMul
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GemsDeepseekYarnRoPE",
     "GemsFusionPass",
+    "GemsRMSNorm",
+    "GemsRope",
+    "GemsSiluAndMul",
     "add_rms_norm",
     "all_registered_ops",
     "apply_rotary_pos_emb",
