@@ -33,6 +33,9 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 from .runtime import device, vendor_name  # noqa: E402  (GEMS_VENDOR; raises for an unknown vendor)
 
 from . import lowerings as _lowerings  # noqa: F401  (registers torch.ops.flag_gems.*)
+from . import c_runtime as _c_runtime  # noqa: E402
+
+_c_runtime.start()  # the C++ runtime when it was built (flag_gems.c_operators)
 from .backend import explain, flag_gems_backend
 from .eager import all_registered_ops, disable, enable, only_enable, use_gems
 from .lowerings.act_and_mul import gelu_and_mul, gelu_and_mul_fused, silu_and_mul, silu_and_mul_fused

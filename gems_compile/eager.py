@@ -95,7 +95,7 @@ import torch
 
 from .kernels._common import interpreter_mode
 from .lowerings.registry import REGISTRY, Lowering
-from . import runtime
+from . import c_runtime, runtime
 
 logger = logging.getLogger(__name__)
 
@@ -536,14 +536,22 @@ def _kernel_for(entry: Lowering, key: str):
 class _Registration:
     """One aten overload overridden on a dispatch key; ``destroy()`` restores the kernel before it.
 
+    With ``allow_cpp`` and a C++ wrapper for the overload on a key the C++ runtime serves
+    (``flag_gems.c_runtime``: ``CUDA``), the wrapper is registered instead of the Python
+    kernel: it checks each call in C++ and runs the native kernel for what it does not take.
+
     Create under ``_quiet_overrides()``.
     """
 
-    def __init__(self, entry: Lowering, key: str):
-        kernel = _kernel_for(entry, key)
+    def __init__(self, entry: Lowering, key: str, allow_cpp: bool = True):
         self.entry = entry
         self.lib = torch.library.Library("aten", "IMPL")
-        self.lib.impl(entry.target, kernel, key)
+        self.cpp = None  # the C++ registration's handle
+        self.allow_cpp = allow_cpp
+        if allow_cpp and c_runtime.has_aten(entry.target) and key in c_runtime.installed_keys():
+            self.cpp = c_runtime.register_aten(entry.target, key)
+        else:
+            self.lib.impl(entry.target, _kernel_for(entry, key), key)
         if _decomposes_above(entry.target, key):
             # A device-key kernel takes the op's Autograd<key> slot from the decomposition;
             # torch then fills it with its autograd backend fallback, which warns at backward
@@ -553,6 +561,8 @@ class _Registration:
             self.lib.impl(entry.target, torch.library.fallthrough_kernel, f"Autograd{key}")
 
     def destroy(self) -> None:
+        if self.cpp is not None:
+            c_runtime.deregister_aten(self.cpp)
         self.lib._destroy()
 
 
@@ -634,7 +644,8 @@ def _apply() -> None:
     config = _frames[-1][1] if _frames else _base
     _switch_recorder(config.recorder if config else None)
     want = {t: REGISTRY[t] for t in (config.ops if config else ()) if t in REGISTRY}
-    for target in [t for t, reg in _registered.items() if want.get(t) is not reg.entry]:
+    allow_cpp = config is None or config.recorder is None  # C++ kernels write no record lines
+    for target in [t for t, reg in _registered.items() if want.get(t) is not reg.entry or reg.allow_cpp != allow_cpp]:
         _registered.pop(target).destroy()
     key = runtime.dispatch_key
     if want and key == "CPU" and not interpreter_mode() and not _warned_interpreter:
@@ -642,9 +653,10 @@ def _apply() -> None:
         logger.warning("flag_gems eager mode on CPU without TRITON_INTERPRET=1: every call falls back to PyTorch")
     added = sorted(set(want) - set(_registered), key=str)
     if added:
+        only_python = {} if allow_cpp else {"allow_cpp": False}
         with _quiet_overrides():
             for target in added:
-                _registered[target] = _Registration(want[target], key)
+                _registered[target] = _Registration(want[target], key, **only_python)
 
 
 def _set_base(config: _Config | None) -> None:

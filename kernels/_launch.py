@@ -38,7 +38,7 @@ from ._common import interpreter_mode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FastKernel", "fast_launch_enabled", "jit"]
+__all__ = ["FastKernel", "fast_launch_enabled", "jit", "spec_code"]
 
 _ENABLED = os.environ.get("GEMS_FAST_LAUNCH", "1") != "0"
 _I32 = (-(2**31), 2**31)
@@ -87,6 +87,37 @@ def _spec(arg):
     if isinstance(arg, torch.Tensor):
         return (arg.dtype, arg.data_ptr() & 15 == 0)
     raise _Unkeyed
+
+
+def spec_code(arg) -> int:
+    """:func:`_spec` as one integer: the C++ launcher's key unit (``csrc/runtime.cpp``, which
+    computes the same codes; tests compare them). Two arguments with one code specialize a
+    kernel alike: tensors ``1000 + 2 * dtype id + aligned``, ints ``2000 + (==1) + 2 * (%16==0)
+    + 4 * width`` (0 int32, 1 int64, 2 uint64), floats 3000, bools ``4000 + value``, None 5000.
+
+    Raises:
+        TypeError: an argument the key does not describe.
+    """
+    cls = arg.__class__
+    if cls is bool:
+        return 4000 + int(arg)
+    if arg is None:
+        return 5000
+    if cls is float:
+        return 3000
+    if cls is int:
+        eq1, div16, width = _spec(arg)
+        return 2000 + int(eq1) + 2 * int(div16) + 4 * width
+    if isinstance(arg, torch.Tensor):
+        return 1000 + 2 * _SCALAR_TYPE_IDS[arg.dtype] + int(arg.data_ptr() & 15 == 0)
+    raise TypeError(f"spec_code: no specialization code for {type(arg).__name__}")
+
+
+# c10::ScalarType's ids (c10/core/ScalarType.h), for the dtypes our kernels take.
+_SCALAR_TYPE_IDS = {
+    torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4, torch.float16: 5,
+    torch.float32: 6, torch.float64: 7, torch.bool: 11, torch.bfloat16: 15,
+}
 
 
 class FastKernel:

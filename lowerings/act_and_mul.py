@@ -33,6 +33,7 @@ from ..kernels.act_and_mul import (
     check_act_and_mul_fused_args,
     check_out,
 )
+from ..c_runtime import fast_ops
 from ._utils import eager_fast_path
 
 logger = logging.getLogger(__name__)
@@ -218,6 +219,9 @@ def silu_and_mul(a: Tensor, b: Tensor) -> Tensor:
         NotImplementedError: a CPU tensor outside Triton's interpreter mode.
     """
     if eager_fast_path(a, b):
+        cpp = fast_ops(a.device.type)  # the C++ wrapper when the C++ runtime serves this device
+        if cpp is not None:
+            return cpp.silu_and_mul(a, b)
         return act_and_mul_fwd(a, b, "silu")
     return torch.ops.flag_gems.silu_and_mul(a, b)
 

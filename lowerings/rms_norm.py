@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..kernels.rms_norm import check_rms_norm_args, rms_norm_bwd, rms_norm_fwd
+from ..c_runtime import fast_ops
 from ._utils import eager_fast_path
 
 logger = logging.getLogger(__name__)
@@ -215,7 +216,11 @@ def rms_norm(
     """
     x2, w2, flat = _flatten_normalized(x, normalized_shape, weight)
     if eager_fast_path(x2, w2):
-        y, _ = rms_norm_fwd(x2, w2, eps, weight_offset=weight_offset, round_before_weight=round_before_weight)
+        cpp = fast_ops(x2.device.type)  # the C++ wrapper when the C++ runtime serves this device
+        if cpp is not None:
+            y = cpp.rms_norm(x2, w2, eps, weight_offset, round_before_weight)
+        else:
+            y, _ = rms_norm_fwd(x2, w2, eps, weight_offset=weight_offset, round_before_weight=round_before_weight)
     else:
         y = torch.ops.flag_gems.rms_norm(x2, w2, eps, weight_offset, round_before_weight)
     return y.view(x.shape) if flat else y
@@ -245,6 +250,9 @@ def add_rms_norm(
         TypeError / ValueError / NotImplementedError: as in :func:`rms_norm`.
     """
     if eager_fast_path(x, residual, weight):
+        cpp = fast_ops(x.device.type)
+        if cpp is not None:
+            return cpp.add_rms_norm(x, residual, weight, eps, weight_offset, round_before_weight)
         return rms_norm_fwd(
             x, weight, eps, residual=residual, weight_offset=weight_offset, round_before_weight=round_before_weight
         )
@@ -285,6 +293,10 @@ def fused_add_rms_norm(
         raise ValueError(f"residual: expected a tensor of shape {list(x.shape)} (x's shape), got {got}")
     if not flat:
         if eager_fast_path(x, residual, weight):
+            cpp = fast_ops(x.device.type)
+            if cpp is not None:
+                cpp.fused_add_rms_norm(x, residual, weight, eps, weight_offset, round_before_weight)
+                return x, residual
             rms_norm_fwd(
                 x, weight, eps, residual=residual, weight_offset=weight_offset,
                 round_before_weight=round_before_weight, out=x, residual_out=residual,

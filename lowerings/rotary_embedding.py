@@ -54,6 +54,7 @@ from ..kernels.rotary_embedding import (
     rope_fwd,
     rope_hf_fwd,
 )
+from ..c_runtime import fast_ops
 from ._utils import eager_fast_path
 
 logger = logging.getLogger(__name__)
@@ -437,6 +438,12 @@ def apply_rotary_pos_emb(
     """
     _require_tensor("k", k)
     if eager_fast_path(q, k, cos, sin, position_ids):
+        cpp = fast_ops(q.device.type)  # the C++ wrapper when the C++ runtime serves this device
+        if cpp is not None:
+            if inplace:
+                cpp.rotary_embedding_(q, k, cos, sin, position_ids, rotary_interleaved)
+                return q, k
+            return cpp.rotary_embedding(q, k, cos, sin, position_ids, rotary_interleaved)
         if inplace:
             rope_fwd(q, k, cos, sin, position_ids, interleaved=rotary_interleaved, q_out=q, k_out=k)
             return q, k

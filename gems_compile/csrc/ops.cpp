@@ -1,0 +1,984 @@
+// The C++ wrappers: argument checks, launch configuration, output allocation and the launch
+// of our Triton kernels, for the ops of FlagGems' C++ runtime. Each wrapper ports the host
+// side of its Python launcher (kernels/*.py: the same heuristics, the same kernel
+// parameters) for the inputs it takes, and refuses the rest (returns false): the caller
+// (runtime.cpp's WrapperKernel) then runs the kernel registered before it, i.e. the Python
+// implementation for `flag_gems::` ops (which handles or rejects every input with its own
+// error) and the native kernel for `aten::` ops.
+//
+// Wrappers are boxed (they read the dispatcher's argument stack), so a refusal hands the
+// untouched stack to the previous kernel.
+#include "runtime.h"
+
+#include <ATen/TensorUtils.h>
+#include <ATen/core/stack.h>
+#include <ATen/Context.h>
+#include <ATen/ExpandUtils.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+#include <ATen/ops/full.h>
+
+#include <algorithm>
+#include <numeric>
+#include <optional>
+#include <unordered_map>
+
+namespace gems {
+
+namespace {
+
+using Stack = torch::jit::Stack;
+using at::IntArrayRef;
+
+constexpr int64_t kMaxFusedBlock = 16384;  // kernels/_common.py:MAX_FUSED_BLOCK
+
+const c10::IValue& arg(const Stack* s, size_t n, size_t i) { return (*s)[s->size() - n + i]; }
+
+template <class... T>
+bool finish(Stack* s, size_t n, T&&... outs) {
+  torch::jit::drop(*s, n);
+  torch::jit::push(*s, std::forward<T>(outs)...);
+  return true;
+}
+
+bool is_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat; }
+
+// A dense tensor our kernels can read on this key's device (CUDA, or the CPU in interpreter mode).
+bool runnable(const at::Tensor& t) {
+  if (!t.defined() || t.layout() != at::kStrided || t.is_quantized() || t.is_neg() || t.is_conj()) return false;
+  return t.is_cuda() || (t.is_cpu() && interpreter_mode());
+}
+
+bool float_tensor(const at::Tensor& t) { return runnable(t) && is_float(t.scalar_type()); }
+
+std::optional<at::Tensor> opt_tensor(const c10::IValue& v) {
+  if (v.isNone()) return std::nullopt;
+  return v.toTensor();
+}
+
+int64_t prod(IntArrayRef s, size_t from = 0, size_t to = SIZE_MAX) {
+  int64_t n = 1;
+  for (size_t j = from; j < std::min(to, s.size()); ++j) n *= s[j];
+  return n;
+}
+
+// Strides of `t` seen with `shape` (a view), or nullopt when no view exists.
+std::optional<std::vector<int64_t>> view_strides(const at::Tensor& t, IntArrayRef shape) {
+  return at::detail::computeStride(t.sizes(), t.strides(), shape);
+}
+
+void bump_version(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
+
+// ================================================================== RMSNorm (kernels/rms_norm.py)
+
+// row_config: the whole row up to MAX_FUSED_BLOCK in registers, about one warp per KiB.
+std::pair<int64_t, int64_t> row_config(int64_t n_cols, int64_t elem) {
+  int64_t block = std::min(next_pow2(n_cols), kMaxFusedBlock);
+  int64_t warps = std::max<int64_t>(1, std::min<int64_t>(16, block * elem / 1024));
+  return {block, warps};
+}
+
+struct Rows3 {
+  int64_t n_inner = 0;
+  std::vector<std::array<int64_t, 2>> strides;  // (outer, inner) per tensor
+};
+
+// _rows3: every tensor (of logical shape `shape` = [*, n_cols]) as [n_outer, n_inner, n_cols],
+// unit stride on the columns; the first token split all of them view with. nullopt when
+// none does (the Python launcher then copies: refused here).
+std::optional<Rows3> rows3(const std::vector<const at::Tensor*>& ts, IntArrayRef shape) {
+  const int64_t n_cols = shape.back();
+  const int64_t n_rows = prod(shape, 0, shape.size() - 1);
+  std::vector<std::array<int64_t, 2>> cands{{1, n_rows}};
+  if (shape.size() >= 3 && shape[shape.size() - 2] > 0) {
+    int64_t inner = shape[shape.size() - 2];
+    cands.push_back({n_rows / inner, inner});
+  }
+  for (auto& lead : cands) {
+    Rows3 r;
+    r.n_inner = lead[1];
+    bool ok = true;
+    for (const at::Tensor* t : ts) {
+      if (t->stride(-1) != 1 && n_cols > 1) {
+        ok = false;
+        break;
+      }
+      auto st = view_strides(*t, {lead[0], lead[1], n_cols});
+      if (!st) {
+        ok = false;
+        break;
+      }
+      r.strides.push_back({(*st)[0], (*st)[1]});
+    }
+    if (ok) return r;
+  }
+  return std::nullopt;
+}
+
+// One launch of _rms_norm_fwd_kernel; `shape` is the logical [*, n_cols] of every tensor.
+bool rms_norm_launch(const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& w,
+                     const at::Tensor& y, const std::optional<at::Tensor>& h, const std::optional<at::Tensor>& rstd,
+                     IntArrayRef shape, double eps, double weight_offset, bool round_before_weight) {
+  std::vector<const at::Tensor*> ts{&x, &y};
+  if (residual) ts.push_back(&*residual);
+  if (h) ts.push_back(&*h);
+  auto r3 = rows3(ts, shape);
+  if (!r3) return false;
+  const int64_t n_cols = shape.back();
+  const int64_t n_rows = prod(shape, 0, shape.size() - 1);
+  if (n_rows * n_cols == 0) return true;
+  auto [block, warps] = row_config(n_cols, x.element_size());
+  const auto& s = r3->strides;
+  std::array<int64_t, 2> rs{0, 0}, hs{0, 0};
+  if (residual) rs = s[2];
+  if (h) hs = s[residual ? 3 : 2];
+  Launch l(Kernel::RmsNormFwd);
+  l.tensor(x).tensor(residual ? *residual : x).tensor(w ? *w : x).tensor(y).tensor(h ? *h : y).tensor(rstd ? *rstd : y);
+  l.i(s[0][0]).i(s[0][1]).i(rs[0]).i(rs[1]).i(s[1][0]).i(s[1][1]).i(hs[0]).i(hs[1]);
+  l.i(r3->n_inner).i(n_cols).f(eps).f(weight_offset);
+  l.cb(residual.has_value()).cb(w.has_value()).cb(round_before_weight && w.has_value()).cb(rstd.has_value());
+  l.c(block).cb(n_cols <= kMaxFusedBlock);
+  l.run(x, n_rows, 1, 1, warps);
+  return true;
+}
+
+// check_rms_norm_args, as a yes/no (the Python implementation raises the errors).
+bool rms_norm_args_ok(const at::Tensor& x, const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& r) {
+  if (!float_tensor(x) || x.dim() < 1) return false;
+  if (w && (!float_tensor(*w) || w->dim() != 1 || w->size(0) != x.size(-1) || w->device() != x.device())) return false;
+  if (r && (!float_tensor(*r) || r->sizes() != x.sizes() || r->scalar_type() != x.scalar_type() ||
+            r->device() != x.device())) {
+    return false;
+  }
+  return true;
+}
+
+// flag_gems::rms_norm(Tensor input, Tensor? weight, float epsilon, float weight_offset=0.0,
+//                     bool round_before_weight=False) -> Tensor
+bool rms_norm_op(const c10::OperatorHandle&, Stack* s) {
+  const auto x = arg(s, 5, 0).toTensor();
+  const auto w = opt_tensor(arg(s, 5, 1));
+  if (!rms_norm_args_ok(x, w, std::nullopt)) return false;
+  auto y = at::empty(x.sizes(), x.options());
+  if (!rms_norm_launch(x, std::nullopt, w, y, std::nullopt, std::nullopt, x.sizes(), arg(s, 5, 2).toDouble(),
+                       arg(s, 5, 3).toDouble(), arg(s, 5, 4).toBool())) {
+    return false;
+  }
+  return finish(s, 5, std::move(y));
+}
+
+// flag_gems::add_rms_norm(Tensor input, Tensor residual, Tensor? weight, float epsilon, ...) -> (Tensor, Tensor)
+bool add_rms_norm_op(const c10::OperatorHandle&, Stack* s) {
+  const auto x = arg(s, 6, 0).toTensor();
+  const auto r = arg(s, 6, 1).toTensor();
+  const auto w = opt_tensor(arg(s, 6, 2));
+  if (!rms_norm_args_ok(x, w, r)) return false;
+  auto y = at::empty(x.sizes(), x.options());
+  auto h = at::empty(x.sizes(), x.options());
+  if (!rms_norm_launch(x, r, w, y, h, std::nullopt, x.sizes(), arg(s, 6, 3).toDouble(), arg(s, 6, 4).toDouble(),
+                       arg(s, 6, 5).toBool())) {
+    return false;
+  }
+  return finish(s, 6, std::move(y), std::move(h));
+}
+
+// flag_gems::fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor? weight, float epsilon, ...) -> ()
+bool fused_add_rms_norm_op(const c10::OperatorHandle&, Stack* s) {
+  const auto x = arg(s, 6, 0).toTensor();
+  const auto r = arg(s, 6, 1).toTensor();
+  const auto w = opt_tensor(arg(s, 6, 2));
+  if (!rms_norm_args_ok(x, w, r)) return false;
+  // In place: y over x, h over the residual (the kernel reads h back in its second pass).
+  if (!rms_norm_launch(x, r, w, x, r, std::nullopt, x.sizes(), arg(s, 6, 3).toDouble(), arg(s, 6, 4).toDouble(),
+                       arg(s, 6, 5).toBool())) {
+    return false;
+  }
+  bump_version(x);
+  bump_version(r);
+  torch::jit::drop(*s, 6);
+  return true;
+}
+
+// aten::_fused_rms_norm(Tensor input, int[] normalized_shape, Tensor? weight, float? eps) -> (Tensor, Tensor)
+// (lowerings/fused_rms_norm.py's entry: trailing dims one unit-stride row, weight of the input's dtype)
+bool fused_rms_norm_aten(const c10::OperatorHandle&, Stack* s) {
+  const auto x = arg(s, 4, 0).toTensor();
+  const auto ns = arg(s, 4, 1).toIntVector();
+  const auto w = opt_tensor(arg(s, 4, 2));
+  const auto& eps_iv = arg(s, 4, 3);
+  const int64_t k = static_cast<int64_t>(ns.size());
+  if (!float_tensor(x) || k == 0 || x.dim() < k) return false;
+  for (int64_t j = 0; j < k; ++j) {
+    if (x.size(x.dim() - k + j) != ns[j]) return false;
+  }
+  const int64_t n = prod(ns);
+  if (n == 0) return false;
+  int64_t expected = 1;  // the trailing k dims: one unit-stride row
+  for (int64_t j = x.dim() - 1; j >= x.dim() - k; --j) {
+    if (x.size(j) != 1 && x.stride(j) != expected) return false;
+    expected *= x.size(j);
+  }
+  if (w && (!float_tensor(*w) || !w->is_contiguous() || w->sizes() != IntArrayRef(ns) || w->device() != x.device() ||
+            w->scalar_type() != x.scalar_type())) {
+    return false;
+  }
+  const double eps = eps_iv.isNone() ? 1.1920928955078125e-07 : eps_iv.toDouble();  // finfo(float32).eps
+  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - k), shape = lead, rstd_shape = lead;
+  shape.push_back(n);
+  rstd_shape.insert(rstd_shape.end(), k, 1);
+  auto y = at::empty(x.sizes(), x.options());
+  auto rstd = at::empty(rstd_shape, x.options().dtype(at::kFloat));
+  std::optional<at::Tensor> w1;
+  if (w) w1 = w->view({n});
+  if (!rms_norm_launch(x, std::nullopt, w1, y, std::nullopt, rstd, shape, eps, 0.0, false)) return false;
+  return finish(s, 4, std::move(y), std::move(rstd));
+}
+
+// ================================================================== SiLU·mul (kernels/act_and_mul.py)
+
+constexpr int64_t kActTile = 2048, kActManyRows = 4096, kActMinTile = 512, kActRowsBucketCap = 1 << 16;
+
+struct ActConfig {
+  int64_t block_m, block_n, warps;
+};
+
+ActConfig act_config(int64_t rows_bucket, int64_t n_cols, int64_t elem, int64_t sms) {
+  int64_t bn = std::min(next_pow2(n_cols), kActTile);
+  int64_t bm = std::max<int64_t>(1, std::min(kActTile / bn, rows_bucket));
+  auto programs = [&](int64_t m, int64_t nn) { return cdiv(rows_bucket, m) * cdiv(n_cols, nn); };
+  while (programs(bm, bn) < 2 * sms && bm * bn > kActMinTile) {
+    if (bm > 1)
+      bm /= 2;
+    else
+      bn /= 2;
+  }
+  int64_t vec = std::max<int64_t>(1, 16 / elem);
+  int64_t warps = std::max<int64_t>(1, std::min<int64_t>(8, (bm * bn) / (2 * vec * 32)));
+  if (rows_bucket >= kActManyRows && bm * bn == kActTile) warps = 16;
+  return {bm, bn, warps};
+}
+
+// _layout: the token dims `lead` of every tensor folded into one [n_outer, n_inner] (dims
+// whose strides merge in every tensor are joined); nullopt above two groups.
+struct Fold {
+  int64_t n_outer, n_inner;
+  std::vector<std::array<int64_t, 2>> strides;
+};
+
+std::optional<Fold> fold_tokens(IntArrayRef lead, const std::vector<const at::Tensor*>& ts) {
+  const size_t k = lead.size();
+  Fold f{1, 1, {}};
+  if (k == 1) {
+    f.n_inner = lead[0];
+    for (auto* t : ts) f.strides.push_back({0, t->stride(0)});
+    return f;
+  }
+  std::vector<size_t> dims;
+  for (size_t j = 0; j < k; ++j)
+    if (lead[j] != 1) dims.push_back(j);
+  if (dims.empty()) {
+    f.strides.assign(ts.size(), {0, 0});
+    return f;
+  }
+  std::vector<std::vector<size_t>> groups{{dims[0]}};
+  for (size_t j = 1; j < dims.size(); ++j) {
+    size_t prev = dims[j - 1], cur = dims[j];
+    bool merge = true;
+    for (auto* t : ts) merge = merge && t->stride(prev) == t->stride(cur) * lead[cur];
+    if (merge)
+      groups.back().push_back(cur);
+    else
+      groups.push_back({cur});
+  }
+  if (groups.size() > 2) return std::nullopt;
+  if (groups.size() == 1) {
+    for (size_t d : groups[0]) f.n_inner *= lead[d];
+    for (auto* t : ts) f.strides.push_back({0, t->stride(groups[0].back())});
+    return f;
+  }
+  for (size_t d : groups[0]) f.n_outer *= lead[d];
+  for (size_t d : groups[1]) f.n_inner *= lead[d];
+  for (auto* t : ts) f.strides.push_back({t->stride(groups[0].back()), t->stride(groups[1].back())});
+  return f;
+}
+
+// act(a) * b for two tensors of one shape (ACT 0: silu, 1: gelu erf, 2: gelu tanh).
+bool act_and_mul_launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, int64_t act) {
+  const int64_t n_cols = out.size(-1);
+  const int64_t n_rows = out.numel() / std::max<int64_t>(n_cols, 1);
+  if (out.numel() == 0) return true;
+  for (auto* t : {&a, &b, &out})
+    if (t->stride(-1) != 1) return false;  // the Python launcher copies these: refused here
+  IntArrayRef lead = out.sizes().slice(0, out.dim() - 1);
+  auto f = fold_tokens(lead, {&a, &b, &out});
+  if (!f) return false;
+  auto cfg = act_config(std::min(next_pow2(n_rows), kActRowsBucketCap), n_cols, out.element_size(),
+                        num_sms(out.device()));
+  Launch l(Kernel::ActAndMulFwd);
+  l.tensor(a).tensor(b).tensor(out);
+  for (auto& st : f->strides) l.i(st[0]).i(st[1]);
+  l.i(0).i(n_rows).i(f->n_inner).i(n_cols);
+  l.c(act).cb(f->n_outer > 1).c(cfg.block_m).c(cfg.block_n);
+  l.run(out, cdiv(n_rows, cfg.block_m), cdiv(n_cols, cfg.block_n), 1, cfg.warps);
+  return true;
+}
+
+// flag_gems::silu_and_mul(Tensor a, Tensor b) -> Tensor
+bool silu_and_mul_op(const c10::OperatorHandle&, Stack* s) {
+  const auto a = arg(s, 2, 0).toTensor();
+  const auto b = arg(s, 2, 1).toTensor();
+  if (!float_tensor(a) || !float_tensor(b) || a.dim() < 1 || a.sizes() != b.sizes() ||
+      a.scalar_type() != b.scalar_type() || a.device() != b.device()) {
+    return false;
+  }
+  auto out = at::empty(a.sizes(), a.options());
+  if (!act_and_mul_launch(a, b, out, 0)) return false;
+  return finish(s, 2, std::move(out));
+}
+
+// ================================================================== RoPE (kernels/rotary_embedding.py)
+
+struct RopeLayout {
+  at::Tensor t;  // the tensor or its contiguous copy
+  std::array<int64_t, 3> strides;  // (outer, inner, head)
+  std::array<int64_t, 2> split;
+  bool copied;
+};
+
+// _layout: `t (*tokens, heads, D)` as [n_outer, n_inner, heads, D], from the first split that views.
+RopeLayout rope_layout(const at::Tensor& t, const std::vector<std::array<int64_t, 2>>& splits) {
+  const int64_t nd = t.dim(), heads = t.size(-2), d = t.size(-1);
+  if (t.stride(-1) == 1 || d <= 1) {
+    if (nd == 3 && splits[0][0] == 1) return {t, {0, t.stride(0), t.stride(1)}, splits[0], false};
+    if (nd == 4 && splits[0][0] == t.size(0) && splits[0][1] == t.size(1))
+      return {t, {t.stride(0), t.stride(1), t.stride(2)}, splits[0], false};
+    for (auto& sp : splits) {
+      auto st = view_strides(t, {sp[0], sp[1], heads, d});
+      if (st) return {t, {(*st)[0], (*st)[1], (*st)[2]}, sp, false};
+    }
+  }
+  auto sp = splits.back();
+  auto c = t.contiguous();
+  auto st = view_strides(c, {sp[0], sp[1], heads, d});
+  TORCH_INTERNAL_ASSERT(st.has_value());
+  return {c, {(*st)[0], (*st)[1], (*st)[2]}, sp, true};
+}
+
+struct RopeConfig {
+  int64_t bhq, bhk, br2, bp, warps;
+};
+
+RopeConfig rope_config(int64_t nq, int64_t nk, int64_t half_rot, int64_t head_dim, int64_t elem, bool copy_pass) {
+  int64_t br2 = next_pow2(half_rot);
+  int64_t cap = std::max<int64_t>(1, 1024 / br2);
+  int64_t bhq = std::min(next_pow2(nq), cap), bhk = std::min(next_pow2(nk), cap);
+  int64_t bp = copy_pass ? next_pow2(head_dim - 2 * half_rot) : 1;
+  int64_t vec = std::max<int64_t>(1, 16 / elem);
+  int64_t warps = std::max<int64_t>(1, std::min<int64_t>(8, (bhq * br2) / (2 * vec * 32)));
+  return {bhq, bhk, br2, bp, warps};
+}
+
+bool is_index(const at::Tensor& t) {
+  return runnable(t) && (t.scalar_type() == at::kInt || t.scalar_type() == at::kLong);
+}
+
+// rope_fwd with half tables; outputs fresh (nullopt) or the inputs themselves (in place).
+bool rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_in, const at::Tensor& sin_in,
+                 const std::optional<at::Tensor>& pos_in, bool interleaved, bool inplace, at::Tensor* q_out,
+                 at::Tensor* k_out) {
+  // check_rope_args
+  if (!float_tensor(q) || !float_tensor(k) || k.scalar_type() != q.scalar_type() || k.dim() != q.dim() || q.dim() < 3)
+    return false;
+  const int64_t head_dim = q.size(-1);
+  if (head_dim % 2 || k.size(-1) != head_dim) return false;
+  if (k.sizes().slice(0, k.dim() - 2) != q.sizes().slice(0, q.dim() - 2)) return false;
+  if (!float_tensor(cos_in) || !float_tensor(sin_in) || cos_in.sizes() != sin_in.sizes() || cos_in.dim() != 2)
+    return false;
+  const int64_t half_rot = cos_in.size(1), n_pos = cos_in.size(0);
+  if (half_rot < 1 || 2 * half_rot > head_dim) return false;
+  const at::Device dev = q.device();
+  if (k.device() != dev || cos_in.device() != dev || sin_in.device() != dev) return false;
+  IntArrayRef lead = q.sizes().slice(0, q.dim() - 2);
+  std::vector<std::array<int64_t, 2>> splits;
+  if (!pos_in) {
+    if (q.dim() != 4 || q.size(1) > n_pos) return false;
+    splits.push_back({q.size(0), q.size(1)});
+  } else {
+    const auto& p = *pos_in;
+    if (!is_index(p) || p.sizes() != lead || p.device() != dev) return false;
+    if (p.is_cpu() && p.numel()) {  // the Python launcher raises for out-of-range rows: let it
+      auto lo = p.min().item<int64_t>(), hi = p.max().item<int64_t>();
+      if (lo < 0 || hi >= n_pos) return false;
+    }
+    const int64_t n = prod(lead);
+    if (lead.size() >= 2 && lead.back() > 0) splits.push_back({n / lead.back(), lead.back()});
+    splits.push_back({1, n});
+  }
+  *q_out = inplace ? q : at::empty(q.sizes(), q.options());
+  *k_out = inplace ? k : at::empty(k.sizes(), k.options());
+  if (q.numel() == 0 && k.numel() == 0) return true;
+  const at::Tensor cos = (cos_in.stride(-1) == 1 || cos_in.size(-1) <= 1) ? cos_in : cos_in.contiguous();
+  const at::Tensor sin = (sin_in.stride(-1) == 1 || sin_in.size(-1) <= 1) ? sin_in : sin_in.contiguous();
+  std::array<int64_t, 6> table;
+  if (!pos_in)
+    table = {0, cos.stride(0), 0, 0, sin.stride(0), 0};
+  else
+    table = {0, 0, cos.stride(0), 0, 0, sin.stride(0)};
+  // _run_tokens
+  auto ql = rope_layout(q, splits);
+  std::vector<std::array<int64_t, 2>> one{ql.split};
+  auto kl = rope_layout(k, one);
+  if (inplace && (ql.copied || kl.copied)) return false;  // the Python launcher writes back copies
+  RopeLayout qo = inplace ? ql : rope_layout(*q_out, one);
+  RopeLayout ko = inplace ? kl : rope_layout(*k_out, one);
+  const auto split = ql.split;
+  at::Tensor pos;
+  std::array<int64_t, 2> pos_strides{0, 0};
+  if (pos_in) {
+    pos = *pos_in;
+    if (pos.dim() == 1 && split[0] == 1) {
+      pos_strides = {0, pos.stride(0)};
+    } else if (pos.dim() == 2 && pos.size(0) == split[0] && pos.size(1) == split[1]) {
+      pos_strides = {pos.stride(0), pos.stride(1)};
+    } else {
+      pos = pos.reshape({split[0], split[1]});
+      pos_strides = {pos.stride(0), pos.stride(1)};
+    }
+  }
+  const int64_t nq = q.size(-2), nk = k.size(-2);
+  const bool copy_pass = !inplace && 2 * half_rot < head_dim;
+  auto cfg = rope_config(nq, nk, half_rot, head_dim, q.element_size(), copy_pass);
+  const int64_t n_q_blocks = cdiv(nq, cfg.bhq), n_k_blocks = cdiv(nk, cfg.bhk);
+  Launch l(Kernel::Rope);
+  l.tensor(ql.t).tensor(kl.t).tensor(qo.t).tensor(ko.t).tensor(cos).tensor(sin);
+  if (pos_in)
+    l.tensor(pos);
+  else
+    l.tensor(cos);
+  for (auto* lay : {&ql, &kl, &qo, &ko})
+    for (int64_t v : lay->strides) l.i(v);
+  for (int64_t v : table) l.i(v);
+  l.i(pos_strides[0]).i(pos_strides[1]);
+  l.i(split[1]).i(nq).i(nk).i(n_q_blocks).i(n_pos);
+  l.c(half_rot).c(head_dim).cb(pos_in.has_value()).cb(false).cb(interleaved).cb(false).cb(copy_pass);
+  l.c(cfg.bhq).c(cfg.bhk).c(cfg.br2).c(cfg.bp);
+  l.run(q, split[0] * split[1], n_q_blocks + n_k_blocks, 1, cfg.warps);
+  return true;
+}
+
+// flag_gems::rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? position_ids=None,
+//                             bool rotary_interleaved=False) -> (Tensor, Tensor)
+bool rotary_embedding_op(const c10::OperatorHandle&, Stack* s) {
+  at::Tensor qo, ko;
+  if (!rope_launch(arg(s, 6, 0).toTensor(), arg(s, 6, 1).toTensor(), arg(s, 6, 2).toTensor(), arg(s, 6, 3).toTensor(),
+                   opt_tensor(arg(s, 6, 4)), arg(s, 6, 5).toBool(), false, &qo, &ko)) {
+    return false;
+  }
+  return finish(s, 6, std::move(qo), std::move(ko));
+}
+
+// flag_gems::rotary_embedding_(Tensor(a!) q, Tensor(b!) k, ...) -> ()
+bool rotary_embedding_inplace_op(const c10::OperatorHandle&, Stack* s) {
+  const auto q = arg(s, 6, 0).toTensor();
+  const auto k = arg(s, 6, 1).toTensor();
+  at::Tensor qo, ko;
+  if (!rope_launch(q, k, arg(s, 6, 2).toTensor(), arg(s, 6, 3).toTensor(), opt_tensor(arg(s, 6, 4)),
+                   arg(s, 6, 5).toBool(), true, &qo, &ko)) {
+    return false;
+  }
+  bump_version(q);
+  bump_version(k);
+  torch::jit::drop(*s, 6);
+  return true;
+}
+
+// ================================================================== add (kernels/pointwise.py's generator)
+
+constexpr int kMaxDims = 8;  // pointwise.MAX_DIMS
+
+// _iteration_order: dims outermost to innermost, as TensorIterator's reorder_dimensions.
+std::vector<int64_t> iteration_order(IntArrayRef shape, const std::vector<std::vector<int64_t>>& strides) {
+  const int64_t nd = static_cast<int64_t>(shape.size());
+  std::vector<int64_t> perm(nd);
+  for (int64_t j = 0; j < nd; ++j) perm[j] = nd - 1 - j;  // innermost first
+  auto should_swap = [&](int64_t d0, int64_t d1) {
+    for (auto& st : strides) {
+      int64_t s0 = st[d0], s1 = st[d1];
+      if (s0 == 0 || s1 == 0) continue;
+      if (s0 != s1) return s0 < s1 ? -1 : 1;
+      if (shape[d0] > shape[d1]) return 1;
+    }
+    return 0;
+  };
+  for (int64_t i = 1; i < nd; ++i) {
+    int64_t dim1 = i;
+    for (int64_t dim0 = i - 1; dim0 >= 0; --dim0) {
+      int c = should_swap(perm[dim0], perm[dim1]);
+      if (c > 0) {
+        std::swap(perm[dim0], perm[dim1]);
+        dim1 = dim0;
+      } else if (c < 0) {
+        break;
+      }
+    }
+  }
+  std::reverse(perm.begin(), perm.end());
+  return perm;
+}
+
+// a + b for two tensors of one float dtype on one device (the plan of pointwise._build for
+// that case): broadcasting, any strides; the generated kernel's signature is the variant.
+std::optional<at::Tensor> add_launch(const at::Tensor& a, const at::Tensor& b) {
+  if (!float_tensor(a) || !float_tensor(b) || a.scalar_type() != b.scalar_type() || a.device() != b.device())
+    return std::nullopt;
+  std::vector<int64_t> shape;
+  {
+    auto s = at::infer_size_dimvector(a.sizes(), b.sizes());  // throws when they do not broadcast
+    shape.assign(s.begin(), s.end());
+  }
+  const int64_t nd = static_cast<int64_t>(shape.size());
+  const at::Tensor* ops[2] = {&a, &b};
+  std::vector<std::vector<int64_t>> bstrides;
+  for (auto* t : ops) {
+    const int64_t pad = nd - t->dim();
+    std::vector<int64_t> st(pad, 0);
+    for (int64_t k = 0; k < t->dim(); ++k) {
+      st.push_back(t->size(k) == 1 && shape[pad + k] != 1 ? 0 : t->stride(k));
+    }
+    bstrides.push_back(std::move(st));
+  }
+  auto dense = [&](const std::vector<int64_t>& order) {  // _dense_strides
+    std::vector<int64_t> st(nd, 0);
+    int64_t step = 1;
+    for (auto it = order.rbegin(); it != order.rend(); ++it) {
+      st[*it] = step;
+      step *= shape[*it];
+    }
+    return st;
+  };
+  std::vector<int64_t> natural(nd);
+  std::iota(natural.begin(), natural.end(), 0);
+  const bool plain = a.is_contiguous() && b.is_contiguous() && a.sizes() == IntArrayRef(shape) &&
+                     b.sizes() == IntArrayRef(shape);
+  std::vector<int64_t> out_strides = plain ? dense(natural) : dense(iteration_order(shape, bstrides));
+  at::Tensor out = plain ? at::empty(shape, a.options()) : at::empty_strided(shape, out_strides, a.options());
+  const int64_t n = prod(shape);
+  if (n == 0) return out;
+  std::vector<std::vector<int64_t>> all{out_strides, bstrides[0], bstrides[1]};
+  auto order = iteration_order(shape, all);
+  // coalesce, outermost first: column 0 is the output, then the operands
+  std::vector<int64_t> sizes;
+  std::vector<std::array<int64_t, 3>> mst;
+  for (int64_t d : order) {
+    if (shape[d] == 1) continue;
+    std::array<int64_t, 3> st{out_strides[d], bstrides[0][d], bstrides[1][d]};
+    if (!sizes.empty()) {
+      auto& prev = mst.back();
+      if (prev[0] == st[0] * shape[d] && prev[1] == st[1] * shape[d] && prev[2] == st[2] * shape[d]) {
+        sizes.back() *= shape[d];
+        prev = st;
+        continue;
+      }
+    }
+    sizes.push_back(shape[d]);
+    mst.push_back(st);
+  }
+  if (sizes.empty()) {
+    sizes.push_back(1);
+    mst.push_back({0, 0, 0});
+  }
+  const int64_t r = static_cast<int64_t>(sizes.size());
+  std::vector<int64_t> contig(r);
+  for (int64_t k = 0; k < r; ++k) contig[k] = prod(sizes, k + 1);
+  int cls[3];  // 0 'c', 1 's', 2 'g'
+  bool any_g = false;
+  for (int j = 0; j < 3; ++j) {
+    bool is_contig = true, all_zero = true;
+    for (int64_t k = 0; k < r; ++k) {
+      is_contig = is_contig && mst[k][j] == contig[k];
+      all_zero = all_zero && mst[k][j] == 0;
+    }
+    cls[j] = (is_contig || (j == 0 && all_zero)) ? 0 : all_zero ? 1 : 2;
+    any_g = any_g || cls[j] == 2;
+  }
+  const int64_t rank = any_g ? r : 0;
+  if (rank > kMaxDims) return std::nullopt;
+  // launch_config: 1024 elements on 4 warps; the interpreter: one program per <= 4096 elements
+  int64_t block = 1024, warps = 4;
+  if (interpreter_mode() && !out.is_cuda()) {
+    block = std::max<int64_t>(16, std::min<int64_t>(4096, next_pow2(n)));
+    warps = 1;
+  }
+  int64_t extent = n;
+  for (int j = 0; j < 3; ++j) {
+    if (cls[j] != 2) continue;
+    int64_t e = 1;
+    for (int64_t k = 0; k < r; ++k) e += (sizes[k] - 1) * mst[k][j];
+    extent = std::max(extent, e);
+  }
+  const bool index64 = extent + block >= (int64_t(1) << 31);
+  Launch l(Kernel::Pointwise);
+  l.variant(0 /* add */).variant(cls[1]).variant(cls[2]).variant(cls[0]).variant(rank).variant(index64);
+  l.tensor(a).tensor(b).tensor(out).i(n);
+  if (rank) {
+    for (int64_t k = 1; k < r; ++k) l.i(sizes[k]);
+    for (int j = 1; j < 3; ++j)
+      if (cls[j] == 2)
+        for (int64_t k = 0; k < r; ++k) l.i(mst[k][j]);
+    if (cls[0] == 2)
+      for (int64_t k = 0; k < r; ++k) l.i(mst[k][0]);
+  }
+  l.c(block);
+  l.run(out, cdiv(n, block), 1, 1, warps);
+  return out;
+}
+
+bool broadcastable(IntArrayRef a, IntArrayRef b) {
+  for (size_t j = 1; j <= std::min(a.size(), b.size()); ++j) {
+    int64_t x = a[a.size() - j], y = b[b.size() - j];
+    if (x != y && x != 1 && y != 1) return false;
+  }
+  return true;
+}
+
+// flag_gems::add_tensor(Tensor self, Tensor other) -> Tensor
+bool add_tensor_op(const c10::OperatorHandle&, Stack* s) {
+  const auto a = arg(s, 2, 0).toTensor();
+  const auto b = arg(s, 2, 1).toTensor();
+  if (!broadcastable(a.sizes(), b.sizes())) return false;
+  auto out = add_launch(a, b);
+  if (!out) return false;
+  return finish(s, 2, std::move(*out));
+}
+
+// aten::add.Tensor(Tensor self, Tensor other, *, Scalar alpha=1) -> Tensor
+bool add_aten(const c10::OperatorHandle&, Stack* s) {
+  const auto& self = arg(s, 3, 0);
+  const auto& other = arg(s, 3, 1);
+  if (!self.isTensor() || !other.isTensor()) return false;
+  const auto alpha = arg(s, 3, 2).toScalar();
+  const bool one = alpha.isIntegral(false) ? alpha.toLong() == 1 : alpha.isFloatingPoint() && alpha.toDouble() == 1.0;
+  if (!one) return false;
+  const auto a = self.toTensor(), b = other.toTensor();
+  if (!broadcastable(a.sizes(), b.sizes())) return false;
+  auto out = add_launch(a, b);
+  if (!out) return false;
+  return finish(s, 3, std::move(*out));
+}
+
+// ================================================================== mm / bmm (kernels/matmul.py)
+
+std::optional<at::Tensor> matmul_launch(const at::Tensor& a, const at::Tensor& b, int64_t rank) {
+  if (!float_tensor(a) || !float_tensor(b) || a.scalar_type() != b.scalar_type() || a.device() != b.device() ||
+      a.dim() != rank || b.dim() != rank || a.size(-1) != b.size(-2)) {
+    return std::nullopt;
+  }
+  if (rank == 3 && (a.size(0) != b.size(0) || a.size(0) > 65535)) return std::nullopt;
+  const int64_t m = a.size(-2), k = a.size(-1), n = b.size(-1);
+  const int64_t batch = rank == 3 ? a.size(0) : 1;
+  auto out = rank == 3 ? at::empty({batch, m, n}, a.options()) : at::empty({m, n}, a.options());
+  if (out.numel() == 0) return out;
+  // tile_config
+  const bool interp = !a.is_cuda();
+  int64_t bm, bn, bk, warps, stages;
+  if (interp) {
+    bm = bn = bk = 32;
+    warps = stages = 1;
+  } else {
+    if (m <= 16) {
+      bm = 16, bn = 64, bk = 128, warps = 4, stages = 4;
+    } else if (m <= 64) {
+      bm = 64, bn = 64, bk = 64, warps = 4, stages = 4;
+    } else {
+      bm = 128, bn = 128, bk = 64, warps = 8, stages = 3;
+    }
+    if (a.element_size() == 4) bk /= 2;
+  }
+  ConstStr precision = ConstStr::Tf32;
+  if (interp || (a.scalar_type() == at::kFloat &&
+                 at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST)) {
+    precision = ConstStr::Ieee;
+  }
+  // Strides of the [1, M, K] view of a 2-D operand (unsqueeze(0): the new stride is size(0) * stride(0)).
+  auto strides3 = [&](const at::Tensor& t) -> std::array<int64_t, 3> {
+    if (rank == 3) return {t.stride(0), t.stride(1), t.stride(2)};
+    return {t.size(0) * t.stride(0), t.stride(0), t.stride(1)};
+  };
+  auto sa = strides3(a), sb = strides3(b), sc = strides3(out);
+  Launch l(Kernel::Matmul);
+  l.tensor(a).tensor(b).tensor(out).tensor(out).i(m).i(n).i(k);
+  for (auto* st : {&sa, &sb, &sc})
+    for (int64_t v : *st) l.i(v);
+  l.i(0).i(0).i(0).f(1.0).f(1.0);
+  l.cb(false).cb(interp).cs(precision).c(bm).c(bn).c(bk).c(8);
+  l.run(a, cdiv(m, bm) * cdiv(n, bn), batch, 1, warps, stages);
+  return out;
+}
+
+// flag_gems::mm / aten::mm (Tensor self, Tensor mat2) -> Tensor
+bool mm_op(const c10::OperatorHandle&, Stack* s) {
+  auto out = matmul_launch(arg(s, 2, 0).toTensor(), arg(s, 2, 1).toTensor(), 2);
+  if (!out) return false;
+  return finish(s, 2, std::move(*out));
+}
+
+// flag_gems::bmm / aten::bmm (Tensor self, Tensor mat2) -> Tensor
+bool bmm_op(const c10::OperatorHandle&, Stack* s) {
+  auto out = matmul_launch(arg(s, 2, 0).toTensor(), arg(s, 2, 1).toTensor(), 3);
+  if (!out) return false;
+  return finish(s, 2, std::move(*out));
+}
+
+// ================================================================== cat (kernels/indexing.py)
+
+bool data_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: case at::kBFloat16: case at::kFloat: case at::kDouble: case at::kByte: case at::kChar:
+    case at::kShort: case at::kInt: case at::kLong: case at::kBool:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// One stride covering dims [from, to) of t (size-1 dims skipped; 0 when all are size 1), or nullopt.
+std::optional<int64_t> merged_stride(const at::Tensor& t, int64_t from, int64_t to) {
+  std::optional<int64_t> stride;
+  int64_t expect = 0;
+  for (int64_t d = to - 1; d >= from; --d) {
+    if (t.size(d) == 1) continue;
+    if (!stride) {
+      stride = t.stride(d);
+    } else if (t.stride(d) != expect) {
+      return std::nullopt;
+    }
+    expect = t.stride(d) * t.size(d);
+  }
+  return stride ? *stride : 0;
+}
+
+// flag_gems::cat / aten::cat (Tensor[] tensors, int dim=0) -> Tensor
+bool cat_op(const c10::OperatorHandle&, Stack* s) {
+  const auto tensors = arg(s, 2, 0).toTensorVector();
+  int64_t dim = arg(s, 2, 1).toInt();
+  if (tensors.empty()) return false;
+  const at::Tensor& first = tensors[0];
+  const int64_t nd = first.dim();
+  if (nd == 0) return false;
+  if (dim < -nd || dim >= nd) return false;
+  if (dim < 0) dim += nd;
+  for (const auto& t : tensors) {
+    if (!runnable(t) || !data_dtype(t.scalar_type()) || t.scalar_type() != first.scalar_type() ||
+        t.device() != first.device() || t.dim() != nd) {
+      return false;  // also the legacy 1-D empty inputs torch skips (rank differs), channels-last below
+    }
+    if ((nd == 4 || nd == 5) && t.suggest_memory_format() != at::MemoryFormat::Contiguous) return false;
+    for (int64_t d = 0; d < nd; ++d)
+      if (d != dim && t.size(d) != first.size(d)) return false;
+  }
+  std::vector<int64_t> shape(first.sizes().begin(), first.sizes().end());
+  shape[dim] = 0;
+  for (const auto& t : tensors) shape[dim] += t.size(dim);
+  auto out = at::empty(shape, first.options());
+  if (out.numel() == 0) return finish(s, 2, std::move(out));
+  const int64_t n_outer = prod(shape, 0, dim);
+  const int64_t out_cols = out.numel() / n_outer;
+  int64_t offset = 0;
+  std::vector<at::Tensor> keep;  // contiguous copies live until their launch is enqueued
+  for (const auto& t0 : tensors) {
+    if (t0.numel() == 0) continue;
+    const int64_t cols = t0.numel() / n_outer;
+    at::Tensor t = t0;
+    auto so = merged_stride(t, 0, dim), sc = merged_stride(t, dim, nd);
+    if (!so || !sc) {
+      t = t0.contiguous();
+      so = cols;
+      sc = 1;
+    }
+    const int64_t block = std::min<int64_t>(1024, next_pow2(cols));
+    const int64_t nb = cdiv(cols, block);
+    Launch l(Kernel::Copy2d);
+    l.tensor(t).tensor_at(out, offset).i(cols).i(nb).i(*so).i(*sc).i(out_cols).c(block);
+    l.run(out, n_outer, std::min<int64_t>(nb, 65535));
+    keep.push_back(t);
+    offset += cols;
+  }
+  return finish(s, 2, std::move(out));
+}
+
+// ================================================================== sum (kernels/reduction.py)
+
+std::array<int64_t, 3> reduce_tile(int64_t n_rows, int64_t n_cols, int64_t elem) {
+  int64_t bn = std::min(row_config(n_cols, elem).first, kMaxFusedBlock);
+  int64_t bm = std::max<int64_t>(1, std::min<int64_t>({64, 4096 / bn, next_pow2(n_rows)}));
+  int64_t warps = std::max<int64_t>(1, std::min<int64_t>(16, bm * bn * elem / 1024));
+  return {bm, bn, warps};
+}
+
+// row sums of a contiguous [n_rows, n_cols] x into out [n_rows] (_reduce with OP_SUM).
+void row_sum_launch(const at::Tensor& x, int64_t n_rows, int64_t n_cols, const at::Tensor& out) {
+  auto [bm, bn, warps] = reduce_tile(n_rows, n_cols, x.element_size());
+  int64_t n_splits = 1;
+  const int64_t row_programs = cdiv(n_rows, bm);
+  if (n_cols > kMaxFusedBlock) {
+    const int64_t sms = num_sms(x.device());
+    if (row_programs < 2 * sms)
+      n_splits = std::max<int64_t>(1, std::min<int64_t>({cdiv(n_cols, bn), 1024, (2 * sms) / row_programs}));
+  }
+  const int64_t span = cdiv(cdiv(n_cols, n_splits), bn) * bn;
+  n_splits = cdiv(n_cols, span);
+  if (n_splits == 1) {
+    Launch l(Kernel::Reduce);
+    l.tensor(x).tensor(out).i(n_rows).i(n_cols).i(span).f(1.0).c(0).cb(true).c(bm).c(bn);
+    l.run(x, cdiv(n_rows, bm), 1, 1, warps);
+    return;
+  }
+  auto partial = at::empty({n_rows, n_splits}, x.options().dtype(at::kFloat));
+  {
+    Launch l(Kernel::Reduce);
+    l.tensor(x).tensor(partial).i(n_rows).i(n_cols).i(span).f(1.0).c(0).cb(false).c(bm).c(bn);
+    l.run(x, cdiv(n_rows, bm), n_splits, 1, warps);
+  }
+  auto [bm2, bn2, warps2] = reduce_tile(n_rows, n_splits, 4);
+  Launch l(Kernel::Reduce);
+  l.tensor(partial).tensor(out).i(n_rows).i(n_splits).i(cdiv(n_splits, bn2) * bn2).f(1.0).c(0).cb(true).c(bm2).c(bn2);
+  l.run(x, cdiv(n_rows, bm2), 1, 1, warps2);
+}
+
+// sum of a contiguous float tensor over its trailing dims `dims` (nullopt / empty: all).
+std::optional<at::Tensor> sum_launch(const at::Tensor& x, const c10::IValue& dim_iv, bool keepdim,
+                                     const c10::IValue& dtype_iv) {
+  if (!float_tensor(x) || !x.is_contiguous()) return std::nullopt;
+  at::ScalarType out_dtype = x.scalar_type();
+  if (!dtype_iv.isNone()) {
+    auto d = dtype_iv.toScalarType();
+    if (d != x.scalar_type() && d != at::kFloat) return std::nullopt;
+    out_dtype = d;
+  }
+  const int64_t nd = x.dim();
+  std::vector<int64_t> dims;
+  std::vector<int64_t> raw;
+  if (!dim_iv.isNone()) raw = dim_iv.toIntVector();
+  if (raw.empty()) {
+    for (int64_t d = 0; d < nd; ++d) dims.push_back(d);
+  } else {
+    if (nd == 0) return std::nullopt;
+    for (int64_t d : raw) {
+      if (d < -nd || d >= nd) return std::nullopt;
+      dims.push_back(d < 0 ? d + nd : d);
+    }
+    std::sort(dims.begin(), dims.end());
+    for (size_t j = 0; j < dims.size(); ++j)
+      if (dims[j] != nd - static_cast<int64_t>(dims.size()) + static_cast<int64_t>(j)) return std::nullopt;
+  }
+  int64_t n_cols = 1;
+  for (int64_t d : dims) n_cols *= x.size(d);
+  std::vector<int64_t> shape;
+  for (int64_t d = 0; d < nd; ++d) {
+    bool reduced = std::find(dims.begin(), dims.end(), d) != dims.end();
+    if (!reduced)
+      shape.push_back(x.size(d));
+    else if (keepdim)
+      shape.push_back(1);
+  }
+  auto opts = x.options().dtype(out_dtype);
+  if (n_cols == 0) return at::full(shape, 0.0, opts);
+  const int64_t n_rows = x.numel() / n_cols;
+  auto out = at::empty(shape, opts);
+  if (n_rows == 0) return out;
+  row_sum_launch(x, n_rows, n_cols, out);
+  return out;
+}
+
+// flag_gems::sum(Tensor self, int[]? dim=None, bool keepdim=False, *, ScalarType? dtype=None) -> Tensor
+// aten::sum.dim_IntList(Tensor self, int[1]? dim, bool keepdim=False, *, ScalarType? dtype=None) -> Tensor
+bool sum_dim_op(const c10::OperatorHandle&, Stack* s) {
+  auto out = sum_launch(arg(s, 4, 0).toTensor(), arg(s, 4, 1), arg(s, 4, 2).toBool(), arg(s, 4, 3));
+  if (!out) return false;
+  return finish(s, 4, std::move(*out));
+}
+
+// aten::sum(Tensor self, *, ScalarType? dtype=None) -> Tensor
+bool sum_aten(const c10::OperatorHandle&, Stack* s) {
+  auto out = sum_launch(arg(s, 2, 0).toTensor(), c10::IValue(), false, arg(s, 2, 1));
+  if (!out) return false;
+  return finish(s, 2, std::move(*out));
+}
+
+// ================================================================== nonzero (kernels/nonzero.py)
+
+constexpr int64_t kNonzeroMaxDims = 8;  // kernels/nonzero.py:MAX_DIMS
+
+// flag_gems::nonzero / aten::nonzero (Tensor self) -> Tensor
+bool nonzero_op(const c10::OperatorHandle&, Stack* s) {
+  const auto x0 = arg(s, 1, 0).toTensor();
+  if (!runnable(x0) || !data_dtype(x0.scalar_type()) || x0.dim() > kNonzeroMaxDims) return false;
+  if (x0.numel() >= (int64_t(1) << 31)) return false;
+  const at::Tensor x = x0.is_contiguous() ? x0 : x0.contiguous();
+  const int64_t n = x.numel(), nd = x.dim();
+  auto idx = x.options().dtype(at::kLong);
+  if (n == 0) return finish(s, 1, at::empty({0, nd}, idx));
+  // kernels/nonzero.py:block_size
+  const int64_t block = x.is_cuda() ? 1024 : std::max<int64_t>(16, std::min<int64_t>(4096, next_pow2(n)));
+  const int64_t n_blocks = cdiv(n, block);
+  auto counts = at::empty({n_blocks}, idx);
+  {
+    Launch l(Kernel::NonzeroCount);
+    l.tensor(x).tensor(counts).i(n).c(block);
+    l.run(x, n_blocks, 1, 1, 4);
+  }
+  auto ends = at::cumsum(counts, 0);
+  const int64_t total = ends[n_blocks - 1].item<int64_t>();  // a device sync, as torch's nonzero
+  auto out = at::empty({total, nd}, idx);
+  if (total == 0 || nd == 0) return finish(s, 1, std::move(out));
+  Launch l(Kernel::NonzeroWrite);
+  l.tensor(x).tensor(counts).tensor(ends).tensor(out).i(n);
+  for (int64_t d = 0; d < kNonzeroMaxDims; ++d) l.i(d < nd ? x.size(d) : 1);
+  l.c(nd).c(block);
+  l.run(x, n_blocks, 1, 1, 4);
+  return finish(s, 1, std::move(out));
+}
+
+const std::unordered_map<std::string, BoxedWrapper>& wrappers() {
+  static const std::unordered_map<std::string, BoxedWrapper> table{
+      {"flag_gems::add_tensor", add_tensor_op},
+      {"flag_gems::rms_norm", rms_norm_op},
+      {"flag_gems::add_rms_norm", add_rms_norm_op},
+      {"flag_gems::fused_add_rms_norm", fused_add_rms_norm_op},
+      {"flag_gems::rotary_embedding", rotary_embedding_op},
+      {"flag_gems::rotary_embedding_", rotary_embedding_inplace_op},
+      {"flag_gems::silu_and_mul", silu_and_mul_op},
+      {"flag_gems::mm", mm_op},
+      {"flag_gems::bmm", bmm_op},
+      {"flag_gems::cat", cat_op},
+      {"flag_gems::sum", sum_dim_op},
+      {"flag_gems::nonzero", nonzero_op},
+      {"aten::add.Tensor", add_aten},
+      {"aten::_fused_rms_norm", fused_rms_norm_aten},
+      {"aten::mm", mm_op},
+      {"aten::bmm", bmm_op},
+      {"aten::cat", cat_op},
+      {"aten::sum", sum_aten},
+      {"aten::sum.dim_IntList", sum_dim_op},
+      {"aten::nonzero", nonzero_op},
+  };
+  return table;
+}
+
+}  // namespace
+
+BoxedWrapper find_wrapper(const std::string& qualname) {
+  auto& t = wrappers();
+  auto it = t.find(qualname);
+  return it == t.end() ? nullptr : it->second;
+}
+
+std::vector<std::string> wrapper_names() {
+  std::vector<std::string> names;
+  for (auto& kv : wrappers()) names.push_back(kv.first);
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+}  // namespace gems

@@ -1,0 +1,427 @@
+"""Every C++ wrapper against a float64 plain-torch reference, and what each one refuses.
+
+On a GPU the wrappers are the ops' CUDA kernels (launches from C++ once compiled); without
+one they are registered as the CPU kernels for these tests and launch through the Python hook
+to Triton's interpreter, so the same wrapper logic (checks, layouts, launch configuration,
+kernel arguments) is checked here either way.
+
+"Ran in C++" is read from the launcher's counters after the call: a wrapper that refuses
+hands the call to the op's Python implementation (or the native aten kernel), which launches
+nothing through the C++ launcher.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flag_gems
+from flag_gems import c_runtime
+from accuracy import DTYPE_IDS, DTYPES, TOLERANCES, rand
+
+aten = torch.ops.aten
+fg = torch.ops.flag_gems
+
+
+@pytest.fixture
+def dev():
+    """The device whose flag_gems ops are served by the C++ wrappers for the test."""
+    if not c_runtime.available:
+        pytest.skip(f"C++ runtime unavailable: {c_runtime.reason}")
+    if torch.cuda.is_available():
+        yield "cuda"
+        return
+    had = "CPU" in c_runtime.installed_keys()
+    c_runtime.install("CPU")
+    yield "cpu"
+    if not had:
+        c_runtime.uninstall("CPU")
+
+
+def cpp_launches() -> int:
+    s = c_runtime.stats()
+    return s["cpp_launches"] + s["python_launches"]
+
+
+class Counted:
+    """``with Counted() as c: ...``; ``c.n``: launches the C++ launcher made in the block."""
+
+    def __enter__(self):
+        self.start = cpp_launches()
+        return self
+
+    def __exit__(self, *exc):
+        self.n = cpp_launches() - self.start
+        return False
+
+
+def close(out, ref, what, dtype=None):
+    atol, rtol = TOLERANCES[dtype or out.dtype]
+    torch.testing.assert_close(out.double(), ref.double().to(out.device), atol=atol, rtol=rtol,
+                               msg=lambda m: f"[{what}] {m}")
+
+
+def rms_ref(x, w, eps, offset=0.0):
+    xd = x.double()
+    y = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    return y * (w.double() + offset) if w is not None else y
+
+
+# --------------------------------------------------------------------------- RMSNorm
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 40), (7, 129)], ids=str)
+def test_rms_norm(dev, dtype, shape):
+    x, w = rand(*shape, dtype=dtype, device=dev), rand(shape[-1], dtype=dtype, device=dev)
+    with Counted() as c:
+        y = fg.rms_norm(x, w, 1e-6, 0.5)
+    assert c.n == 1
+    close(y, rms_ref(x, w, 1e-6, 0.5), f"op=rms_norm shape={shape} dtype={dtype}")
+    with Counted() as c:
+        y = flag_gems.rms_norm(x, [shape[-1]], None, 1e-6)  # the public function, no weight
+    assert c.n == 1
+    close(y, rms_ref(x, None, 1e-6), f"op=rms_norm(public) shape={shape} dtype={dtype}")
+
+
+def test_rms_norm_strided_rows_and_refusals(dev):
+    x = rand(4, 6, 64, device=dev)[:, ::2]  # token dims with strides: one view, no copy
+    w = rand(64, device=dev)
+    with Counted() as c:
+        y = fg.rms_norm(x, w, 1e-5)
+    assert c.n == 1
+    close(y, rms_ref(x, w, 1e-5), "op=rms_norm strided")
+    xt = rand(64, 5, device=dev).t()  # columns not unit-stride: the Python path copies
+    with Counted() as c:
+        y = fg.rms_norm(xt, w, 1e-5)
+    assert c.n == 0
+    close(y, rms_ref(xt, w, 1e-5), "op=rms_norm transposed (Python path)")
+    with pytest.raises(ValueError, match="weight"):  # the Python implementation's error
+        fg.rms_norm(x, rand(63, device=dev), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_fused_add_rms_norm_in_place(dev, dtype):
+    x, r, w = (rand(3, 96, dtype=dtype, device=dev), rand(3, 96, dtype=dtype, device=dev),
+               rand(96, dtype=dtype, device=dev))
+    h_ref = (x.double() + r.double()).to(dtype)  # the kernel normalizes the rounded sum
+    y_ref = rms_ref(h_ref, w, 1e-6)
+    with Counted() as c:
+        fg.fused_add_rms_norm(x, r, w, 1e-6)
+    assert c.n == 1
+    close(r, h_ref, f"op=fused_add_rms_norm h dtype={dtype}")
+    close(x, y_ref, f"op=fused_add_rms_norm y dtype={dtype}")
+
+
+def test_add_rms_norm_functional(dev):
+    x, r, w = rand(2, 3, 48, device=dev), rand(2, 3, 48, device=dev), rand(48, device=dev)
+    with Counted() as c:
+        y, h = flag_gems.add_rms_norm(x, r, w, 1e-6)
+    assert c.n == 1
+    close(h, x.double() + r.double(), "op=add_rms_norm h")
+    close(y, rms_ref(h, w, 1e-6), "op=add_rms_norm y")
+
+
+def test_aten_fused_rms_norm_through_the_eager_mode(dev):
+    x, w = rand(2, 3, 4, 16, device=dev), rand(4, 16, device=dev)
+    with flag_gems.use_gems(include=["_fused_rms_norm"]):
+        with Counted() as c:
+            y, rstd = aten._fused_rms_norm(x, [4, 16], w, 1e-6)
+    assert c.n == 1
+    xd = x.double().flatten(-2)
+    ref = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)).view(x.shape) * w.double()
+    close(y, ref, "op=_fused_rms_norm")
+    assert rstd.shape == (2, 3, 1, 1) and rstd.dtype == torch.float32
+    close(rstd.flatten(), torch.rsqrt(xd.pow(2).mean(-1) + 1e-6).flatten(), "op=_fused_rms_norm rstd")
+
+
+# --------------------------------------------------------------------------- SiLU·mul
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 72), (257,)], ids=str)
+def test_silu_and_mul(dev, dtype, shape):
+    a, b = rand(*shape, dtype=dtype, device=dev), rand(*shape, dtype=dtype, device=dev)
+    with Counted() as c:
+        out = flag_gems.silu_and_mul(a, b)
+    assert c.n == 1
+    close(out, F.silu(a.double()) * b.double(), f"op=silu_and_mul shape={shape} dtype={dtype}")
+
+
+def test_silu_and_mul_layouts(dev):
+    big = rand(4, 6, 2, 32, device=dev)
+    a, b = big[:, :, 0], big[:, :, 1]  # token dims fold: no copy
+    with Counted() as c:
+        out = fg.silu_and_mul(a, b)
+    assert c.n == 1
+    close(out, F.silu(a.double()) * b.double(), "op=silu_and_mul strided")
+    at = rand(32, 5, device=dev).t()  # last dim not unit-stride: the Python path (it copies)
+    with Counted() as c:
+        out = fg.silu_and_mul(at, at)
+    assert c.n == 0
+    close(out, F.silu(at.double()) * at.double(), "op=silu_and_mul transposed")
+
+
+# --------------------------------------------------------------------------- RoPE
+
+
+def rope_ref(x, cos, sin, pos, interleaved):
+    """Half tables [max_pos, r/2] rows at pos (*tokens) on x (*tokens, H, D), float64."""
+    half = cos.shape[-1]
+    c, s = cos.double()[pos].unsqueeze(-2), sin.double()[pos].unsqueeze(-2)
+    xd = x.double()
+    out = xd.clone()
+    if interleaved:
+        x1, x2 = xd[..., 0:2 * half:2], xd[..., 1:2 * half:2]
+        out[..., 0:2 * half:2] = x1 * c - x2 * s
+        out[..., 1:2 * half:2] = x2 * c + x1 * s
+    else:
+        x1, x2 = xd[..., :half], xd[..., half:2 * half]
+        out[..., :half] = x1 * c - x2 * s
+        out[..., half:2 * half] = x2 * c + x1 * s
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+@pytest.mark.parametrize("rot", [16, 10], ids=["full", "partial"])
+def test_rotary_embedding(dev, dtype, interleaved, rot):
+    q, k = rand(2, 3, 4, 16, dtype=dtype, device=dev), rand(2, 3, 2, 16, dtype=dtype, device=dev)
+    cos, sin = rand(9, rot // 2, device=dev), rand(9, rot // 2, device=dev)
+    pos = torch.randint(0, 9, (2, 3), device=dev)
+    with Counted() as c:
+        qo, ko = fg.rotary_embedding(q, k, cos, sin, pos, interleaved)
+    assert c.n == 1
+    what = f"op=rotary_embedding dtype={dtype} interleaved={interleaved} rot={rot}"
+    close(qo, rope_ref(q, cos, sin, pos, interleaved), what)
+    close(ko, rope_ref(k, cos, sin, pos, interleaved), what)
+    # no position_ids: q [B, S, H, D], row = s
+    with Counted() as c:
+        qo, ko = flag_gems.apply_rotary_pos_emb(q, k, cos, sin, rotary_interleaved=interleaved)
+    assert c.n == 1
+    spos = torch.arange(3, device=dev).expand(2, 3)
+    close(qo, rope_ref(q, cos, sin, spos, interleaved), what + " no positions")
+    close(ko, rope_ref(k, cos, sin, spos, interleaved), what + " no positions")
+
+
+def test_rotary_embedding_in_place_and_vllm_tokens(dev):
+    q, k = rand(5, 4, 16, device=dev), rand(5, 2, 16, device=dev)  # [T, H, D], positions [T]
+    cos, sin = rand(12, 8, device=dev), rand(12, 8, device=dev)
+    pos = torch.randint(0, 12, (5,), device=dev)
+    q_ref, k_ref = rope_ref(q, cos, sin, pos, False), rope_ref(k, cos, sin, pos, False)
+    vq, vk = q._version, k._version
+    with Counted() as c:
+        out = flag_gems.apply_rotary_pos_emb(q, k, cos, sin, pos, inplace=True)
+    assert c.n == 1 and out[0] is q and out[1] is k
+    close(q, q_ref, "op=rotary_embedding_ q")
+    close(k, k_ref, "op=rotary_embedding_ k")
+    assert q._version > vq and k._version > vk
+    if dev == "cpu":  # positions out of range on the CPU: the Python implementation raises
+        with pytest.raises(ValueError, match="position_ids"):
+            fg.rotary_embedding(q, k, cos, sin, torch.full((5,), 12, device=dev))
+
+
+# --------------------------------------------------------------------------- add
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shapes", [((3, 40), (3, 40)), ((2, 3, 40), (40,)), ((4, 1, 6), (5, 1)), ((), (7,))],
+                         ids=str)
+def test_add_tensor(dev, dtype, shapes):
+    a, b = rand(*shapes[0], dtype=dtype, device=dev), rand(*shapes[1], dtype=dtype, device=dev)
+    with Counted() as c:
+        out = fg.add_tensor(a, b)
+    assert c.n == 1
+    ref = a.double() + b.double()
+    assert out.shape == ref.shape and out.dtype == dtype
+    close(out, ref, f"op=add_tensor shapes={shapes} dtype={dtype}")
+
+
+def test_add_tensor_layouts_and_refusals(dev):
+    a = rand(6, 40, device=dev)
+    out = fg.add_tensor(a.t(), a.t())  # transposed: the output keeps the inputs' layout, as torch
+    assert out.stride() == (a + a).t().stride()
+    close(out, 2 * a.t().double(), "op=add_tensor transposed")
+    i = torch.randint(-9, 9, (3, 4), device=dev)
+    with Counted() as c:  # integers, mixed dtypes: the Python path (its kernel or torch.add)
+        out_i = fg.add_tensor(i, i)
+        out_m = fg.add_tensor(a.half(), a)
+    assert c.n == 0
+    assert torch.equal(out_i, i + i) and out_m.dtype == torch.float32
+    close(out_m, a.half().double() + a.double(), "op=add_tensor mixed", torch.float16)
+
+
+def test_aten_add_through_the_eager_mode(dev):
+    a, b = rand(3, 33, device=dev), rand(33, device=dev)
+    with flag_gems.use_gems(include=["add.Tensor"]):
+        with Counted() as c:
+            out = a + b
+            scaled = torch.add(a, b, alpha=2.0)  # alpha: native
+            number = a + 1.5  # a wrapped number: native
+    assert c.n == 1
+    close(out, a.double() + b.double(), "op=add.Tensor")
+    close(scaled, a.double() + 2 * b.double(), "op=add.Tensor alpha")
+    close(number, a.double() + 1.5, "op=add.Tensor number")
+
+
+# --------------------------------------------------------------------------- mm / bmm
+
+
+def gemm_close(out, a, b, what):
+    from accuracy import GEMM_RTOL
+
+    ref = a.double() @ b.double()
+    bound = GEMM_RTOL[out.dtype] * a.shape[-1] ** 0.5 * (a.double().abs() @ b.double().abs()) + 1e-6
+    err = (out.double() - ref.to(out.device)).abs()
+    assert bool((err <= bound.to(out.device)).all()), f"[{what}] max err {err.max().item()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_mm_bmm(dev, dtype):
+    a, b = rand(33, 40, dtype=dtype, device=dev), rand(40, 17, dtype=dtype, device=dev)
+    with Counted() as c:
+        out = fg.mm(a, b)
+        bt = rand(17, 40, dtype=dtype, device=dev).t()  # a strided operand
+        out_t = fg.mm(a, bt)
+    assert c.n == 2
+    gemm_close(out, a, b, f"op=mm dtype={dtype}")
+    gemm_close(out_t, a, bt, f"op=mm strided dtype={dtype}")
+    x, y = rand(3, 9, 20, dtype=dtype, device=dev), rand(3, 20, 11, dtype=dtype, device=dev)
+    with flag_gems.use_gems(include=["bmm"]):
+        with Counted() as c:
+            out = torch.bmm(x, y)
+    assert c.n == 1
+    gemm_close(out, x, y, f"op=bmm dtype={dtype}")
+
+
+def test_mm_refusals_and_autograd(dev):
+    i = torch.randint(-5, 5, (4, 6), device=dev)
+    with Counted() as c:
+        out = fg.mm(i, i.t())
+    assert c.n == 0 and torch.equal(out, i @ i.t())
+    a, b = rand(5, 8, device=dev, requires_grad=True), rand(8, 3, device=dev, requires_grad=True)
+    g = rand(5, 3, device=dev)
+    fg.mm(a, b).backward(g)
+    close(a.grad, g.double() @ b.double().t(), "op=mm grad a")
+    close(b.grad, a.double().t() @ g.double(), "op=mm grad b")
+
+
+# --------------------------------------------------------------------------- cat
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_cat(dev, dim):
+    sizes = [2, 3, 1]
+    ts = [rand(*[s if d == dim % 3 else n for d, n in enumerate((3, 4, 5))], device=dev) for s in sizes]
+    ts[1] = ts[1].transpose(0, 1).contiguous().transpose(0, 1)  # a strided input
+    with Counted() as c:
+        out = fg.cat(ts, dim)
+    assert c.n == len(ts)
+    assert torch.equal(out, torch.cat(ts, dim))
+
+
+def test_cat_refusals_and_eager(dev):
+    a, b = rand(2, 3, device=dev), rand(2, 3, device=dev).half()
+    with Counted() as c:
+        out = fg.cat([a, b], 0)  # mixed dtypes: torch promotes (Python path)
+    assert c.n == 0 and torch.equal(out, torch.cat([a, b], 0))
+    x = torch.randint(0, 9, (4, 2), device=dev)
+    with flag_gems.use_gems(include=["cat"]):
+        with Counted() as c:
+            out = torch.cat([x, x, x[:0]], 0)  # an empty input adds no launch
+    assert c.n == 2 and torch.equal(out, torch.cat([x, x], 0))
+
+
+# --------------------------------------------------------------------------- sum
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sum(dev, dtype):
+    x = rand(3, 4, 50, dtype=dtype, device=dev)
+    with Counted() as c:
+        s_last = fg.sum(x, [-1])
+        s_two = fg.sum(x, [1, 2], True)
+        s_all = fg.sum(x, dtype=torch.float32)
+    assert c.n == 3
+    close(s_last, x.double().sum(-1), f"op=sum dim=-1 dtype={dtype}")
+    assert s_two.shape == (3, 1, 1)
+    close(s_two, x.double().sum((1, 2), keepdim=True), f"op=sum dims=(1,2) dtype={dtype}", dtype)
+    assert s_all.dtype == torch.float32
+    close(s_all, x.double().sum(), f"op=sum all dtype={dtype}", dtype)
+
+
+def test_sum_refusals_and_eager(dev):
+    x = rand(3, 4, 5, device=dev)
+    with Counted() as c:
+        out = fg.sum(x, [0])  # not the trailing dims: torch.sum
+    assert c.n == 0
+    close(out, x.double().sum(0), "op=sum dim=0")
+    with flag_gems.use_gems(include=["sum"]):
+        with Counted() as c:
+            a, b = x.sum(), x.sum(-1, keepdim=True)
+            n = x.mT.sum(-1)  # not contiguous: native
+    assert c.n == 2
+    close(a, x.double().sum(), "op=sum.default")
+    close(b, x.double().sum(-1, keepdim=True), "op=sum.dim_IntList")
+    close(n, x.double().mT.sum(-1), "op=sum native")
+
+
+def test_sum_autograd(dev):
+    x = rand(3, 6, device=dev, requires_grad=True)
+    fg.sum(x, [-1]).backward(torch.ones(3, device=dev))
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+# --------------------------------------------------------------------------- nonzero
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32, torch.bool], ids=str)
+@pytest.mark.parametrize("shape", [(50,), (3, 7, 11), (2, 1, 3, 1, 2)], ids=str)
+def test_nonzero(dev, dtype, shape):
+    x = rand(*shape, device=dev)
+    x = torch.where(x > 0.3, x, torch.zeros_like(x)).to(dtype)
+    with Counted() as c:
+        out = fg.nonzero(x)
+    assert c.n == 2
+    assert torch.equal(out, torch.nonzero(x))
+
+
+def test_nonzero_edges_and_eager(dev):
+    z = torch.zeros(4, 5, device=dev)
+    with Counted() as c:
+        assert fg.nonzero(z).shape == (0, 2)  # one count launch, no write
+        assert torch.equal(fg.nonzero(torch.tensor(3.0, device=dev)), torch.nonzero(torch.tensor(3.0)).to(dev))
+        assert fg.nonzero(torch.empty(0, 3, device=dev)).shape == (0, 2)
+    assert c.n == 2
+    x = rand(6, 9, device=dev)
+    with flag_gems.use_gems(include=["nonzero"]):
+        with Counted() as c:
+            out = torch.nonzero(x > 0)
+    assert c.n == 2 and torch.equal(out, torch.nonzero(x > 0))
+    cx = torch.randn(4, dtype=torch.complex64, device=dev)
+    assert torch.equal(fg.nonzero(cx), torch.nonzero(cx))
+
+
+# --------------------------------------------------------------------------- the new ops' registrations
+
+
+@pytest.mark.parametrize("case", ["mm", "bmm", "cat", "sum", "sum_dtype", "nonzero"])
+def test_new_ops_pass_opcheck(case):
+    """flag_gems::mm / bmm / cat / sum / nonzero: schema, fake and autograd registrations
+    (Python path: opcheck runs on CPU tensors, where the C++ wrappers are not registered)."""
+    from accuracy import OPCHECK_UTILS
+
+    utils = OPCHECK_UTILS
+    if case == "mm":
+        op, args, kwargs = fg.mm.default, (rand(5, 8, requires_grad=True), rand(8, 3, requires_grad=True)), {}
+    elif case == "bmm":
+        op, args, kwargs = fg.bmm.default, (rand(2, 5, 8, requires_grad=True), rand(2, 8, 3)), {}
+    elif case == "cat":
+        op, args, kwargs = fg.cat.default, ([rand(2, 3, requires_grad=True), rand(4, 3)], 0), {}
+    elif case == "sum":
+        op, args, kwargs = fg.sum.default, (rand(3, 4, 5, requires_grad=True), [-1], True), {}
+    elif case == "sum_dtype":
+        op, args, kwargs = fg.sum.default, (rand(3, 4, dtype=torch.bfloat16),), {"dtype": torch.float32}
+    else:  # data-dependent output size: no AOT dispatch checks
+        op, args, kwargs = fg.nonzero.default, (rand(4, 6) > 0,), {}
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(op, args, kwargs, test_utils=utils)
