@@ -388,3 +388,9 @@ def test_opcheck_seed_inputs(monkeypatch):
             assert counter.returned > before, f"[opcheck add_tensor {[list(a.shape) for a in args]}] no kernel ran"
     assert OPCHECK_UTILS == ("test_schema", "test_autograd_registration", "test_faketensor",
                              "test_aot_dispatch_static", "test_aot_dispatch_dynamic")  # the seeds' five
+    # After the block, tracing again must not reach kernels that the block registered (the Python
+    # dispatcher's cached resolutions of them crashed the process once: eager._forget_dispatch_cache).
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x.clone() * 2 + 1, backend="aot_eager")
+    x = rand(4, device=dev)
+    assert_close(f(x), 2 * ref64(x) + 1, torch.float32, tag("compile after opcheck", x.shape, torch.float32))
