@@ -26,13 +26,17 @@ def test_exports():
         assert getattr(flag_gems, name) is getattr(mod, name) and name in flag_gems.__all__ and name in mod.__all__
 
 
-def test_modules_run_flag_gems_kernels(monkeypatch):
+def test_modules_run_flag_gems_kernels(monkeypatch, request):
     """With Triton's interpreter off, a CPU tensor is refused by the kernels' device check: each module
     reaches flag_gems' kernels (a module that quietly ran torch ops instead would return a result)."""
     if DEVICE != "cpu":
         pytest.skip("the CPU device check is what shows the kernel path")
     import flag_gems.kernels._common as common
+    from flag_gems import c_runtime
 
+    if c_runtime.available and "CPU" in c_runtime.installed_keys():  # GEMS_CPP_CPU=1: C++ wrappers check
+        c_runtime.uninstall("CPU")  # in C++; the Python launchers are the path under test here
+        request.addfinalizer(lambda: c_runtime.install("CPU"))
     monkeypatch.setattr(common, "interpreter_mode", lambda: False)
     x = torch.randn(2, 3, 2, 8)
     calls = {
