@@ -1,19 +1,32 @@
-"""Model benchmark of the flag_gems torch.compile backend (issue 3), every contender side by side in one run.
+"""Model benchmark of the flag_gems torch.compile backend against eager and Inductor (issue 11's table).
 
 Model: a 4-layer Llama-3-8B-shaped ``transformers`` LlamaForCausalLM (hidden 4096, intermediate
 14336, 32 q heads / 8 kv heads, vocab 128256), random weights, bf16, ``use_cache=False``.
-Inputs: prefill ``[1, 2048]`` and decode-like ``[8, 1]`` token ids.
+Inputs: prefill ``[1, 2048]`` and decode ``[1, 1]``, ``[8, 1]``, ``[64, 1]`` token ids.
 
-Contenders: eager; Inductor (default); Inductor ``mode="reduce-overhead"``; flag_gems; flag_gems
-with CUDA graphs (``mode="reduce-overhead"``); flag_gems handing the rest to Inductor.
+Contenders (the issue's seven columns): eager; Inductor; Inductor ``mode="reduce-overhead"``;
+flag_gems; flag_gems ``mode="reduce-overhead"``; flag_gems ``options={"inductor": True}``;
+flag_gems ``options={"inductor": True, "cudagraphs": True}``.
 
-Metrics per (contender, input): steady-state ms (median of CUDA-event-timed calls after warm-up),
-first-call seconds with cold caches (each contender is compiled fresh, Inductor's and Triton's
-caches point at empty temporary folders for the whole run), and the cosine similarity of the
-logits with eager's. Rows go to JSON and a Markdown table in ``--out``.
+Per (input, contender):
 
-``--cpu-smoke`` runs a tiny config on the CPU (Triton interpreter), eager and flag_gems only,
-so the script itself is exercised in CI.
+- ``ms``: the median over ``--rounds`` alternating rounds (every contender once per round, the
+  order rotated each round) of the median CUDA-event time of ``--iters`` calls;
+- ``first_call_s``: the first call, compile included, with cold caches (Inductor's and Triton's
+  cache folders are empty temporary folders for the whole run; each input starts from a
+  ``torch._dynamo.reset()``);
+- ``cosine_vs_eager``: cosine similarity of the logits with eager's;
+- ``kernels_per_call`` / ``kernels_per_layer``: CUDA kernels one forward launches (torch.profiler,
+  memcpy/memset excluded), and that over the number of layers;
+- ``static_kernels_per_layer`` (flag_gems contenders without Inductor): the backend's own count
+  from the compiled graphs (``GraphReport.kernels``), to compare with the profiler's.
+
+The markdown has the issue's table (rows: inputs and metrics, columns: contenders), the
+issue's targets as measured ratios, and the long table. Rows (long format) go to JSON.
+A full run compiles 28 graphs (Inductor's take 5-22 s each) and takes about 4-5 minutes on an
+H200; ``--quick`` (prefill and decode [8, 1], 3 rounds) about 2; ``--contenders`` and
+``--inputs`` pick subsets. ``--cpu-smoke`` runs a tiny config on the CPU (Triton interpreter),
+eager and flag_gems only, so the script itself is exercised in CI.
 """
 
 from __future__ import annotations
@@ -51,9 +64,14 @@ CONTENDERS = {
     "inductor": dict(),
     "inductor_reduce_overhead": dict(mode="reduce-overhead"),
     "flag_gems": dict(backend="flag_gems"),
-    "flag_gems_cudagraphs": dict(backend="flag_gems", mode="reduce-overhead"),
+    "flag_gems_reduce_overhead": dict(backend="flag_gems", mode="reduce-overhead"),
     "flag_gems_inductor": dict(backend="flag_gems", options={"inductor": True}),
+    "flag_gems_inductor_cudagraphs": dict(backend="flag_gems", options={"inductor": True, "cudagraphs": True}),
 }
+ALIASES = {"flag_gems_cudagraphs": "flag_gems_reduce_overhead"}  # the name earlier results used
+INPUTS = {"prefill_1x2048": (1, 2048), "decode_8x1": (8, 1), "decode_1x1": (1, 1), "decode_64x1": (64, 1)}
+QUICK_INPUTS = ("prefill_1x2048", "decode_8x1")
+SMOKE_INPUTS = {"prefill_1x16": (1, 16), "decode_2x1": (2, 1)}
 
 
 def build_model(cfg: dict, device: str):
@@ -97,75 +115,230 @@ def cosine(a, b) -> float:
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
 
+def count_cuda_kernels(fn, calls: int = 3) -> float:
+    """CUDA kernels launched per call of ``fn`` (torch.profiler, as ``profile_model.py`` counts them;
+    memcpy and memset excluded)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    n = sum(e.count for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith(("Memcpy", "Memset")))
+    return n / calls
+
+
+def _static_kernels(report, layers: int) -> float | None:
+    """Kernels per layer from the backend's reports of one compiled call (after its passes)."""
+    total = 0
+    for g in report.graphs:
+        kind = "inference" if "inference" in g.kernels else "forward"
+        if kind not in g.kernels:
+            return None
+        total += g.kernels[kind][1]
+    return total / layers if report.graphs else None
+
+
+def _compile(contender: str, model, ids, device: str):
+    """(callable, first-call seconds, logits, static kernels per layer or None)."""
+    kw = CONTENDERS[contender]
+    fn = model if kw is None else torch.compile(model, **kw)
+    report = None
+    with torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        if kw is not None and kw.get("backend") == "flag_gems" and not (kw.get("options") or {}).get("inductor"):
+            from flag_gems.backend import _collect
+            from flag_gems.report import CompileReport
+
+            with _collect(CompileReport()) as report:
+                out = fn(ids, use_cache=False).logits
+        else:
+            out = fn(ids, use_cache=False).logits
+        _sync(device)
+        first = time.perf_counter() - t0
+    static = _static_kernels(report, model.config.num_hidden_layers) if report is not None else None
+    return fn, first, out.float(), static
+
+
 def run(args) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
     cfg = TINY if args.cpu_smoke else LLAMA3_8B_4L
-    inputs = {"prefill_1x2048": (1, 2048), "decode_8x1": (8, 1)} if not args.cpu_smoke else {"prefill_1x16": (1, 16), "decode_2x1": (2, 1)}
-    contenders = args.contenders or (["eager", "flag_gems"] if args.cpu_smoke else list(CONTENDERS))
+    layers = cfg["num_hidden_layers"]
+    if args.cpu_smoke:
+        inputs = SMOKE_INPUTS
+    else:
+        names = args.inputs or (QUICK_INPUTS if args.quick else list(INPUTS))
+        inputs = {n: INPUTS[n] for n in names}
+    contenders = [ALIASES.get(c, c) for c in (args.contenders or (["eager", "flag_gems"] if args.cpu_smoke else list(CONTENDERS)))]
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(CONTENDERS))
     model = build_model(cfg, device)
     meta = run_meta(device)
     rows = []
+    start = time.perf_counter()
+
+    def row(inp, prov, metric, value):
+        rows.append(dict(meta, input=inp, provider=prov, metric=metric, value=value))
+
     for name, (b, s) in inputs.items():
+        torch._dynamo.reset()
         torch.manual_seed(1)
         ids = torch.randint(0, cfg["vocab_size"], (b, s), device=device)
         with torch.no_grad():
             ref = model(ids, use_cache=False).logits.float()
+        fns = {}
         for contender in contenders:
-            torch._dynamo.reset()
-            kw = CONTENDERS[contender]
-            fn = model if kw is None else torch.compile(model, **kw)
-            try:
-                with torch.no_grad():
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    out = fn(ids, use_cache=False).logits.float()
-                    _sync(device)
-                    first = time.perf_counter() - t0
-                    cos = cosine(out, ref)
-                    ms = time_ms(lambda: fn(ids, use_cache=False), device, args.warmup, args.iters)
-            except Exception as e:  # a contender that fails is a recorded row, not a crash
-                rows.append(dict(meta, input=name, provider=contender, metric="error", value=f"{type(e).__name__}: {e}"[:300]))
-                print(f"{name:<16}{contender:<28} FAILED: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            if time.perf_counter() - start > args.budget_s:
+                row(name, contender, "error", f"skipped: past the {args.budget_s:.0f} s budget")
                 continue
-            for metric, value in (("ms", ms), ("first_call_s", first), ("cosine_vs_eager", cos)):
-                rows.append(dict(meta, input=name, provider=contender, metric=metric, value=value))
-            print(f"{name:<16}{contender:<28}{ms:>10.3f} ms  first call {first:>7.2f} s  cosine {cos:.6f}", flush=True)
+            try:
+                fn, first, out, static = _compile(contender, model, ids, device)
+            except Exception as e:  # a contender that fails is a recorded row, not a crash
+                row(name, contender, "error", f"{type(e).__name__}: {e}"[:300])
+                print(f"{name:<16}{contender:<32} FAILED: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            fns[contender] = fn
+            row(name, contender, "first_call_s", first)
+            row(name, contender, "cosine_vs_eager", cosine(out, ref))
+            if static is not None:
+                row(name, contender, "static_kernels_per_layer", static)
+            del out
+        # Alternating rounds: every contender once per round, the order rotated each round.
+        times = {c: [] for c in fns}
+        order = list(fns)
+        for r in range(args.rounds if order else 0):
+            for contender in order[r % len(order):] + order[:r % len(order)]:
+                fn = fns[contender]
+                with torch.no_grad():
+                    times[contender].append(time_ms(lambda: fn(ids, use_cache=False), device, args.warmup, args.iters))
+        for contender, ts in times.items():
+            row(name, contender, "ms", statistics.median(ts))
+            if device == "cuda":
+                with torch.no_grad():
+                    k = count_cuda_kernels(lambda: fns[contender](ids, use_cache=False))
+                row(name, contender, "kernels_per_call", k)
+                row(name, contender, "kernels_per_layer", k / layers)
+            got = {r["metric"]: r["value"] for r in rows if r["input"] == name and r["provider"] == contender}
+            print(f"{name:<16}{contender:<32}{got['ms']:>9.3f} ms  first {got['first_call_s']:>6.2f} s  "
+                  f"cos {got['cosine_vs_eager']:.6f}  kernels/layer {got.get('kernels_per_layer', float('nan')):.1f}"
+                  f"  (static {got.get('static_kernels_per_layer', float('nan')):.1f})", flush=True)
+        fns.clear()
+        _sync(device)
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    table = {}
+# --------------------------------------------------------------------------- tables
+
+_LABELS = {
+    "eager": "eager", "inductor": "Inductor", "inductor_reduce_overhead": "Inductor `reduce-overhead`",
+    "flag_gems": "ours", "flag_gems_reduce_overhead": "ours `reduce-overhead`",
+    "flag_gems_inductor": 'ours `options={"inductor": True}`', "flag_gems_inductor_cudagraphs": "ours inductor + cudagraphs",
+}
+
+
+def _table(rows):
+    t = {}
     for r in rows:
-        table.setdefault((r["input"], r["provider"]), {})[r["metric"]] = r["value"]
+        t.setdefault((r["input"], r["provider"]), {})[r["metric"]] = r["value"]
+    return t
+
+
+def _fmt(v, spec):
+    return "–" if v is None else format(v, spec)
+
+
+def markdown(rows: list[dict]) -> str:
+    t = _table(rows)
+    inputs = list(dict.fromkeys(r["input"] for r in rows))
+    provs = [p for p in CONTENDERS if any(r["provider"] == p for r in rows)]
+    m0 = rows[0]
     lines = [
-        f"GPU: {rows[0]['gpu']} · torch {rows[0]['torch']} · triton {rows[0]['triton']} · {rows[0]['date']} · git {rows[0]['git']}",
+        f"GPU: {m0['gpu']} · torch {m0['torch']} · triton {m0['triton']} · {m0['date']} · git {m0['git']}",
         "",
-        "| input | contender | steady ms | vs eager | vs inductor | first call s | cosine vs eager |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| input | " + " | ".join(_LABELS[p] for p in provs) + " |",
+        "|---|" + "---|" * len(provs),
     ]
-    for (inp, prov), m in table.items():
+    for metric, label, spec in (("ms", "ms", ".3f"), ("first_call_s", "first call s", ".1f"),
+                                ("kernels_per_layer", "kernels / layer", ".1f"),
+                                ("static_kernels_per_layer", "kernels / layer (static count)", ".1f"),
+                                ("cosine_vs_eager", "logits cosine vs eager", ".5f")):
+        for inp in inputs:
+            vals = [t.get((inp, p), {}).get(metric) for p in provs]
+            if all(v is None for v in vals):
+                continue
+            cells = [("failed" if "error" in t.get((inp, p), {}) else _fmt(v, spec)) for p, v in zip(provs, vals)]
+            lines.append(f"| {inp} {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Targets (issue 11), measured:", ""]
+    lines += _targets(t, inputs)
+    lines += ["", "| input | contender | ms | vs eager | vs Inductor | vs Inductor reduce-overhead | first call s | "
+              "kernels/layer | cosine vs eager |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (inp, prov), m in t.items():
         if "error" in m:
-            lines.append(f"| {inp} | {prov} | failed: {m['error']} | | | | |")
+            lines.append(f"| {inp} | {prov} | failed: {m['error']} | | | | | | |")
+            continue
+        if "ms" not in m:
             continue
         ratios = []
-        for base in ("eager", "inductor"):
-            t = table.get((inp, base), {}).get("ms")
-            ratios.append(f"{t / m['ms']:.2f}x" if t else "")
-        lines.append(f"| {inp} | {prov} | {m['ms']:.3f} | {ratios[0]} | {ratios[1]} | {m['first_call_s']:.2f} | {m['cosine_vs_eager']:.6f} |")
+        for base in ("eager", "inductor", "inductor_reduce_overhead"):
+            b = t.get((inp, base), {}).get("ms")
+            ratios.append(f"{m['ms'] / b:.2f}x" if b else "")
+        lines.append(f"| {inp} | {prov} | {m['ms']:.3f} | {' | '.join(ratios)} | {m['first_call_s']:.2f} | "
+                     f"{_fmt(m.get('kernels_per_layer'), '.1f')} | {m['cosine_vs_eager']:.6f} |")
+    lines.append("")
+    lines.append("Ratios are time / the other's time (below 1: faster).")
     return "\n".join(lines)
+
+
+def _targets(t, inputs) -> list[str]:
+    """The issue's targets as ratios (ours / theirs), each with its bound."""
+    out = []
+
+    def ratio(inp, a, b, metric="ms"):
+        x, y = t.get((inp, a), {}).get(metric), t.get((inp, b), {}).get(metric)
+        return None if x is None or not y else x / y
+
+    checks = []
+    for inp in inputs:
+        if inp.startswith("prefill"):
+            checks.append((f"{inp}: ours / Inductor <= 0.95", ratio(inp, "flag_gems", "inductor"), 0.95))
+        else:
+            checks.append((f"{inp}: ours reduce-overhead / Inductor reduce-overhead <= 0.95",
+                           ratio(inp, "flag_gems_reduce_overhead", "inductor_reduce_overhead"), 0.95))
+            checks.append((f"{inp}: ours / Inductor (no CUDA graphs) <= 1", ratio(inp, "flag_gems", "inductor"), 1.0))
+            checks.append((f"{inp}: kernels per layer ours / Inductor <= 1",
+                           ratio(inp, "flag_gems", "inductor", "kernels_per_layer"), 1.0))
+        checks.append((f"{inp}: first call ours / Inductor <= 1/3",
+                       ratio(inp, "flag_gems", "inductor", "first_call_s"), 1 / 3))
+        cos = t.get((inp, "flag_gems"), {}).get("cosine_vs_eager")
+        checks.append((f"{inp}: ours logits cosine >= 0.9995", cos, None))
+    for label, value, bound in checks:
+        if value is None:
+            continue
+        ok = value >= 0.9995 if bound is None else value <= bound
+        out.append(f"- {label}: {value:.4f} {'(met)' if ok else '(NOT met)'}")
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
-    p.add_argument("--contenders", nargs="*", choices=list(CONTENDERS))
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--contenders", nargs="*", choices=[*CONTENDERS, *ALIASES])
+    p.add_argument("--inputs", nargs="*", choices=list(INPUTS))
+    p.add_argument("--quick", action="store_true", help="prefill and decode [8, 1] only, 3 rounds")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 7, --quick 3)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--budget-s", type=float, default=330.0, help="contenders not compiled by then are skipped")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script, measures nothing")
     p.add_argument("--keep-caches", action="store_true", help="do not point Inductor/Triton at empty cache folders")
     args = p.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 7
     if args.cpu_smoke:
-        args.warmup, args.iters = 0, 1
+        args.warmup, args.iters, args.rounds = 0, 1, 2
     rows = run(args)
     tag = "cpu-smoke" if args.cpu_smoke else file_tag(rows[0])
     text = markdown(rows)

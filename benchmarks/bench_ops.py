@@ -1,21 +1,27 @@
-"""Eager-mode benchmark (issue 4): each registered aten op vs the native kernel, and a model forward
-eager vs ``flag_gems.use_gems()``, side by side in one run.
+"""Op benchmark: each registered aten op vs the native kernel, called alone (eager) and inside a
+compiled graph, and a model forward eager vs ``flag_gems.use_gems()``, side by side in one run.
 
-Per op and shape (decode-like ``[8, 4096]`` and prefill-like ``[4096, 4096]`` bf16 unless the case
-says otherwise):
+Cases (``op_cases.py``): decode-like ``[8, 4096]`` and prefill-like ``[4096, 4096]`` bf16 unless the
+case says otherwise. Parts (``--parts``, default ``ops,model``):
 
-- ``device_us``: the native op, and the registry entry's implementation called directly, each
-  timed by CUDA-graph replay (``_bench_utils.device_time_us``);
-- ``host_us``: one eager call through the dispatcher, without flag_gems and under
-  ``use_gems(include=[op])`` (wrapper + ``supports`` + launch), issued back to back;
-- ``first_call_s``: the first call of the implementation on a new shape (JIT included).
+``ops``: per case and shape
+  - ``device_us``: the native op, and the registry entry's implementation called directly, each
+    timed by CUDA-graph replay (``_bench_utils.device_time_us``);
+  - ``host_us``: one eager call through the dispatcher, without flag_gems and under
+    ``use_gems(include=[op])`` (wrapper + ``supports`` + launch), issued back to back;
+  - ``first_call_s``: the first call of the implementation on a new shape (JIT included).
+``graph``: per case and shape, the op alone in a ``torch.compile`` graph (flag_gems backend, no
+  fusions), compiled twice: ``lower_aten=False`` (provider ``graph_native``: the aten kernel in the
+  graph) and ``lower_aten="all"`` (``graph_flag_gems``: the node rewritten to the entry's
+  implementation, checked in the graph's report). ``device_us`` by CUDA-graph replay of the compiled
+  callable, ``host_us`` of back-to-back calls, and ``speed_vs_native``. These rows set the
+  registry's graph policy (``make_measurements.py``).
+``model``: the 4-layer Llama-3-8B-shaped model of ``bench_model.py``, prefill ``[1, 2048]`` and decode
+  ``[8, 1]``: eager vs ``use_gems()`` (every entry), medians of alternating rounds, logits cosine
+  (``bench_eager.py`` compares the presets and profiles the host time per op).
 
-Model: the 4-layer Llama-3-8B-shaped model of ``bench_model.py``, prefill ``[1, 2048]`` and decode
-``[8, 1]``: eager vs ``use_gems()`` (every default entry), steady-state ms and logits cosine.
-
-The table this prints is what decides each entry's ``default`` flag: an entry slower than native at
-the large shape should not be on by default. ``--cpu-smoke`` runs tiny shapes on the CPU (Triton
-interpreter) to exercise the script.
+Rows carry the case's ``dtype``. ``--cpu-smoke`` runs tiny shapes on the CPU (Triton interpreter)
+to exercise the script; ``--time-budget`` skips the remaining cases once spent.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_utils import device_time_us, file_tag, host_time_us, run_meta, wall_time_us, write_rows  # noqa: E402
+from op_cases import CASES, Call, case_dtype, nbytes  # noqa: E402
 
 import flag_gems  # noqa: E402
 from flag_gems.kernels import _launch  # noqa: E402
@@ -42,86 +49,29 @@ from flag_gems.lowerings.registry import REGISTRY  # noqa: E402
 aten = torch.ops.aten
 
 
-def _t(shape, dtype=torch.bfloat16, device="cuda"):
-    return torch.randn(shape, dtype=dtype, device=device)
+def _shapes(args) -> dict:
+    return {"decode_8x4096": (8, 4096), "prefill_4096x4096": (4096, 4096)} if not args.cpu_smoke else {"tiny_3x64": (3, 64)}
 
 
-class Call(tuple):
-    """A builder's result when the call takes keyword arguments: ``Call((args, kwargs))``."""
+class _Budget:
+    """``--time-budget`` seconds for the op parts; ``spent()`` once they are gone."""
+
+    def __init__(self, seconds):
+        self.end = time.perf_counter() + seconds if seconds else None
+
+    def spent(self) -> bool:
+        return self.end is not None and time.perf_counter() > self.end
 
 
-# name -> (overload, builder(rows, cols, device) -> args or Call). Bytes are counted from the tensors.
-CASES = {
-    "add.Tensor": (aten.add.Tensor, lambda m, n, d: (_t((m, n), device=d), _t((m, n), device=d))),
-    "add.Tensor[bcast]": (aten.add.Tensor, lambda m, n, d: (_t((m, n), device=d), _t((n,), device=d))),
-    "mul.Tensor": (aten.mul.Tensor, lambda m, n, d: (_t((m, n), device=d), _t((m, n), device=d))),
-    "mul.Scalar": (aten.mul.Scalar, lambda m, n, d: (_t((m, n), device=d), 0.5)),
-    "sub.Tensor": (aten.sub.Tensor, lambda m, n, d: (_t((m, n), device=d), _t((m, n), device=d))),
-    "div.Tensor": (aten.div.Tensor, lambda m, n, d: (_t((m, n), device=d), _t((m, n), device=d).abs() + 1)),
-    "neg.default": (aten.neg.default, lambda m, n, d: (_t((m, n), device=d),)),
-    "exp.default": (aten.exp.default, lambda m, n, d: (_t((m, n), device=d),)),
-    "rsqrt.default": (aten.rsqrt.default, lambda m, n, d: (_t((m, n), device=d).abs() + 1,)),
-    "silu.default": (aten.silu.default, lambda m, n, d: (_t((m, n), device=d),)),
-    "gelu.default": (aten.gelu.default, lambda m, n, d: (_t((m, n), device=d),)),
-    "tanh.default": (aten.tanh.default, lambda m, n, d: (_t((m, n), device=d),)),
-    "sigmoid.default": (aten.sigmoid.default, lambda m, n, d: (_t((m, n), device=d),)),
-    "pow.Tensor_Scalar": (aten.pow.Tensor_Scalar, lambda m, n, d: (_t((m, n), device=d, dtype=torch.float32), 2)),
-    "_to_copy[bf16->fp32]": (aten._to_copy.default, lambda m, n, d: Call(((_t((m, n), device=d),), {"dtype": torch.float32}))),
-    "where.self": (aten.where.self, lambda m, n, d: (_t((m, n), device=d) > 0, _t((m, n), device=d), _t((m, n), device=d))),
-    "masked_fill.Scalar": (aten.masked_fill.Scalar, lambda m, n, d: (_t((m, n), device=d), _t((m, n), device=d) > 0, -1e4)),
-    "eq.Scalar": (aten.eq.Scalar, lambda m, n, d: (torch.randint(0, 4, (m, n), device=d), 1)),
-    "sum.dim_IntList": (aten.sum.dim_IntList, lambda m, n, d: (_t((m, n), device=d), [-1], False)),
-    "mean.dim": (aten.mean.dim, lambda m, n, d: (_t((m, n), device=d, dtype=torch.float32), [-1], True)),
-    "amax.default": (aten.amax.default, lambda m, n, d: (_t((m, n), device=d), [-1], False)),
-    "_softmax.default": (aten._softmax.default, lambda m, n, d: (_t((m, n), device=d), -1, False)),
-    "_log_softmax.default": (aten._log_softmax.default, lambda m, n, d: (_t((m, n), device=d, dtype=torch.float32), -1, False)),
-    "embedding.default": (aten.embedding.default, lambda m, n, d: (_t((32000, n), device=d), torch.randint(0, 32000, (m,), device=d))),
-    "index_select.default": (aten.index_select.default, lambda m, n, d: (_t((8192, n), device=d), 0, torch.randint(0, 8192, (m,), device=d))),
-    "cat.default": (aten.cat.default, lambda m, n, d: ([_t((m, n // 2), device=d), _t((m, n // 2), device=d)], -1)),
-    "cumsum.default": (aten.cumsum.default, lambda m, n, d: (torch.randint(0, 2, (m, n), device=d), -1)),
-    # GEMMs at Llama projection shapes: [M, 4096] @ [4096, 4096]; bmm as attention scores.
-    "mm.default": (aten.mm.default, lambda m, n, d: (_t((m, n), device=d), _t((n, n), device=d))),
-    "addmm.default": (aten.addmm.default, lambda m, n, d: (_t((n,), device=d), _t((m, n), device=d), _t((n, n), device=d))),
-    "bmm.default": (aten.bmm.default, lambda m, n, d: (_t((32, min(m, 2048), 128), device=d), _t((32, 128, min(m, 2048)), device=d))),
-    "_fused_rms_norm.default": (aten._fused_rms_norm.default, lambda m, n, d: (_t((m, n), device=d), [n], _t((n,), device=d), 1e-6)),
-    # Attention at Llama-3-8B's shapes (32 heads of 128, kv heads already repeated as HF does):
-    # "decode" rows: 8 sequences, 1 query against 1024 keys; "prefill": 1 x 2048, causal, or
-    # with HF's materialized additive causal mask [1, 1, L, L].
-    "sdpa[causal]": (aten.scaled_dot_product_attention.default, lambda m, n, d: _sdpa(m, d, causal=True)),
-    "sdpa[mask]": (aten.scaled_dot_product_attention.default, lambda m, n, d: _sdpa(m, d, causal=False)),
-}
-
-
-def _sdpa(m, device, causal):
-    heads, dim = (32, 128) if m >= 8 else (2, 16)
-    b, lq, lk = (1, 2048, 2048) if m > 8 else (8, 1, 1024) if m == 8 else (1, m, m + 5)
-    q = _t((b, lq, heads, dim), device=device).transpose(1, 2)  # HF's layout: [B, L, H, D] viewed as [B, H, L, D]
-    k = _t((b, lk, heads, dim), device=device).transpose(1, 2)
-    v = _t((b, lk, heads, dim), device=device).transpose(1, 2)
-    if causal and lq > 1:
-        return Call(((q, k, v), {"is_causal": True}))
-    allowed = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
-    mask = torch.zeros(lq, lk, dtype=q.dtype, device=device).masked_fill(~allowed, torch.finfo(q.dtype).min)
-    return Call(((q, k, v), {"attn_mask": mask[None, None]}))
-
-
-def _nbytes(args, out) -> int:
-    def size(x):
-        if isinstance(x, torch.Tensor):
-            return x.numel() * x.element_size()
-        if isinstance(x, (list, tuple)):
-            return sum(size(y) for y in x)
-        return 0
-
-    return size(args) + size(out)
-
-
-def bench_ops(args, meta, device) -> list[dict]:
+def bench_ops(args, meta, device, budget) -> list[dict]:
     rows = []
-    shapes = {"decode_8x4096": (8, 4096), "prefill_4096x4096": (4096, 4096)} if not args.cpu_smoke else {"tiny_3x64": (3, 64)}
+    shapes = _shapes(args)
     for name, (op, build) in CASES.items():
         entry = REGISTRY.get(op)
         if args.ops and name not in args.ops:
+            continue
+        if budget.spent():
+            rows.append(dict(meta, op=name, provider="flag_gems", shape="-", metric="skipped", value="time budget"))
             continue
         if entry is None:
             rows.append(dict(meta, op=name, provider="flag_gems", shape="-", metric="skipped", value="no registry entry"))
@@ -134,12 +84,13 @@ def bench_ops(args, meta, device) -> list[dict]:
             if reason is not None:
                 rows.append(dict(meta, op=name, provider="flag_gems", shape=shape_name, metric="skipped", value=reason))
                 continue
+            dtype = case_dtype(a)
             t0 = time.perf_counter()
             out = entry.impl(*a, **kw)
             if device == "cuda":
                 torch.cuda.synchronize()
             first = time.perf_counter() - t0
-            nbytes = _nbytes(a, out)
+            moved = nbytes(a, out)
             timer = device_time_us if device == "cuda" else (lambda f: wall_time_us(f))
             native_us = timer(lambda: op(*a, **kw))
             ours_us = timer(lambda: entry.impl(*a, **kw))
@@ -154,12 +105,96 @@ def bench_ops(args, meta, device) -> list[dict]:
                 ("flag_gems", "host_us_triton_launch", host_triton),
                 ("flag_gems", "first_call_s", first),
                 ("flag_gems", "speed_vs_native", float(native_us) / float(ours_us)),
-                ("flag_gems", "gbps", nbytes / float(ours_us) / 1e3), ("native", "gbps", nbytes / float(native_us) / 1e3),
+                ("flag_gems", "gbps", moved / float(ours_us) / 1e3), ("native", "gbps", moved / float(native_us) / 1e3),
             ):
-                rows.append(dict(meta, op=name, provider=provider, shape=shape_name, metric=metric, value=float(value)))
+                rows.append(dict(meta, op=name, provider=provider, shape=shape_name, dtype=dtype, metric=metric,
+                                 value=float(value)))
             print(f"{name:<24}{shape_name:<20} native {float(native_us):9.2f} us  ours {float(ours_us):9.2f} us  "
                   f"host {host_native:6.1f} / {host_ours:6.1f} us (Triton's launch path {host_triton:6.1f})  "
                   f"first {first:5.2f} s", flush=True)
+    return rows
+
+
+def _graph_fn(op, args, kwargs):
+    """``(fn, tensors)``: ``fn(*tensors)`` calls ``op`` with ``args``' tensors as graph inputs
+    (lists of tensors too) and the other arguments as constants."""
+    tensors, spec = [], []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            spec.append(("t", len(tensors)))
+            tensors.append(a)
+        elif isinstance(a, (list, tuple)) and a and all(isinstance(x, torch.Tensor) for x in a):
+            spec.append(("l", list(range(len(tensors), len(tensors) + len(a)))))
+            tensors.extend(a)
+        else:
+            spec.append(("c", a))
+
+    def fn(*ts):
+        call = [ts[v] if k == "t" else [ts[i] for i in v] if k == "l" else v for k, v in spec]
+        return op(*call, **kwargs)
+
+    return fn, tensors
+
+
+def bench_graph(args, meta, device, budget) -> list[dict]:
+    """The op alone in a compiled graph: aten kernel vs the entry's implementation (module docstring)."""
+    from flag_gems.backend import GemsCompiler, _collect
+    from flag_gems.options import CompileOptions
+    from flag_gems.report import CompileReport
+
+    rows = []
+    timer = device_time_us if device == "cuda" else (lambda f: wall_time_us(f))
+    calls = 50 if device == "cuda" else 5
+    # The entries a graph decision is pending on first (fast or graph policy on), then the rest.
+    order = sorted(CASES, key=lambda c: not (REGISTRY.get(CASES[c][0]) and (REGISTRY[CASES[c][0]].fast.on
+                                                                                or REGISTRY[CASES[c][0]].graph.on)))
+    for name in order:
+        op, build = CASES[name]
+        entry = REGISTRY.get(op)
+        if (args.ops and name not in args.ops) or entry is None:
+            continue
+        for shape_name, (m, n) in _shapes(args).items():
+            if budget.spent():
+                rows.append(dict(meta, op=name, provider="graph_flag_gems", shape=shape_name, metric="skipped",
+                                 value="time budget"))
+                continue
+            torch.manual_seed(0)
+            a = build(m, n, device)
+            a, kw = a if isinstance(a, Call) else (a, {})
+            fn, tensors = _graph_fn(op, a, kw)
+            compiled, report = {}, CompileReport()
+            try:
+                for provider, lower in (("graph_native", False), ("graph_flag_gems", "all")):
+                    torch._dynamo.reset()
+                    backend = GemsCompiler(CompileOptions(lower_aten=lower, fusions=(), strict=True))
+                    compiled[provider] = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
+                    with _collect(report) if lower else contextlib.nullcontext():
+                        compiled[provider](*tensors)
+            except Exception as e:  # a case Dynamo or the backend cannot compile is a row, not a crash
+                rows.append(dict(meta, op=name, provider="graph_flag_gems", shape=shape_name, metric="skipped",
+                                 value=f"{type(e).__name__}: {e}"[:300]))
+                continue
+            short = str(op).removeprefix("aten.")
+            if not any(k.startswith(short + " ->") for g in report.graphs for k in g.lowered):
+                kept = {r for g in report.graphs for r in g.kept.get(short, {})}
+                rows.append(dict(meta, op=name, provider="graph_flag_gems", shape=shape_name, metric="skipped",
+                                 value=f"not lowered: {'; '.join(sorted(kept)) or f'no {short} node in the graph'}"[:300]))
+                continue
+            us = {p: timer(lambda c=c: c(*tensors)) for p, c in compiled.items()}
+            host = {p: host_time_us(lambda c=c: c(*tensors), calls=calls, batches=3) for p, c in compiled.items()}
+            dtype = case_dtype(a)
+            for provider in compiled:
+                timing = getattr(us[provider], "method", "wall_clock")
+                for metric, value in (("device_us", us[provider]), ("host_us", host[provider])):
+                    rows.append(dict(meta, op=name, provider=provider, shape=shape_name, dtype=dtype, metric=metric,
+                                     value=float(value), timing=timing))
+            speed = float(us["graph_native"]) / float(us["graph_flag_gems"])
+            rows.append(dict(meta, op=name, provider="graph_flag_gems", shape=shape_name, dtype=dtype,
+                             metric="speed_vs_native", value=speed))
+            print(f"graph {name:<24}{shape_name:<20} native {float(us['graph_native']):9.2f} us  "
+                  f"lowered {float(us['graph_flag_gems']):9.2f} us ({speed:.2f}x)  host "
+                  f"{host['graph_native']:6.1f} / {host['graph_flag_gems']:6.1f} us", flush=True)
+    torch._dynamo.reset()
     return rows
 
 
@@ -236,6 +271,19 @@ def markdown(rows) -> str:
             lines.append(f"| {op} | {shape} | eager {e:.3f} ms | use_gems {g:.3f} ms | {e / g:.2f}x | | | "
                          f"{slow:.3f} ms | "
                          f"{m[('use_gems', 'first_call_s')]:.2f} (cosine {m[('use_gems', 'cosine_vs_eager')]:.6f}) |")
+    graph = [(k, m) for k, m in table.items() if any(p.startswith("graph_") for p, _ in m)]
+    if graph:
+        lines += ["", "The op alone in a compiled graph (flag_gems backend): aten kernel vs the node lowered to our "
+                      "implementation:", "",
+                  "| op | shape | native in graph µs | lowered µs | speed | native host µs | lowered host µs |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for (op, shape), m in graph:
+            if ("graph_flag_gems", "skipped") in m:
+                lines.append(f"| {op} | {shape} | skipped: {m[('graph_flag_gems', 'skipped')]} | | | | |")
+                continue
+            lines.append(f"| {op} | {shape} | {m[('graph_native', 'device_us')]:.2f} | "
+                         f"{m[('graph_flag_gems', 'device_us')]:.2f} | {m[('graph_flag_gems', 'speed_vs_native')]:.2f}x | "
+                         f"{m[('graph_native', 'host_us')]:.1f} | {m[('graph_flag_gems', 'host_us')]:.1f} |")
     return "\n".join(lines)
 
 
@@ -243,7 +291,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--ops", nargs="*", help="case names (default: all)")
-    p.add_argument("--no-model", action="store_true")
+    p.add_argument("--parts", default="ops,model", help="comma-separated: ops, graph, model (default ops,model)")
+    p.add_argument("--no-model", action="store_true", help="leave out the model part")
+    p.add_argument("--time-budget", type=float, default=0, help="seconds for the ops and graph parts (0: no limit)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--rounds", type=int, default=7, help="alternating eager / use_gems model timings (medians)")
@@ -252,15 +302,25 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
     if args.cpu_smoke:
         args.warmup, args.iters, args.rounds = 0, 1, 1
+    parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    unknown = parts - {"ops", "graph", "model"}
+    if unknown:
+        p.error(f"unknown parts {sorted(unknown)}; expected ops, graph, model")
     meta = run_meta(device)
-    rows = bench_ops(args, meta, device)
-    if not args.no_model:
+    budget = _Budget(args.time_budget)
+    rows = bench_ops(args, meta, device, budget) if "ops" in parts else []
+    if "graph" in parts:
+        rows += bench_graph(args, meta, device, budget)
+    if "model" in parts and not args.no_model:
         try:
             rows += bench_model(args, meta, device)
         except ImportError as e:
             rows.append(dict(meta, op="llama_4layer", provider="use_gems", shape="-", metric="skipped", value=str(e)))
     text = markdown(rows)
-    write_rows(rows, args.out, f"ops_{'cpu-smoke' if args.cpu_smoke else file_tag(meta)}", text)
+    # The default parts keep the historical name; other runs name their parts, so a graph run
+    # next to an ops run in one folder does not overwrite it (make_measurements reads ops_*.json).
+    named = "" if parts == {"ops", "model"} else "_".join(x for x in ("ops", "graph", "model") if x in parts) + "_"
+    write_rows(rows, args.out, f"ops_{named}{'cpu-smoke' if args.cpu_smoke else file_tag(meta)}", text)
     print(text)
     return 0
 

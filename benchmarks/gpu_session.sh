@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_session.sh PARTS
 # PARTS is a comma-separated list of: tests (GPU test suite incl. gpu/slow tests, 8 xdist workers),
 # sweep (launch-heuristic sweep), bench (kernel table, issue 2), model (model table, issue 3),
-# ops (op + model table, issue 4), profile (where the model's time goes), hostprof (host time of eager
+# ops (op + model table, issue 4), eager (model under eager / use_gems() / preset fast, issue 10), graph (each
+# op alone in a compiled graph, aten vs lowered), profile (where the model's time goes), hostprof (host time of eager
 # op calls, with a cProfile), retest (pytest on $RETEST). Each part runs under its own time limit (seconds, overridable
 # with e.g. TESTS_S=200) so that the parts chosen for one call end inside the call's 10 minutes.
 set -uo pipefail
@@ -14,11 +15,14 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gems_out}
 mkdir -p "$OUT"
 parts=${1:-tests}
+t_install=$SECONDS
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
 if ls .carry/liger_kernel-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-deps --target /tmp/liger .carry/liger_kernel-*.whl >>/tmp/install.log 2>&1
   export PYTHONPATH=/tmp/liger${PYTHONPATH:+:$PYTHONPATH}
 fi
+echo "install (with the C++ runtime build): $((SECONDS - t_install)) s"
+python3 -c "import flag_gems.c_runtime as c; print('C++ runtime:', c.available, c.reason)" 2>&1
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -38,7 +42,7 @@ run_part() {  # name, seconds, command...
 IFS=, read -ra list <<<"$parts"
 for part in "${list[@]}"; do
   case $part in
-    tests) run_part tests "${TESTS_S:-300}" python3 -m pytest tests -q -n 8 --maxfail=40 -p no:cacheprovider --runslow -rfE
+    tests) run_part tests "${TESTS_S:-300}" python3 -m pytest tests -q -n 8 --maxfail=${MAXFAIL:-40} -p no:cacheprovider --runslow -rfE
            tail -40 "$OUT/tests.log" ;;
     sweep) run_part sweep "${SWEEP_S:-200}" python3 benchmarks/sweep.py --out "$OUT" ${SWEEP_ARGS:-}
            grep -E "current|best|Error" "$OUT/sweep.log" | tail -40 ;;
@@ -50,6 +54,11 @@ for part in "${list[@]}"; do
            tail -60 "$OUT/ops.log" ;;
     profile) run_part profile "${PROFILE_S:-150}" python3 benchmarks/profile_model.py $PROFILE_ARGS
            grep -vE "^\s+-? *$" "$OUT/profile.log" | tail -120 ;;
+    eager) run_part eager "${EAGER_S:-200}" python3 benchmarks/bench_eager.py --out "$OUT" ${EAGER_ARGS:-}
+           tail -45 "$OUT/eager.log" ;;
+    graph) run_part graph "${GRAPH_S:-240}" python3 benchmarks/bench_ops.py --parts graph --out "$OUT" \
+             --time-budget "$(( ${GRAPH_S:-240} - 30 ))" ${GRAPH_ARGS:-}
+           tail -80 "$OUT/graph.log" ;;
     hostprof) run_part hostprof "${HOSTPROF_S:-60}" python3 benchmarks/host_profile_ops.py
             grep -E "^== " "$OUT/hostprof.log" ;;
     retest) run_part retest "${RETEST_S:-120}" python3 -m pytest -q -n 8 -p no:cacheprovider --runslow -rfE $RETEST

@@ -79,10 +79,11 @@ def host_view(fn, calls: int, top: int) -> str:
     return f"  host {statistics.median(samples):9.1f} us/call (no sync)\n" + "\n".join("    " + ln for ln in lines)
 
 
-# The eager model under the dispatcher mode: every default entry, and one entry the model never
-# calls (the cost of having a registration at all).
+# The eager model under the dispatcher mode: every entry, the fast preset, and one entry the model
+# never calls (the cost of having a registration at all).
 EAGER_MODES = {
     "use_gems": lambda: flag_gems.use_gems(),
+    "use_gems_fast": lambda: flag_gems.use_gems(preset="fast"),
     "use_gems_idle": lambda: flag_gems.use_gems(include=["_log_softmax.default"]),
 }
 

@@ -1,24 +1,23 @@
-"""Launch-heuristic sweep (benchmarks/NOTES.md): device time of each candidate config, one run.
+"""Launch-config sweep (benchmarks/NOTES.md): every autotuner candidate of a family timed at the issue-2
+shapes, one run; the full table behind what the tuner picks.
 
-For every heuristic listed in NOTES.md this patches the one function that picks the launch
-config, times the kernel at the issue-2 shapes (bf16, Llama-3-8B) over a grid of candidates,
-checks each candidate's output against the current heuristic's, and prints, per M, the
-current choice's time and the best candidate's. Nothing here changes the library: the
-outcome is read by a person and folded into the heuristic.
+For each family this builds the autotuner's key at each M, times the heuristic and every
+candidate (``kernels/_autotune.py``: the family's own bench and timer, no time budget), checks
+each candidate's output against the heuristic's, and prints per M the heuristic's time and
+the best candidate's. Nothing is written to the autotune cache (a private one is used); use
+``python -m flag_gems.pretune`` or ``bench_tune.py`` to keep tuned configs.
 
 Usage (GPU)::
 
-    python benchmarks/sweep.py --out DIR [--only rms_norm act_and_mul rope pointwise]
+    python benchmarks/sweep.py --out DIR [--only rms_norm act_and_mul rope pointwise attention matmul] [--ms 1 4096]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import os
 import sys
-from unittest import mock
+import tempfile
 
 import torch
 
@@ -33,44 +32,44 @@ def _time(fn):
     return float(bu.device_time_us(fn, replays=7))
 
 
-def _sweep(family, ms, make, candidates, patch, rows, rel_tol=2e-2):
-    """Time ``make(M)()`` under the current heuristic and under each candidate config.
+def _rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
 
-    Args:
-        family: name for the rows.
-        ms: token counts.
-        make: M -> zero-argument fn returning the outputs (tuple or tensor).
-        candidates: configs (tuples) to try.
-        patch: config -> context manager that makes the library use that config.
-        rows: list the result rows are appended to.
+
+def _sweep(family, rows, ms, make, rel_tol=2e-2):
+    """Time ``make(M) -> (tunable, key, fn)`` under the heuristic and under each candidate.
+
+    ``fn()`` returns the outputs (a tensor or a tuple); a candidate whose outputs differ from the
+    heuristic's by more than ``rel_tol`` (relative norm) is an error row.
     """
     for m in ms:
-        fn = make(m)
-        ref = fn()
+        tunable, key, fn = make(m)
+        dev = torch.cuda.current_device()
+        default = tunable.default(key, dev)
+        with tunable.forcing(default):
+            ref = fn()
+            base = _time(fn)
         ref = ref if isinstance(ref, tuple) else (ref,)
-        base = _time(fn)
-        rows.append(dict(family=family, M=m, config="current", us=base))
-        best = ("current", base)
-        for cfg in candidates:
+        rows.append(dict(family=family, M=m, key=str(key), config="heuristic", cfg=default, us=base))
+        best = ("heuristic", base)
+        for cfg in tunable.candidates(key, dev):
             try:
-                with patch(cfg):
+                with tunable.forcing(cfg):
                     out = fn()
                     out = out if isinstance(out, tuple) else (out,)
                     for a, b in zip(out, ref):
-                        if a is None:
-                            continue
-                        err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-                        if not err <= rel_tol:
-                            raise AssertionError(f"rel err {err:.2e}")
+                        if a is not None and not _rel_err(a, b) <= rel_tol:
+                            raise AssertionError(f"rel err {_rel_err(a, b):.2e}")
                     us = _time(fn)
             except Exception as e:  # noqa: BLE001 - a failing candidate is a row, not a stop
-                rows.append(dict(family=family, M=m, config=str(cfg), error=f"{type(e).__name__}: {e}"[:200]))
+                rows.append(dict(family=family, M=m, key=str(key), config=str(cfg), cfg=cfg,
+                                 error=f"{type(e).__name__}: {e}"[:200]))
                 continue
-            rows.append(dict(family=family, M=m, config=str(cfg), us=us))
+            rows.append(dict(family=family, M=m, key=str(key), config=str(cfg), cfg=cfg, us=us))
             if us < best[1]:
                 best = (str(cfg), us)
-        print(f"{family:14s} M={m:6d} current {base:9.2f} us | best {best[0]:>24s} {best[1]:9.2f} us "
-              f"({base / best[1]:.3f}x)", flush=True)
+        print(f"{family:14s} M={m:6d} heuristic {base:9.2f} us | best {best[1]:9.2f} us ({base / best[1]:.3f}x) "
+              f"{best[0]}", flush=True)
 
 
 def sweep_rms_norm(rows, ms):
@@ -82,12 +81,9 @@ def sweep_rms_norm(rows, ms):
             x = torch.randn(m, hidden, device="cuda", dtype=DTYPE)
             r = torch.randn_like(x)
             w = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(DTYPE)
-            return lambda: flag_gems.add_rms_norm(x, r, w, 1e-6)
+            return mod.TUNABLE, mod.tune_key(m, hidden, DTYPE, True), lambda: flag_gems.add_rms_norm(x, r, w, 1e-6)
 
-        block = mod.row_config(hidden, 2)[0]
-        cands = [(block, w) for w in (2, 4, 8, 16, 32) if block // (w * 32) >= 1]
-        _sweep(f"add_rms_norm{hidden}", ms, make, cands,
-               lambda cfg: mock.patch.object(mod, "row_config", lambda n, e, cfg=cfg: cfg), rows)
+        _sweep(f"add_rms_norm{hidden}", rows, ms, make)
 
 
 def sweep_act_and_mul(rows, ms):
@@ -98,12 +94,9 @@ def sweep_act_and_mul(rows, ms):
 
     def make(m):
         x = torch.randn(m, 2 * d, device="cuda", dtype=DTYPE)
-        return lambda: flag_gems.silu_and_mul_fused(x)
+        return mod.TUNABLE, mod.tune_key(m, d, DTYPE), lambda: flag_gems.silu_and_mul_fused(x)
 
-    cands = [(1, bn, w) for bn, w in itertools.product((512, 1024, 2048, 4096, 8192), (2, 4, 8, 16))
-             if bn // (w * 32) >= 4]
-    _sweep("silu_and_mul", ms, make, cands,
-           lambda cfg: mock.patch.object(mod, "_config", lambda r, c, t, cfg=cfg: cfg), rows)
+    _sweep("silu_and_mul", rows, ms, make)
 
 
 def sweep_rope(rows, ms):
@@ -117,12 +110,10 @@ def sweep_rope(rows, ms):
         q = torch.randn(m, n_q * hd, device="cuda", dtype=DTYPE)
         k = torch.randn(m, n_kv * hd, device="cuda", dtype=DTYPE)
         cache = torch.randn(max_pos, hd, device="cuda", dtype=torch.float32)
-        return lambda: flag_gems.rotary_embedding_cache(pos, q, k, hd, cache, is_neox=True)
+        key = mod.tune_key(m, n_q, n_kv, hd // 2, hd, DTYPE, False, False, False)
+        return mod.TUNABLE, key, lambda: flag_gems.rotary_embedding_cache(pos, q, k, hd, cache, is_neox=True)
 
-    cands = [(bq, bk, 64, 1, w) for bq, bk, w in itertools.product((4, 8, 16, 32), (2, 4, 8), (1, 2, 4, 8))
-             if bq >= bk and bq * 64 // (w * 32) >= 2]
-    _sweep("rope", ms, make, cands,
-           lambda cfg: mock.patch.object(mod, "rope_config", lambda *a, cfg=cfg: cfg), rows)
+    _sweep("rope", rows, ms, make)
 
 
 def sweep_pointwise(rows, ms):
@@ -131,18 +122,11 @@ def sweep_pointwise(rows, ms):
     def make(m):
         a = torch.randn(m, 4096, device="cuda", dtype=DTYPE)
         b = torch.randn(m, 4096, device="cuda", dtype=DTYPE)
-        return lambda: torch.ops.flag_gems.add_tensor(a, b)
+        # plans cache their launch config: build one per call so the forced config is the one launched
+        return mod.TUNABLE, mod.tune_key(m * 4096), lambda: mod._build(mod.OPS["add"], (a, b), None,
+                                                                       symbolic=False).run((a, b), None)
 
-    @contextlib.contextmanager
-    def patch(cfg):  # launch plans are cached: drop them on the way in and out
-        mod._PLANS.clear()
-        with mock.patch.object(mod, "launch_config", lambda n, cfg=cfg: cfg):
-            yield
-        mod._PLANS.clear()
-
-    cands = [(bl, w) for bl, w in itertools.product((512, 1024, 2048, 4096, 8192), (2, 4, 8, 16))
-             if bl // (w * 32) >= 4]
-    _sweep("add_tensor", ms, make, cands, patch, rows, rel_tol=1e-6)
+    _sweep("add_tensor", rows, ms, make, rel_tol=1e-6)
 
 
 def sweep_attention(rows, ms):
@@ -154,35 +138,45 @@ def sweep_attention(rows, ms):
     def make(m):
         b, lq, lk = (8, 1, 1024) if m == 1 else (1, m, m)
         q, k, v = (torch.randn(b, n, 32, 128, device="cuda", dtype=DTYPE).transpose(1, 2) for n in (lq, lk, lk))
-        return lambda: flag_gems.scaled_dot_product_attention(q, k, v, is_causal=m > 1)
+        key = mod.tune_key(lq, lk, b * 32, 128, DTYPE, m > 1, 0)
+        return mod.TUNABLE, key, lambda: flag_gems.scaled_dot_product_attention(q, k, v, is_causal=m > 1)
 
-    for m in ms:
-        if m == 1:
-            cands = [(16, bn, w, st) for bn, w, st in itertools.product((64, 128), (4, 8), (2, 3))]
-        else:
-            cands = [(bm, bn, w, st) for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
-        _sweep("attention", [m], make, cands,
-               lambda cfg: mock.patch.object(mod, "attention_config", lambda *a, cfg=cfg: cfg), rows)
+    _sweep("attention", rows, [m for m in ms if m <= 8192], make)
+
+
+def sweep_matmul(rows, ms):
+    """``x [M, 4096] @ W[N, 4096]^T`` at two of Llama-3-8B's projections."""
+    from flag_gems.kernels import matmul as mod
+
+    for n in (4096, 28672):
+        def make(m, n=n):
+            a = torch.randn(m, 4096, device="cuda", dtype=DTYPE)
+            w = torch.randn(n, 4096, device="cuda", dtype=DTYPE)
+            return mod.TUNABLE, mod.tune_key(a, w.t(), None), lambda: mod.matmul(a, w.t())
+
+        _sweep(f"mm_n{n}", rows, ms, make)
 
 
 SWEEPS = dict(rms_norm=sweep_rms_norm, act_and_mul=sweep_act_and_mul, rope=sweep_rope, pointwise=sweep_pointwise,
-              attention=sweep_attention)
+              attention=sweep_attention, matmul=sweep_matmul)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--only", nargs="+", choices=sorted(SWEEPS), default=list(SWEEPS))
+    p.add_argument("--only", nargs="+", choices=sorted(SWEEPS), default=["rms_norm", "act_and_mul", "rope", "pointwise"])
     p.add_argument("--ms", nargs="+", type=int, default=MS)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("sweep.py needs a CUDA device")
+    os.environ["GEMS_CACHE_DIR"] = tempfile.mkdtemp(prefix="gems_sweep_")  # the user's cache stays untouched
+    os.environ["GEMS_AUTOTUNE"] = "off"  # the heuristic unless a candidate is forced
     torch.manual_seed(0)
     meta = bu.run_meta("cuda")
     rows = []
     for name in args.only:
         SWEEPS[name](rows, args.ms)
-    rows = [dict(meta, **r) for r in rows]
+    rows = [dict(meta, **{k: (str(v) if k == "cfg" else v) for k, v in r.items()}) for r in rows]
     for path in bu.write_rows(rows, args.out, "sweep_" + bu.file_tag(meta)):
         print("wrote", path)
 

@@ -9,14 +9,19 @@ Pipeline, per graph Dynamo hands over::
                                           rewritten into torch.ops.flag_gems.* functional ops
       -> aot_autograd                     functionalization; forward + backward graphs whose
                                           fused ops' backward is our backward kernels
-      -> aten lowering + report           per-node decisions (flag_gems.lowerings registry)
-      -> executable                       the graph as is, CUDA-graph replay, or Inductor
+      -> pointwise fusion                 the remaining pointwise / indexing aten ops grouped into
+                                          generated Triton kernels (forward, backward, inference)
+      -> aten lowering + report           per-node decisions (flag_gems.lowerings registry), kernel counts
+      -> executable                       one generated flat function per graph (flag_gems.wrapper),
+                                          optionally CUDA-graph replayed; or Inductor
 
 Fusing *before* autograd is what lets training use the fused backward kernels: AOT
 traces through our ops' autograd formulas instead of through the decomposed math.
 
 A pass that raises, or a graph the tracing cannot handle, falls back to the unmodified
-graph with one warning (``options={"strict": True}`` raises instead).
+graph with one warning (``options={"strict": True}`` raises instead). Dynamo's own
+control-flow exceptions (a restart of the analysis, ``SkipFrame``: ``signals.py``) are
+never taken for failures: they propagate to Dynamo.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from torch import fx
 
 from .options import CompileOptions
 from .passes import FUSION_PASSES
-from .report import CompileReport, GraphReport, dump_graph, dump_report
+from .report import CompileReport, GraphReport, count_layers, dump_graph, dump_report, dump_text
+from .signals import is_dynamo_signal
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +63,12 @@ def _warn_once(key: str, msg: str, *args) -> None:
 
 def _record_sink():
     return getattr(_sinks, "stack", None)
+
+
+def _forget(report, sink) -> None:
+    """Drop the report of a compile Dynamo abandoned (a restart): the retried compile reports anew."""
+    if sink and report in sink[-1].graphs:
+        sink[-1].graphs.remove(report)
 
 
 def _fake_inputs(example_inputs):
@@ -96,7 +108,39 @@ def trace_pre_dispatch(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
 
     fake_mode, fakes = _fake_inputs(example_inputs)
     with fake_mode:
-        return make_fx(gm, pre_dispatch=True, tracing_mode="real")(*fakes)
+        aten_gm = make_fx(gm, pre_dispatch=True, tracing_mode="real")(*fakes)
+    _carry_dynamo_metadata(gm, aten_gm)
+    return aten_gm
+
+
+def _carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> None:
+    """Give the retraced graph what AOT autograd reads off a Dynamo graph.
+
+    AOT autograd takes a graph for Dynamo's only with ``meta["dynamo_compile_id"]``,
+    ``_param_name_to_source`` and each placeholder's ``_dynamo_source``; from them it
+    lists the static inputs (parameters, buffers, ``mark_static_address`` tensors such as
+    a static KV cache) that CUDA graphs read in place. A retraced graph without them has
+    no static inputs: Inductor's CUDA graphs then copied every weight into its graph
+    buffers before each replay (issue 11: ``options={"inductor": True, "cudagraphs": True}``
+    decode 1.94 ms against 0.81), and skip graphs that update a static cache in place.
+    The placeholders are the same inputs in the same order, so the metadata is copied
+    by position; nothing is copied when that does not hold.
+    """
+    src_ph, dst_ph = list(src.graph.find_nodes(op="placeholder")), list(dst.graph.find_nodes(op="placeholder"))
+    names = getattr(src, "_param_name_to_source", None)
+    if len(src_ph) != len(dst_ph) or "dynamo_compile_id" not in src.meta or names is None:
+        return
+    own = [n for n, _ in dst.named_parameters(remove_duplicate=False)] + [n for n, _ in dst.named_buffers(remove_duplicate=False)]
+    if any(n not in names for n in own):  # AOT autograd would look these up by name
+        return
+    for a, b in zip(src_ph, dst_ph):
+        if hasattr(a, "_dynamo_source"):
+            b._dynamo_source = a._dynamo_source
+        if "tensor_dict" in a.meta:
+            b.meta["tensor_dict"] = a.meta["tensor_dict"]
+    dst._param_name_to_source = names
+    for key, value in src.meta.items():
+        dst.meta.setdefault(key, value)
 
 
 class GemsCompiler:
@@ -135,7 +179,7 @@ class GemsCompiler:
             self._dump(report, "fused", aten_gm)
             return aten_gm
         except Exception as e:
-            if self.options.strict:
+            if self.options.strict or is_dynamo_signal(e):
                 raise
             report.fallback = f"{type(e).__name__}: {e}"
             _warn_once(f"fuse:{type(e).__name__}:{e}", "flag_gems: graph passes failed (%s); running the unmodified graph", report.fallback)
@@ -146,7 +190,7 @@ class GemsCompiler:
         try:
             run()
         except Exception as e:
-            if self.options.strict:
+            if self.options.strict or is_dynamo_signal(e):
                 raise
             report.notes.append(f"{what} skipped: {type(e).__name__}: {e}")
 
@@ -155,16 +199,24 @@ class GemsCompiler:
 
         from .passes.direct_calls import direct_calls
         from .passes.lower_aten import lower_aten
+        from .passes.pointwise_fusion import count_kernels, fuse_pointwise
 
         def compile_graph(gm: fx.GraphModule, example_inputs):
             report.kind = kind if report.kind == "dynamo" else f"{report.kind}+{kind}"
+            before = count_kernels(gm)
+            if self.options.fuse_pointwise:
+                self._optional_pass(report, f"pointwise fusion on the {kind} graph",
+                                    lambda: fuse_pointwise(gm, report, kind, strict=self.options.strict))
             if self.options.lower_aten:
                 self._optional_pass(report, f"aten lowering on the {kind} graph",
                                     lambda: lower_aten(gm, report, everything=self.options.lower_aten == "all"))
+            report.count_kernels(kind, before, count_kernels(gm))
             self._dump(report, kind, gm)
             # Skipped, the dispatcher calls stay: slower, still right.
             self._optional_pass(report, f"direct calls on the {kind} graph", lambda: direct_calls(gm))
-            fn = make_boxed_func(gm.forward)
+            fn = self._wrapper(gm, report, kind) if self.options.wrapper else None
+            if fn is None:
+                fn = make_boxed_func(gm.forward)
             if self.options.cudagraphs and kind == "inference":
                 fn = self._cudagraphs(gm, fn, report)
             self._finish(report)
@@ -172,9 +224,37 @@ class GemsCompiler:
 
         return compile_graph
 
-    def _cudagraphs(self, gm, fn, report):
-        from .cudagraphs import CUDAGraphRunner
+    def _wrapper(self, gm, report, kind):
+        """The graph as one generated flat function (boxed), or None after a note (strict: raises)."""
+        from .wrapper import generate_wrapper
 
+        try:
+            src, namespace = generate_wrapper(gm)
+            filename = f"<flag_gems wrapper graph {report.graph_id} {kind}>"
+            import linecache
+
+            linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+            exec(compile(src, filename, "exec"), namespace)
+        except Exception as e:
+            if self.options.strict:
+                raise
+            report.notes.append(f"flat wrapper off for the {kind} graph ({type(e).__name__}: {e}); "
+                                "running the FX graph's forward")
+            return None
+        if self.options.dump_dir:
+            stage = "backward_wrapper" if kind == "backward" else "wrapper"
+            dump_text(self.options.dump_dir, report.graph_id, stage, src)
+        fn = namespace["call"]
+        fn._boxed_call = True
+        fn.gems_source = src
+        return fn
+
+    def _cudagraphs(self, gm, fn, report):
+        from .cudagraphs import CUDAGraphRunner, cuda_graphs_available
+
+        if not cuda_graphs_available():  # warned once: runs without CUDA graphs
+            report.notes.append("CUDA graphs off: no CUDA device")
+            return fn
         tc = torch._guards.TracingContext.try_get()
         meta = getattr(tc, "fw_metadata", None) if tc is not None else None
         static = getattr(meta, "static_input_indices", None)
@@ -189,23 +269,49 @@ class GemsCompiler:
         report.notes.append(f"CUDA graphs on ({len(static)} static inputs, {len(mutated)} mutated inputs)")
         return CUDAGraphRunner(fn, static, mutated)
 
+    def _inductor(self, gm: fx.GraphModule, example_inputs, report: GraphReport):
+        """Hand the rewritten graph to Inductor, which launches our fused ops' kernels itself.
+
+        A post-grad pass (:class:`~flag_gems.inductor.InlineKernelsPass`, after any post-grad
+        pass the user configured) turns the fused ops of the forward and backward graphs into
+        Triton kernel nodes of Inductor's own code. CUDA graphs are Inductor's (cudagraph
+        trees), fed the static inputs that the retraced graph now reports.
+        """
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
+
+        from .cudagraphs import cuda_graphs_available
+        from .inductor import InlineKernelsPass
+
+        report.kind = "inductor"
+        cudagraphs = self.options.cudagraphs and cuda_graphs_available()
+        patches = {
+            "max_autotune": self.options.max_autotune,
+            "triton.cudagraphs": cudagraphs,
+            "post_grad_custom_post_pass": InlineKernelsPass(report, inductor_config.post_grad_custom_post_pass),
+        }
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        self._finish(report)
+        return compiled
+
     # -------------------------------------------------------------- entry
     def __call__(self, gm: fx.GraphModule, example_inputs):
         report = GraphReport(next(_graph_ids))
+        report.layers = count_layers(gm)
         sink = _record_sink()
         if sink:
             sink[-1].graphs.append(report)
         self._dump(report, "dynamo", gm)
-        fused = self.fuse(gm, example_inputs, report)
+        try:
+            fused = self.fuse(gm, example_inputs, report)
+        except Exception as e:
+            if is_dynamo_signal(e):
+                _forget(report, sink)
+            raise
         logger.info("flag_gems: graph %d: %s", report.graph_id, dict(report.fused) or "nothing fused")
         try:
             if self.options.inductor:
-                from torch._inductor.compile_fx import compile_fx
-
-                report.kind = "inductor"
-                self._finish(report)
-                patches = {"max_autotune": self.options.max_autotune, "triton.cudagraphs": self.options.cudagraphs}
-                return compile_fx(fused, example_inputs, config_patches=patches)
+                return self._inductor(fused, example_inputs, report)
             from torch._functorch.aot_autograd import aot_module_simplified
 
             return aot_module_simplified(
@@ -218,6 +324,9 @@ class GemsCompiler:
                 keep_inference_input_mutations=True,
             )
         except Exception as e:
+            if is_dynamo_signal(e):  # e.g. a restart: Dynamo traces the frame again and calls us anew
+                _forget(report, sink)
+                raise
             if self.options.strict or fused is gm:
                 raise
             report.fallback = f"{type(e).__name__}: {e}"
@@ -266,8 +375,9 @@ def explain(fn_or_module, *args, options: dict | None = None, **kwargs) -> Compi
 
     Returns:
         A :class:`~flag_gems.report.CompileReport`: per graph, the patterns fused, the aten
-        ops lowered to which kernel, and each node left to PyTorch with its reason. ``print``
-        it for a table.
+        ops lowered to which kernel, the generated pointwise kernels, the CUDA kernels one call
+        launches before and after the passes (per decoder layer when the graph holds a module
+        list of layers), and each node left to PyTorch with its reason. ``print`` it for a table.
     """
     report = CompileReport()
     compiler = GemsCompiler(CompileOptions.from_user(None, options))

@@ -14,18 +14,47 @@ and replays it:
   a tensor the caller holds.
 
 Anything else (CPU tensors, inputs needing grad, a capture that fails) runs the
-function as it is.
+function as it is. Without a CUDA device (a CPU-only build or machine) the backend
+does not wrap the graph at all: :func:`cuda_graphs_available` says why, once, as a
+Python warning, and the graph runs without CUDA graphs.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 WARMUP_CALLS = 1
+
+_warned_unavailable = False
+
+
+def cuda_graphs_available() -> bool:
+    """True when CUDA graphs can be recorded in this process.
+
+    Otherwise (torch built without CUDA, or no CUDA device) it warns once per process
+    with a Python ``UserWarning`` that says what runs instead, and returns False.
+
+    Returns:
+        Whether a :class:`CUDAGraphRunner` can record anything here.
+    """
+    global _warned_unavailable
+    if torch.cuda.is_available():
+        return True
+    if not _warned_unavailable:
+        _warned_unavailable = True
+        why = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no CUDA device is visible"
+        warnings.warn(
+            f"flag_gems: CUDA graphs (mode='reduce-overhead' or options={{'cudagraphs': True}}) need a CUDA "
+            f"device, and {why}: compiled graphs run without CUDA graphs",
+            UserWarning,
+            stacklevel=2,
+        )
+    return False
 
 
 class _Recorded:
@@ -82,10 +111,11 @@ class CUDAGraphRunner:
         return tuple(key)
 
     def _eligible(self, args) -> bool:
-        if self.disabled_reason is not None or torch.cuda.is_current_stream_capturing():
+        if self.disabled_reason is not None:
             return False
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if not tensors or any(t.device.type != "cuda" for t in tensors):
+        # Device check first: torch.cuda's stream query raises in a CPU-only build.
+        if not tensors or any(t.device.type != "cuda" for t in tensors) or torch.cuda.is_current_stream_capturing():
             return False
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 

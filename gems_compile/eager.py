@@ -61,24 +61,44 @@ An aten op with no flag_gems entry is accepted (``unused=["sum"]`` excludes noth
 ``include=["sum"]`` warns that it stays native); a name that is no aten op at all is a
 ValueError listing close matches.
 
+What is registered
+------------------
+``enable()`` / ``use_gems()`` register every registry entry whose ``eager`` policy is on: all of
+them, as FlagGems replaces every op it implements, unless a correctness finding is recorded
+against one (``flag_gems.lowerings.exclusions``). Speed is not the bar: a GEMM slower than
+cuBLAS is registered too. ``preset="fast"`` registers only the entries measured faster than
+the native kernel at every benchmark shape (``flag_gems.lowerings.registry``'s ``fast``
+policy, from ``flag_gems.lowerings.measurements``); ``unused=`` removes ops from either set,
+``only_enable(include=...)`` / ``use_gems(include=...)`` register exactly the named ones.
+
 Record
 ------
-``record=True`` appends one line per call that runs a flag_gems kernel to ``path``
-(default ``~/.flaggems/oplist.log``), through a ``logging.FileHandler`` on the
-``flag_gems.ops`` logger (not propagated while recording):
-``[DEBUG] flag_gems.ops.fill: GEMS FILL_SCALAR_``. The logger is
-``flag_gems.ops.<op without in-place underscore>``, the name is the op upper-cased, then
-``_<OVERLOAD>`` unless it is ``default``, then ``_`` for in-place ops: ``fill_.Scalar`` ->
-``FILL_SCALAR_``, ``add.Tensor`` -> ``ADD_TENSOR``, ``mm.default`` -> ``MM``. Calls that
-fall back to the native kernel are not logged. ``once=True`` logs each op once. The file is
-rewritten when recording starts (appended to when an inner block hands it back); with
-recording off the per-call cost is one call of a no-op.
+``record=True`` appends one line per call to ``path`` (default ``~/.flaggems/oplist.log``),
+through a ``logging.FileHandler`` on the ``flag_gems.ops`` logger (not propagated while
+recording), written after the work, so it never claims what did not happen:
+``[DEBUG] flag_gems.ops.fill: GEMS FILL_SCALAR_`` once the flag_gems kernel returned (a kernel
+that raises is never logged). With ``fallbacks=True`` the calls that ran the native kernel
+are logged too, distinguishable from the GEMS lines (upstream's file has GEMS lines only, and
+parsers of it expect that, so these are opt-in):
+
+- ``[DEBUG] flag_gems.ops.add: NATIVE ADD_TENSOR: <reason>`` when the entry's ``supports``
+  refused the input;
+- ``[WARNING] flag_gems.ops.sin: NATIVE SIN: the flag_gems kernel raised RuntimeError`` when
+  the kernel failed and the native kernel redid the call.
+
+The logger is ``flag_gems.ops.<op without in-place underscore>``, the name is the op
+upper-cased, then ``_<OVERLOAD>`` unless it is ``default``, then ``_`` for in-place ops:
+``fill_.Scalar`` -> ``FILL_SCALAR_``, ``add.Tensor`` -> ``ADD_TENSOR``, ``mm.default`` -> ``MM``.
+``once=True`` logs each op (and each fallback reason) once. The file is rewritten when
+recording starts (appended to when an inner block hands it back); with recording off the
+per-call cost is one call of a no-op.
 
 Cost (CPU, torch 2.13, 16-element tensors): the Python kernel boundary costs about 1 µs a
 call, this wrapper about 0.2 µs more; a fallback about 2.5 µs over the native call;
 ``record=True`` about 10 µs (a file write), ``once=True`` nothing measurable after the
-first call. Entering and leaving a ``use_gems`` block costs about 20 µs per op whose state
-changes.
+first call. Entering and leaving a ``use_gems`` block costs about 20-40 µs per op whose state
+changes: 5-7 ms for a block of every entry (159 overloads) outside ``enable()``, nothing inside
+an ``enable()`` with the same set. Wrap a generation loop or a training step, not each op.
 """
 
 from __future__ import annotations
@@ -93,9 +113,8 @@ import warnings
 
 import torch
 
-from .kernels._common import interpreter_mode
-from .lowerings.registry import REGISTRY, Lowering
-from . import c_runtime, runtime
+from . import availability, c_runtime, runtime
+from .lowerings.registry import REGISTRY, Lowering, preset_targets
 
 logger = logging.getLogger(__name__)
 
@@ -220,17 +239,18 @@ def _note_not_registered(name: str, argname: str) -> None:
 
 
 class _Recorder:
-    """One ``record=True`` configuration: the file, ``once``, and the ops logged so far."""
+    """One ``record=True`` configuration: the file, ``once``, ``fallbacks``, and the ops logged so far."""
 
-    def __init__(self, path: str | None, once: bool):
+    def __init__(self, path: str | None, once: bool, fallbacks: bool = False):
         self.path = os.path.abspath(os.path.expanduser(path if path else DEFAULT_RECORD_PATH))
         self.once = once
+        self.fallbacks = fallbacks
         self._logged: set[str] = set()
         self._lock = threading.Lock()
         self._started = False
 
     def same_as(self, other: _Recorder | None) -> bool:
-        return other is not None and (self.path, self.once) == (other.path, other.once)
+        return other is not None and (self.path, self.once, self.fallbacks) == (other.path, other.once, other.fallbacks)
 
     def open(self) -> logging.Handler:
         """A handler on the file: rewritten on the first open, appended to when an outer
@@ -244,23 +264,46 @@ class _Recorder:
         self._started = True
         return handler
 
+    def _first(self, key) -> bool:
+        """With ``once``, whether ``key`` is logged for the first time (and mark it)."""
+        if key in self._logged:
+            return False
+        with self._lock:
+            if key in self._logged:
+                return False
+            self._logged.add(key)
+            return True
+
     def log(self, info: _KernelInfo) -> None:
-        if self.once:
-            if info.names.log_name in self._logged:
-                return
-            with self._lock:
-                if info.names.log_name in self._logged:
-                    return
-                self._logged.add(info.names.log_name)
+        """A flag_gems kernel returned: ``GEMS <NAME>``."""
+        if self.once and not self._first(info.message):
+            return
         info.logger.debug(info.message)
+
+    def log_native(self, info: _KernelInfo, reason: str, failure: Exception | None) -> None:
+        """The call ran the native kernel: ``NATIVE <NAME>: <reason>`` (WARNING after a kernel error)."""
+        if failure is not None:
+            reason = f"the flag_gems kernel raised {type(failure).__name__}"
+        reason = str(reason).split("\n", 1)[0][:_MAX_REASON]
+        if self.once and not self._first((info.native_message, reason)):
+            return
+        info.logger.log(logging.WARNING if failure is not None else logging.DEBUG, "%s: %s", info.native_message, reason)
+
+
+_MAX_REASON = 200  # characters of a fallback reason in the record file
 
 
 def _no_record(info) -> None:
     pass
 
 
-# The hot path calls this for every call that runs a flag_gems kernel: a no-op unless recording.
+def _no_record_native(info, reason, failure) -> None:
+    pass
+
+
+# The hot path calls these after each call (a kernel that returned, a native fallback): no-ops unless recording.
 _record = _no_record
+_record_native = _no_record_native
 
 
 # --------------------------------------------------------------------------- the kernel wrapper
@@ -279,7 +322,8 @@ class _KernelInfo:
     entry: Lowering
     names: _OpNames
     logger: logging.Logger
-    message: str
+    message: str  # "GEMS ADD_TENSOR"
+    native_message: str  # "NATIVE ADD_TENSOR"
     mutable: bool
     tensor_slots: tuple[tuple[int, str], ...]  # (position, name) of Tensor-typed inputs (out= excluded)
     out_slots: tuple[tuple[int, str], ...]  # (position, name) of out= tensors
@@ -408,7 +452,10 @@ def _make_kernel(info: _KernelInfo, native, keyset):
     def fallback(args, kwargs, reason, failure):
         if failure is None:
             _note_once(info, ("fallback", reason), logging.DEBUG, "%s: native kernel (%s)", info.names.display, reason)
-            return call_native(args, kwargs)
+            availability.warn_refused(info.names.display, stacklevel=4)  # the caller of the aten op
+            out = call_native(args, kwargs)
+            _record_native(info, reason, None)
+            return out
         out = call_native(args, kwargs)  # raises torch's own error when the input is bad
         _note_once(
             info,
@@ -420,8 +467,10 @@ def _make_kernel(info: _KernelInfo, native, keyset):
             type(failure).__name__,
             failure,
         )
+        _record_native(info, None, failure)
         return out
 
+    # The record line is written after impl returned: a kernel that raises is never logged as GEMS.
     def gems_kernel(*args, **kwargs):
         if busy.active:  # an aten call made by our own supports()/impl: native
             return call_native(args, kwargs)
@@ -430,14 +479,16 @@ def _make_kernel(info: _KernelInfo, native, keyset):
         try:
             reason = supports(*args, **kwargs)
             if reason is None:
-                _record(info)
-                return impl(*args, **kwargs)
+                out = impl(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001  (the native kernel decides: it raises for bad input)
             if info.mutable:
                 raise
             failure = exc
         finally:
             busy.active = False
+        if reason is None and failure is None:
+            _record(info)
+            return out
         return fallback(args, kwargs, reason, failure)
 
     def gems_kernel_checked(*args, **kwargs):  # checks_in_impl: the impl's refusal is the reason
@@ -453,11 +504,11 @@ def _make_kernel(info: _KernelInfo, native, keyset):
             if info.mutable:
                 raise
             failure = exc
-        else:
-            _record(info)
-            return out
         finally:
             busy.active = False
+        if reason is None and failure is None:
+            _record(info)
+            return out
         return fallback(args, kwargs, reason, failure)
 
     kernel = gems_kernel_checked if info.entry.checks_in_impl else gems_kernel
@@ -521,6 +572,7 @@ def _kernel_for(entry: Lowering, key: str):
             names=names,
             logger=logging.getLogger(f"{RECORD_LOGGER}.{names.stem}"),
             message=f"GEMS {names.log_name}",
+            native_message=f"NATIVE {names.log_name}",
             mutable=schema.is_mutable,
             tensor_slots=tuple(
                 (i, a.name) for i, a in enumerate(schema.arguments) if _is_tensor_type(a.type) and not _is_out(a)
@@ -534,24 +586,36 @@ def _kernel_for(entry: Lowering, key: str):
 
 
 class _Registration:
-    """One aten overload overridden on a dispatch key; ``destroy()`` restores the kernel before it.
+    """The one place an implementation is registered: ``entry``'s aten overload overridden on a
+    dispatch key; ``destroy()`` restores the kernel before it.
 
-    With ``allow_cpp`` and a C++ wrapper for the overload on a key the C++ runtime serves
-    (``flag_gems.c_runtime``: ``CUDA``), the wrapper is registered instead of the Python
-    kernel: it checks each call in C++ and runs the native kernel for what it does not take.
+    What is registered, in order: ``kernel`` when given; with ``allow_cpp`` and a C++ wrapper
+    for the overload on a key the C++ runtime serves (``flag_gems.c_runtime``: ``CUDA``), that
+    wrapper (it checks each call in C++ and runs the native kernel for what it does not take);
+    otherwise the Python wrapper of :func:`_kernel_for` (``supports``/``impl``, native
+    fallback, record).
+
+    Args:
+        entry: the registry entry.
+        key: the dispatch key (``"CUDA"``, ``"CPU"``).
+        allow_cpp: whether the C++ wrapper may serve it (off while recording: C++ kernels
+            write no record lines).
+        kernel: a function of the same contract to register instead.
 
     Create under ``_quiet_overrides()``.
     """
 
-    def __init__(self, entry: Lowering, key: str, allow_cpp: bool = True):
+    def __init__(self, entry: Lowering, key: str, allow_cpp: bool = True, kernel=None):
         self.entry = entry
+        self.kernel = kernel
         self.lib = torch.library.Library("aten", "IMPL")
         self.cpp = None  # the C++ registration's handle
         self.allow_cpp = allow_cpp
-        if allow_cpp and c_runtime.has_aten(entry.target) and key in c_runtime.installed_keys():
+        if kernel is None and allow_cpp and c_runtime.has_aten(entry.target) and key in c_runtime.installed_keys():
             self.cpp = c_runtime.register_aten(entry.target, key)
         else:
-            self.lib.impl(entry.target, _kernel_for(entry, key), key)
+            self.kernel = _kernel_for(entry, key) if kernel is None else kernel
+            self.lib.impl(entry.target, self.kernel, key)
         if _decomposes_above(entry.target, key):
             # A device-key kernel takes the op's Autograd<key> slot from the decomposition;
             # torch then fills it with its autograd backend fallback, which warns at backward
@@ -627,12 +691,11 @@ _registered: dict = {}  # target -> _Registration
 _recorder: _Recorder | None = None
 _handler: logging.Handler | None = None
 _ops_logger_saved: tuple | None = None  # (level, propagate) of flag_gems.ops before recording
-_warned_interpreter = False
 
 
 def _switch_recorder(new: _Recorder | None) -> None:
     """Point the ``flag_gems.ops`` logger at ``new``'s file (None: stop recording)."""
-    global _record, _recorder, _handler, _ops_logger_saved
+    global _record, _record_native, _recorder, _handler, _ops_logger_saved
     if new is _recorder:
         return
     handler = new.open() if new is not None else None  # may raise (bad path): nothing changed yet
@@ -652,11 +715,11 @@ def _switch_recorder(new: _Recorder | None) -> None:
         _ops_logger_saved = None
     _handler, _recorder = handler, new
     _record = new.log if new is not None else _no_record
+    _record_native = new.log_native if new is not None and new.fallbacks else _no_record_native
 
 
 def _apply() -> None:
     """Make the dispatcher and the record file match the innermost state (hold ``_LOCK``)."""
-    global _warned_interpreter
     config = _frames[-1][1] if _frames else _base
     _switch_recorder(config.recorder if config else None)
     want = {t: REGISTRY[t] for t in (config.ops if config else ()) if t in REGISTRY}
@@ -664,9 +727,6 @@ def _apply() -> None:
     for target in [t for t, reg in _registered.items() if want.get(t) is not reg.entry or reg.allow_cpp != allow_cpp]:
         _registered.pop(target).destroy()
     key = runtime.dispatch_key
-    if want and key == "CPU" and not interpreter_mode() and not _warned_interpreter:
-        _warned_interpreter = True
-        logger.warning("flag_gems eager mode on CPU without TRITON_INTERPRET=1: every call falls back to PyTorch")
     added = sorted(set(want) - set(_registered), key=str)
     if added:
         only_python = {} if allow_cpp else {"allow_cpp": False}
@@ -687,10 +747,10 @@ def _set_base(config: _Config | None) -> None:
         raise
 
 
-def _config(ops: frozenset, record: bool, path, once: bool) -> _Config:
+def _config(ops: frozenset, record: bool, path, once: bool, fallbacks: bool = False) -> _Config:
     recorder = None
     if record:
-        recorder = _Recorder(path, once)
+        recorder = _Recorder(path, once, fallbacks)
         if recorder.same_as(_recorder):  # the same file and mode: keep logging into it
             recorder = _recorder
     return _Config(ops, recorder)
@@ -702,44 +762,57 @@ def _unused_arg(unused, exclude):
     return unused if unused is not None else exclude
 
 
-def _default_ops(unused) -> frozenset:
-    excluded = _resolve(unused, "unused")
-    return frozenset(t for t, e in REGISTRY.items() if e.default and t not in excluded)
+def _default_ops(unused, preset: str | None = None) -> frozenset:
+    """The preset's entries (None: every entry on in eager mode) minus ``unused``."""
+    base = preset_targets(preset)  # ValueError for an unknown preset, before any name is resolved
+    return base - _resolve(unused, "unused")
 
 
-def enable(unused=None, record: bool = False, path: str | None = None, once: bool = False, *, exclude=None) -> None:
-    """Run aten ops through flag_gems kernels from now on (every entry on by default).
+def enable(unused=None, record: bool = False, path: str | None = None, once: bool = False, *, exclude=None,
+           preset: str | None = None, fallbacks: bool = False) -> None:
+    """Run aten ops through flag_gems kernels from now on: every registered entry, as FlagGems does.
 
-    A second call replaces the first; ``disable()`` undoes it.
+    Each entry's ``supports`` sends the inputs its kernel does not take to the native kernel, so
+    every op a flag_gems kernel implements is replaced (an entry with a recorded correctness
+    finding excepted: ``flag_gems.lowerings.exclusions``). A second call replaces the first;
+    ``disable()`` undoes it. ``flag_gems.all_registered_ops()`` lists what is live.
 
     Args:
         unused: op names to leave to PyTorch (``["sum", "add"]``; see the module docstring).
-        record: log each call that runs a flag_gems kernel to ``path``.
+        record: log each call that ran a flag_gems kernel to ``path``, once the kernel
+            returned: ``[DEBUG] flag_gems.ops.add: GEMS ADD_TENSOR`` (upstream's format).
         path: the record file (default ``~/.flaggems/oplist.log``; its directory is created).
-        once: with ``record``, log each op only once.
+        once: with ``record``, log each op (and each fallback reason) only once.
         exclude: alias of ``unused``.
+        fallbacks: with ``record``, also log each call that ran the native kernel:
+            ``NATIVE <NAME>: <reason>`` (WARNING after a kernel error), so the file shows
+            what did not go through flag_gems and why.
+        preset: None (every entry) or ``"fast"``: only the entries measured faster than the
+            native kernel at every benchmark shape (``flag_gems.lowerings.registry.describe()``
+            shows the figures).
 
     Raises:
         TypeError: both ``unused`` and ``exclude``, or names of the wrong type.
-        ValueError: a name that is no aten op (the message lists close matches).
+        ValueError: a name that is no aten op (the message lists close matches), an unknown preset.
     """
     with _LOCK:
-        _set_base(_config(_default_ops(_unused_arg(unused, exclude)), record, path, once))
+        _set_base(_config(_default_ops(_unused_arg(unused, exclude), preset), record, path, once, fallbacks))
         logger.info("flag_gems eager mode: %d aten ops on the %s key", len(_registered), runtime.dispatch_key)
 
 
-def only_enable(include, record: bool = False, path: str | None = None, once: bool = False) -> None:
-    """Like :func:`enable`, for the listed ops only (on by default or not).
+def only_enable(include, record: bool = False, path: str | None = None, once: bool = False, *,
+                fallbacks: bool = False) -> None:
+    """Like :func:`enable`, for the listed ops only (any registered entry, excluded ones too).
 
     Args:
         include: op names to run through flag_gems kernels (``["add", "fill_.Scalar"]``).
-        record, path, once: as for :func:`enable`.
+        record, path, once, fallbacks: as for :func:`enable`.
 
     Raises:
         TypeError, ValueError: as for :func:`enable`.
     """
     with _LOCK:
-        _set_base(_config(_resolve(include, "include"), record, path, once))
+        _set_base(_config(_resolve(include, "include"), record, path, once, fallbacks))
         logger.info("flag_gems eager mode: %d aten ops on the %s key", len(_registered), runtime.dispatch_key)
 
 
@@ -753,7 +826,12 @@ def disable() -> None:
 
 
 def all_registered_ops() -> list[str]:
-    """The aten overloads flag_gems kernels serve now, e.g. ``["add.Tensor", "mm"]``."""
+    """The aten overloads flag_gems kernels serve now (registered on the dispatcher), e.g.
+    ``["add.Tensor", "mm"]``.
+
+    Returns:
+        Sorted display names (a default overload by its op name), each one ``unused=`` accepts.
+    """
     with _LOCK:
         return sorted(_op_names(t).display for t in _registered)
 
@@ -766,18 +844,24 @@ class use_gems:  # noqa: N801  (upstream's name: a context manager used like a f
 
     Args:
         unused: op names to leave to PyTorch (see the module docstring).
-        include: op names to use instead of the default set (minus ``unused``).
-        record, once, path: as for :func:`enable`, for the block.
+        include: op names to use instead of every entry (minus ``unused``).
+        record, once, path, fallbacks: as for :func:`enable`, for the block.
         exclude: alias of ``unused``.
+        preset: as for :func:`enable` (not with ``include``).
 
     Raises:
-        TypeError, ValueError: as for :func:`enable`, when the block is entered.
+        TypeError: as for :func:`enable`, and ``include`` together with ``preset``.
+        ValueError: as for :func:`enable`, when the block is entered.
     """
 
-    def __init__(self, unused=None, include=None, record: bool = False, once: bool = False, path=None, *, exclude=None):
+    def __init__(self, unused=None, include=None, record: bool = False, once: bool = False, path=None, *, exclude=None,
+                 preset: str | None = None, fallbacks: bool = False):
+        if include is not None and preset is not None:
+            raise TypeError("use_gems: pass include= or preset=, not both")
         self._unused = _unused_arg(unused, exclude)
         self._include = include
-        self._record, self._once, self._path = record, once, path
+        self._preset = preset
+        self._record, self._once, self._path, self._fallbacks = record, once, path, fallbacks
         self._tokens: list = []
 
     def __enter__(self):
@@ -785,9 +869,9 @@ class use_gems:  # noqa: N801  (upstream's name: a context manager used like a f
             if self._include is not None:
                 ops = _resolve(self._include, "include") - _resolve(self._unused, "unused")
             else:
-                ops = _default_ops(self._unused)
+                ops = _default_ops(self._unused, self._preset)
             token = object()
-            _frames.append((token, _config(ops, self._record, self._path, self._once)))
+            _frames.append((token, _config(ops, self._record, self._path, self._once, self._fallbacks)))
             try:
                 _apply()
             except BaseException:

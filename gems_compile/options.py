@@ -32,6 +32,11 @@ class CompileOptions:
             (``"all"``: also the entries that are only on for the eager mode).
         max_autotune: with ``inductor``, let Inductor autotune (``mode="max-autotune"``);
             without ``inductor`` the backend has nothing to autotune and ignores it.
+        fuse_pointwise: after autograd, group the remaining pointwise and indexing aten ops into
+            generated Triton kernels (``passes.pointwise_fusion``). Off by default with
+            ``lower_aten="all"``, which asks for one registry kernel per aten op.
+        wrapper: run each compiled graph as one generated flat Python function that launches its
+            kernels directly (``flag_gems.wrapper``), instead of the FX GraphModule's forward.
     """
 
     strict: bool = False
@@ -41,6 +46,8 @@ class CompileOptions:
     fusions: tuple[str, ...] = FUSIONS
     lower_aten: bool | str = True
     max_autotune: bool = False
+    fuse_pointwise: bool = True
+    wrapper: bool = True
 
     @classmethod
     def from_user(cls, mode: str | None = None, options: dict[str, Any] | None = None) -> "CompileOptions":
@@ -61,7 +68,7 @@ class CompileOptions:
             raise ValueError(f"flag_gems backend: unknown option {detail}; valid options: {', '.join(valid)}")
         if "lower_aten" in options and options["lower_aten"] not in (True, False, "all"):
             raise TypeError(f"flag_gems backend: option 'lower_aten' must be True, False or 'all', got {options['lower_aten']!r}")
-        for key in ("strict", "cudagraphs", "inductor", "max_autotune"):
+        for key in ("strict", "cudagraphs", "inductor", "max_autotune", "fuse_pointwise", "wrapper"):
             if key in options and not isinstance(options[key], bool):
                 raise TypeError(f"flag_gems backend: option {key!r} must be a bool, got {options[key]!r}")
         if "fusions" in options:
@@ -70,6 +77,8 @@ class CompileOptions:
             if bad:
                 raise ValueError(f"flag_gems backend: unknown fusions {bad}; valid: {', '.join(FUSIONS)}")
             options["fusions"] = fusions
+        if options.get("lower_aten") == "all":
+            options.setdefault("fuse_pointwise", False)
         if mode == "reduce-overhead":
             options.setdefault("cudagraphs", True)
         if mode in ("max-autotune", "max-autotune-no-cudagraphs"):

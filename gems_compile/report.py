@@ -13,6 +13,9 @@ import dataclasses
 import json
 import logging
 import os
+import re
+
+from . import availability
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,12 @@ class GraphReport:
         kept: aten op -> {reason: count}: nodes left to PyTorch and why.
         fallback: set when the whole graph ran unmodified (the reason).
         notes: other per-graph remarks (one line each).
+        generated: generated kernel name -> how many launches of it one call makes (the pointwise
+            fusion pass's kernels; identical groups share a name).
+        kernels: graph kind -> ``(before, after)``: CUDA kernels one call launches, counted from
+            the graph's nodes before and after the post-autograd passes (pointwise fusion, aten
+            lowering); see ``passes.pointwise_rules.native_kernels``.
+        layers: decoder layers (repeated submodules of one module list) the graph holds, or None.
     """
 
     graph_id: int
@@ -38,6 +47,25 @@ class GraphReport:
     kept: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(collections.Counter))
     fallback: str | None = None
     notes: list = dataclasses.field(default_factory=list)
+    generated: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    kernels: dict = dataclasses.field(default_factory=dict)
+    layers: int | None = None
+
+    def count_kernels(self, kind: str, before: int, after: int) -> None:
+        """Record the static kernel count of the ``kind`` graph before and after the passes."""
+        self.kernels[kind] = (before, after)
+
+    def kernel_line(self) -> str | None:
+        """``kernels per call: inference 131 -> 80 (32.8 -> 20.0 per layer, 4 layers)``, or None."""
+        if not self.kernels:
+            return None
+        parts = []
+        for kind, (before, after) in self.kernels.items():
+            part = f"{kind} {before} -> {after}"
+            if self.layers:
+                part += f" ({before / self.layers:.1f} -> {after / self.layers:.1f} per layer, {self.layers} layers)"
+            parts.append(part)
+        return "kernels per call: " + "; ".join(parts)
 
     def fuse(self, pattern: str, variant: str | None = None) -> None:
         """Record one rewritten match of ``pattern`` (``variant`` names the matched form)."""
@@ -48,7 +76,10 @@ class GraphReport:
         self.lowered[f"{op} -> {kernel}"] += 1
 
     def keep(self, op: str, reason: str) -> None:
-        """Record an aten node left to PyTorch, with its reason."""
+        """Record an aten node left to PyTorch, with its reason (in a process where no kernel
+        can run, the first one warns: ``flag_gems.availability``)."""
+        if op != "views":
+            availability.warn_refused(op)
         self.kept[op][reason] += 1
         logger.debug("graph %d: kept %s: %s", self.graph_id, op, reason)
 
@@ -61,6 +92,9 @@ class GraphReport:
             "kept": {op: dict(r) for op, r in self.kept.items()},
             "fallback": self.fallback,
             "notes": list(self.notes),
+            "generated": dict(self.generated),
+            "kernels": {k: {"before": b, "after": a} for k, (b, a) in self.kernels.items()},
+            "layers": self.layers,
         }
 
     def table(self) -> str:
@@ -78,8 +112,14 @@ class GraphReport:
         if by_reason:
             lines.append("  kept as aten, by reason:")
             lines += [f"    - {reason}: {', '.join(ops)}" for reason, ops in sorted(by_reason.items())]
-        if not (self.fused or self.lowered or by_reason):
+        if self.generated:
+            lines.append(f"  generated kernels: {sum(self.generated.values())} launches of {len(self.generated)} "
+                         f"kernels: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.generated.items())))
+        if not (self.fused or self.lowered or by_reason or self.generated):
             lines.append("  (nothing fused or lowered)")
+        kernels = self.kernel_line()
+        if kernels:
+            lines.append(f"  {kernels}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -108,16 +148,29 @@ class CompileReport:
         return out
 
     @property
+    def generated(self) -> collections.Counter:
+        """Generated (pointwise fusion) kernel launches by kernel name, summed over graphs."""
+        out = collections.Counter()
+        for g in self.graphs:
+            out.update(g.generated)
+        return out
+
+    @property
     def fallbacks(self) -> list:
         return [(g.graph_id, g.fallback) for g in self.graphs if g.fallback]
 
     def to_dict(self) -> dict:
-        return {"graphs": [g.to_dict() for g in self.graphs]}
+        return {"kernels_unavailable": availability.unavailable(), "graphs": [g.to_dict() for g in self.graphs]}
 
     def __str__(self) -> str:
+        """The graphs' tables; the first line says so when no kernel can run in this process."""
+        lines = []
+        if availability.unavailable():
+            lines.append(f"flag_gems: KERNELS UNAVAILABLE: {availability.unavailable()}")
         if not self.graphs:
-            return "flag_gems: no graph was compiled"
-        return "\n".join(g.table() for g in self.graphs)
+            lines.append("flag_gems: no graph was compiled")
+        lines += [g.table() for g in self.graphs]
+        return "\n".join(lines)
 
     __repr__ = __str__
 
@@ -129,6 +182,33 @@ def dump_graph(dump_dir: str, graph_id: int, stage: str, gm) -> str:
     with open(path, "w") as f:
         f.write(gm.print_readable(print_output=False))
     return path
+
+
+def dump_text(dump_dir: str, graph_id: int, stage: str, text: str) -> str:
+    """Write ``text`` (generated source) to ``dump_dir/graph_<id>_<stage>.py`` and return the path."""
+    os.makedirs(dump_dir, exist_ok=True)
+    path = os.path.join(dump_dir, f"graph_{graph_id:03d}_{stage}.py")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+_LAYER_PATH = re.compile(r"^(.*?)(?:\[(\d+)\]|\.(\d+))$")
+
+
+def count_layers(gm) -> int | None:
+    """Decoder layers in a Dynamo graph: the most indices seen under one module-list path in
+    the nodes' ``nn_module_stack`` (``model.layers[0]`` .. ``model.layers[31]`` -> 32); None
+    when no module list repeats."""
+    seen = collections.defaultdict(set)
+    for node in gm.graph.nodes:
+        for entry in (node.meta.get("nn_module_stack") or {}).values():
+            path = entry[0] if isinstance(entry, tuple) else str(entry)
+            m = _LAYER_PATH.match(str(path))
+            if m:
+                seen[m.group(1)].add(m.group(2) or m.group(3))
+    best = max((len(v) for v in seen.values()), default=0)
+    return best if best > 1 else None
 
 
 def dump_report(dump_dir: str, report: GraphReport) -> None:

@@ -27,9 +27,11 @@ for the process with one warning, and that call goes through Triton's path.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
+import threading
 
 import torch
 import triton
@@ -38,7 +40,7 @@ from ._common import interpreter_mode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FastKernel", "fast_launch_enabled", "jit", "spec_code"]
+__all__ = ["FastKernel", "fast_launch_enabled", "jit", "spec_code", "traced_launches"]
 
 _ENABLED = os.environ.get("GEMS_FAST_LAUNCH", "1") != "0"
 _I32 = (-(2**31), 2**31)
@@ -63,6 +65,33 @@ def _disable(exc: Exception) -> None:
     _ENABLED = False
     logger.warning("flag_gems: Triton's compiled-kernel launcher rejected a direct call (%s); kernels take "
                    "Triton's own launch path from now on", exc)
+
+
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def traced_launches():
+    """Inside, ``kernel[grid](...)`` of :func:`jit` kernels goes through ``torch.library.wrap_triton``.
+
+    Under a tracer (make_fx, AOT autograd's functionalization) the launch is then recorded as a
+    ``triton_kernel_wrapper`` node that Inductor compiles and launches from its own code, instead
+    of running; the launcher's Python around it (checks, configs, allocations) runs as it is on the
+    traced tensors. ``flag_gems.lowerings.inductor_ops`` uses it; compiled Triton only (the
+    interpreter's kernels cannot be traced).
+    """
+    previous = getattr(_tracing, "on", False)
+    _tracing.on = True
+    try:
+        yield
+    finally:
+        _tracing.on = previous
+
+
+def launches_traced() -> bool:
+    """Whether this thread is inside :func:`traced_launches` (the autotuner then never tunes:
+    a config chosen there is baked into a compiled graph, and tuning would launch under the tracer)."""
+    return getattr(_tracing, "on", False)
 
 
 def fast_launch_enabled() -> bool:
@@ -144,6 +173,10 @@ class FastKernel:
         return f"FastKernel({self.fn!r})"
 
     def __getitem__(self, grid):
+        if getattr(_tracing, "on", False):
+            from torch.library import wrap_triton
+
+            return wrap_triton(self.fn)[grid]
         return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -237,12 +270,14 @@ def jit(fn=None, **kwargs):
     (``@jit(do_not_specialize=["n"])``). In the Triton interpreter it is ``triton.jit``.
 
     Returns:
-        A :class:`FastKernel` (the interpreter: the ``triton.jit`` result itself).
+        A :class:`FastKernel` (the interpreter: the ``triton.jit`` result itself). With
+        ``GEMS_FAST_LAUNCH=0`` it is still one, taking Triton's path on every launch, so that
+        :func:`traced_launches` reaches it.
     """
 
     def wrap(f):
         jitted = triton.jit(f, **kwargs)
-        if interpreter_mode() or not _ENABLED:
+        if interpreter_mode():
             return jitted
         return FastKernel(jitted)
 

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _autotune as at
 from ._common import cdiv, check_same_device, check_tensor, device_guard, next_pow2, num_sms
 from ._launch import jit
 
@@ -206,7 +207,8 @@ _MIN_TILE = 512
 
 @functools.lru_cache(maxsize=None)
 def _launch_config(rows_bucket: int, n_cols: int, elem_bytes: int, sms: int) -> tuple[int, int, int]:
-    """Tile shape and warp count for the 2-D grid (the one block/warp heuristic here).
+    """Tile shape and warp count for the 2-D grid: the heuristic, the autotuner's default (the forward's
+    config is tuned per device kind: ``TUNABLE`` below; the backward uses this).
 
     * ``BLOCK_N``: the row (next power of two), capped at one tile: a long row is cut
       into column blocks so that large ``d`` gives many programs and contiguous,
@@ -258,8 +260,19 @@ _ROWS_BUCKET_CAP = 1 << 16  # beyond this the heuristic no longer changes
 
 
 def _config(n_rows: int, n_cols: int, t: torch.Tensor) -> tuple[int, int, int]:
+    """The backward's config: the heuristic (the autotuner tunes the forward)."""
     bucket = min(next_pow2(n_rows), _ROWS_BUCKET_CAP)
     return _launch_config(bucket, n_cols, t.element_size(), num_sms(t.device))
+
+
+def _fwd_config(n_rows: int, n_cols: int, t: torch.Tensor) -> tuple[int, int, int]:
+    """The forward's config: tuned per (rows bucket, d, dtype) and device (``_autotune``)."""
+    key = tune_key(n_rows, n_cols, t.dtype)
+    dev = t.get_device()
+    cfg = TUNABLE.chosen.get((dev, key))
+    if cfg is None:
+        cfg = TUNABLE.resolve(key, dev, {"n_rows": n_rows})
+    return cfg
 
 
 # ---------------------------------------------------------------------------
@@ -434,7 +447,7 @@ def _launch_fwd(a, b, out, b_off, n_cols, code):
     lead = out.shape[:-1]
     n_rows = out.numel() // n_cols
     (a, b), (o,), n_outer, n_inner, st, wb = _prepare(lead, [a, b], [out])
-    block_m, block_n, warps = _config(n_rows, n_cols, out)
+    block_m, block_n, warps = _fwd_config(n_rows, n_cols, out)
     grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
     with device_guard(out):
         _act_and_mul_fwd_kernel[grid](
@@ -614,3 +627,62 @@ def act_and_mul_fused_bwd(
         x = x.contiguous()
     _launch_bwd(dout, x, x, dx, dx, n_cols, n_cols, code)
     return dx
+
+
+# ---------------------------------------------------------------------------
+# Autotuning (kernels/_autotune.py): the forward's tile and warps per device kind
+# ---------------------------------------------------------------------------
+
+
+def _tune_default(key, dev) -> dict:
+    rows, n_cols, dtype = key
+    bm, bn, warps = _launch_config(rows, n_cols, dtype.itemsize, num_sms(at.torch_device(dev)))
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps}
+
+
+def _tune_candidates(key, dev) -> list:
+    """Tiles of 256-16384 elements (row-contiguous blocks of 128-8192 columns, up to 8 rows) on
+    1-16 warps, 4-64 elements per thread; nearest the heuristic first. The interpreter gets two."""
+    rows, n_cols, dtype = key
+    default = _tune_default(key, dev)
+    if dev < 0:  # the interpreter: two cheap variants, enough to exercise tuning
+        return [dict(default, num_warps=2 if default["num_warps"] == 1 else 1),
+                dict(default, BLOCK_N=max(16, default["BLOCK_N"] // 2))]
+    out = []
+    top = next_pow2(n_cols)
+    for bn in (128, 256, 512, 1024, 2048, 4096, 8192):
+        if bn > top:
+            continue
+        for bm in (1, 2, 4, 8):
+            if bm > rows or not 256 <= bm * bn <= 16384:
+                continue
+            for w in (1, 2, 4, 8, 16):
+                if 4 <= bm * bn // (32 * w) <= 64:
+                    out.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w})
+    return at.near_first(default, out)
+
+
+def _tune_bench(key, dev, dims):
+    """SiLU·mul in vLLM's one-tensor layout, ``[rows, 2d] -> [rows, d]`` (the real call's rows when known)."""
+    rows, n_cols, dtype = key
+    rows = (dims or {}).get("n_rows", rows)
+    device = at.torch_device(dev)
+    x = torch.randn(rows, 2 * n_cols, device=device, dtype=dtype)
+    out = torch.empty(rows, n_cols, device=device, dtype=dtype)
+    return lambda: act_and_mul_fused_fwd(x, "silu", out=out)
+
+
+TUNABLE = at.register(at.Tunable(
+    "act_and_mul",
+    fields=("BLOCK_M", "BLOCK_N", "num_warps"),
+    key_fields=("rows_bucket", "n_cols", "dtype"),
+    default=_tune_default,
+    candidates=_tune_candidates,
+    make_bench=_tune_bench,
+    sources=(_act_and_mul_fwd_kernel, _act, _row_offsets, _launch_fwd),
+))
+
+
+def tune_key(n_rows: int, n_cols: int, dtype: torch.dtype) -> tuple:
+    """The forward's autotuning key for ``n_rows`` rows of ``d = n_cols`` (what :func:`_fwd_config` looks up)."""
+    return (min(next_pow2(n_rows), _ROWS_BUCKET_CAP), n_cols, dtype)

@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _autotune as at
 from ._common import cdiv, check_same_device, check_tensor, device_guard, interpreter_mode, next_pow2
 from ._launch import jit
 
@@ -222,7 +223,8 @@ def _attn_fwd_kernel(
 
 
 def attention_config(seq_q: int, block_d: int, elem_bytes: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``seq_q`` query rows and head block ``block_d``.
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``seq_q`` query rows and head block ``block_d``: the
+    heuristic, the autotuner's default (``TUNABLE`` below).
 
     Swept on the H100 (``benchmarks/sweep.py --only attention``; bf16, 32 heads of 128): for a
     causal 2048-token prefill no candidate (BLOCK_M 64/128 x BLOCK_N 64/128 x 4/8 warps x 2/3
@@ -366,7 +368,12 @@ def flash_attention(
     # Float masks keep natural units (see the module docstring); otherwise log2 units.
     qk_scale = float(scale) if mask_kind == _FLOAT_MASK else float(scale) * LOG2E.value
     block_d, block_dv = max(16, next_pow2(d)), max(16, next_pow2(dv))
-    bm, bn, warps, stages = attention_config(seq_q, max(block_d, block_dv), q.element_size())
+    key = tune_key(seq_q, seq_k, bsz * hq, max(block_d, block_dv), q.dtype, is_causal, mask_kind)
+    dev = q.get_device()
+    cfg = TUNABLE.chosen.get((dev, key))
+    if cfg is None:
+        cfg = TUNABLE.resolve(key, dev, {"seq_q": seq_q, "seq_k": seq_k, "heads": bsz * hq, "head_dim": d})
+    bm, bn, warps, stages = cfg
     upcast = interpreter_mode() and q.dtype == torch.bfloat16
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # the 16-bit dot ignores it
     grid = (cdiv(seq_q, bm), hq, bsz)
@@ -389,3 +396,69 @@ def flash_attention(
             num_stages=stages,
         )
     return out
+
+
+# --------------------------------------------------------------------------- autotuning
+
+_SEQ_CAP = 1 << 20
+
+
+def tune_key(seq_q, seq_k, heads, block_d, dtype, is_causal, mask_kind) -> tuple:
+    """The autotuning key: (query rows bucket, keys bucket, batch * heads bucket, head block, dtype, causal,
+    mask kind: 0 none, 1 bool, 2 float)."""
+    return (at.pow2_bucket(seq_q, _SEQ_CAP), at.pow2_bucket(seq_k, _SEQ_CAP), at.pow2_bucket(heads, _SEQ_CAP),
+            block_d, dtype, bool(is_causal), mask_kind)
+
+
+def _tune_default(key, dev) -> dict:
+    seq_q, _, _, block_d, dtype, _, _ = key
+    bm, bn, warps, stages = attention_config(seq_q, block_d, dtype.itemsize)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+
+
+def _tune_candidates(key, dev) -> list:
+    """16-bit inputs with head blocks up to 128: query tiles 16-128 (not above the bucket's rows but
+    at least 16), key tiles 32-128, 4 or 8 warps, 2 or 3 stages (the H100 sweep's space, plus 32-row
+    and 32-column tiles). fp32 and wider heads keep the heuristic (larger tiles spilled)."""
+    seq_q, seq_k, _, block_d, dtype, _, _ = key
+    default = _tune_default(key, dev)
+    if dev < 0:
+        return [dict(default, BLOCK_N=32 if default["BLOCK_N"] == 16 else 16)]
+    if dtype.itemsize != 2 or block_d > 128:
+        return []
+    top_m = max(16, seq_q)
+    out = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+           for bm in (16, 32, 64, 128) if bm <= top_m
+           for bn in (32, 64, 128) if bn <= max(32, seq_k)
+           for w in (4, 8) for st in (2, 3)]
+    return at.near_first(default, out)
+
+
+def _tune_bench(key, dev, dims):
+    """Attention of one batch of ``heads`` heads, the key's sequence lengths and head dim; a bool
+    mask (all True below the diagonal) or an fp32 additive one when the key has a mask."""
+    seq_q, seq_k, heads, block_d, dtype, causal, mask_kind = key
+    dims = dims or {}
+    seq_q, seq_k, heads = dims.get("seq_q", seq_q), dims.get("seq_k", seq_k), dims.get("heads", heads)
+    d = dims.get("head_dim", block_d)
+    device = at.torch_device(dev)
+    q = torch.randn(1, seq_q, heads, d, device=device, dtype=dtype).transpose(1, 2)
+    k = torch.randn(1, seq_k, heads, d, device=device, dtype=dtype).transpose(1, 2)
+    v = torch.randn(1, seq_k, heads, d, device=device, dtype=dtype).transpose(1, 2)
+    mask = None
+    if mask_kind != _NO_MASK:
+        mask = torch.ones(seq_q, seq_k, device=device, dtype=torch.bool).tril(seq_k - seq_q)
+        if mask_kind == _FLOAT_MASK:
+            mask = torch.zeros(seq_q, seq_k, device=device).masked_fill(~mask, float("-inf"))
+    return lambda: flash_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+
+
+TUNABLE = at.register(at.Tunable(
+    "attention",
+    fields=("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"),
+    key_fields=("seq_q_bucket", "seq_k_bucket", "heads_bucket", "block_d", "dtype", "is_causal", "mask_kind"),
+    default=_tune_default,
+    candidates=_tune_candidates,
+    make_bench=_tune_bench,
+    sources=(_attn_fwd_kernel, _attn_block),
+))

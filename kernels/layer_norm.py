@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _autotune as at
 from ._common import (
     MAX_FUSED_BLOCK,
     check_same_device,
@@ -259,7 +260,10 @@ def layer_norm_fwd(
     rstd = torch.empty((n_rows,), dtype=stats_dtype, device=x.device)
     if n_rows == 0:
         return y, mean, rstd
-    block, warps = row_config(n_cols, x.element_size())
+    key = tune_key(n_rows, n_cols, x.dtype)
+    dev = x.get_device()
+    cfg = TUNABLE.chosen.get((dev, key))
+    block, warps = cfg if cfg is not None else TUNABLE.resolve(key, dev, {"n_rows": n_rows})
     with device_guard(x):
         _layer_norm_fwd_kernel[(n_rows,)](
             x, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
@@ -336,3 +340,45 @@ def layer_norm_bwd(
     dw = dw_part.sum(0).to(param_dtype) if compute_dw else None
     db = db_part.sum(0).to(param_dtype) if compute_db else None
     return dx, dw, db
+
+
+# ---------------------------------------------------------------------------
+# Autotuning (kernels/_autotune.py): the forward's warps (and chunk) per device kind
+# ---------------------------------------------------------------------------
+
+_ROWS_BUCKET_CAP = 1 << 16
+
+
+def tune_key(n_rows: int, n_cols: int, dtype: torch.dtype) -> tuple:
+    """The forward's autotuning key: (rows bucket, n_cols, dtype)."""
+    return (at.pow2_bucket(n_rows, _ROWS_BUCKET_CAP), n_cols, dtype)
+
+
+def _tune_default(key, dev) -> dict:
+    block, warps = row_config(key[1], key[2].itemsize)
+    return {"BLOCK_N": block, "num_warps": warps}
+
+
+def _tune_candidates(key, dev) -> list:
+    return at.row_candidates(_tune_default(key, dev), key[1], MAX_FUSED_BLOCK, dev)
+
+
+def _tune_bench(key, dev, dims):
+    """LayerNorm of ``[rows, n_cols]`` with weight and bias."""
+    rows, n_cols, dtype = key
+    rows = (dims or {}).get("n_rows", rows)
+    device = at.torch_device(dev)
+    x = torch.randn(rows, n_cols, device=device, dtype=dtype)
+    w, b = torch.randn(n_cols, device=device, dtype=dtype), torch.randn(n_cols, device=device, dtype=dtype)
+    return lambda: layer_norm_fwd(x, w, b, 1e-5)
+
+
+TUNABLE = at.register(at.Tunable(
+    "layer_norm",
+    fields=("BLOCK_N", "num_warps"),
+    key_fields=("rows_bucket", "n_cols", "dtype"),
+    default=_tune_default,
+    candidates=_tune_candidates,
+    make_bench=_tune_bench,
+    sources=(_layer_norm_fwd_kernel,),
+))

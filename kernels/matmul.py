@@ -1,29 +1,63 @@
 """Triton GEMM for ``mm``, ``bmm`` and ``addmm``: ``out[b] = beta * bias + alpha * (a[b] @ b[b])``.
 
-One kernel: a 2-D tile of the output per program (programs grouped along M so that
-neighbours share ``b``'s column panel in L2), the batch on grid axis 1, fp32 accumulation,
-one rounding at the store, any strides (int64 offsets), masks on every edge so any M, N, K
-works (K = 0 gives ``beta * bias``, or zeros). fp32 inputs follow
-``torch.get_float32_matmul_precision()`` as cuBLAS does: "highest" is IEEE fp32 (torch's
-default), anything else TF32.
+Three kernel classes, chosen per shape by the autotuner (``kernels/_autotune.py``, family
+``matmul``); each is a config's ``KIND``:
 
-Tiles are a fixed table by M (no autotuning: the first call on a new shape only compiles
-when the dtype or tile changes, never tries configurations). Under Triton's interpreter the
-operands are upcast to fp32 before ``tl.dot`` (its numpy path has no bf16 arithmetic).
+* ``plain``: pointer loads of a 2-D output tile per program (programs grouped along M so that
+  neighbours share ``b``'s column panel in L2), the batch on grid axis 1, masks on every edge,
+  any strides (int64 offsets), every dtype. The only class for ``bmm`` with a batch, fp32,
+  unaligned operands, and Triton without tensor descriptors. Its fixed tile table by M
+  (:func:`tile_config`) is the heuristic default.
+* ``tma``: host tensor descriptors (``triton.tools.tensor_descriptor.TensorDescriptor``) for
+  ``a [M, K]``, ``b`` (``[K, N]``, or the ``[N, K]`` weight of ``nn.Linear`` whose transpose
+  ``mm`` receives: loaded as is and transposed in registers) and ``out``: the bulk-copy engine
+  moves whole tiles, out-of-bounds reads are zeros and writes are clipped, so no masks. One
+  output tile per program.
+* ``persistent``: the ``tma`` kernel with one program per SM walking the output tiles in the
+  grouped order (fewer, longer programs: no tail effect, the next tile's loads overlap the
+  epilogue). ``WARP_SPEC`` adds Triton's warp specialization of that loop where the installed
+  Triton has it (``tl.range(warp_specialize=...)``); a candidate that does not compile on a
+  given GPU / Triton is skipped by the tuner.
+
+Tensor-descriptor classes need fp16/bf16 operands, a GPU of compute capability >= 9 (Hopper)
+or the interpreter, unit stride on ``a``'s and ``out``'s rows and on ``b``'s rows or columns,
+16-byte aligned bases and row strides, and no batch: :func:`tma_eligible`. All classes
+accumulate in fp32 and round once at the store; ``K = 0`` gives ``beta * bias`` (or zeros).
+fp32 inputs follow ``torch.get_float32_matmul_precision()`` as cuBLAS does ("highest": IEEE
+fp32, else TF32). Under Triton's interpreter operands are upcast to fp32 before ``tl.dot``
+(its numpy path has no bf16 arithmetic).
+
+The tuner also times the native kernel (cuBLAS) for each key; the config's ``NATIVE`` field
+records whether it was faster. This module always runs a Triton kernel; the op layer
+(``lowerings/matmul.py``) reads ``NATIVE`` to leave such shapes to cuBLAS.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, cdiv, check_same_device, check_tensor, device_guard, interpreter_mode
+from . import _autotune as at
+from ._common import FLOAT_DTYPES, cdiv, check_same_device, check_tensor, device_guard, interpreter_mode, num_sms
 from ._launch import jit
 
-__all__ = ["matmul", "tile_config"]
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton without host tensor descriptors: the plain class only
+    TensorDescriptor = None
+
+__all__ = ["HAS_TMA", "HAS_WARP_SPEC", "TUNABLE", "matmul", "matmul_config", "shape_key", "tile_config", "tma_eligible",
+           "tma_possible", "tune_key"]
 
 MAX_BATCH = 65535  # grid axis 1
+_RANGE_ARGS = inspect.signature(tl.range.__init__).parameters
+HAS_TMA = TensorDescriptor is not None and "flatten" in _RANGE_ARGS
+HAS_WARP_SPEC = HAS_TMA and "warp_specialize" in _RANGE_ARGS
+KINDS = ("plain", "tma", "persistent")
 
 
 @jit
@@ -82,8 +116,87 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _tile_acc(a_desc, b_desc, off_m, off_n, k_tiles,
+              B_KMAJOR: tl.constexpr, UPCAST: tl.constexpr, WARP_SPEC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 ``a[off_m:, :] @ b[:, off_n:]`` tile through the descriptors (zeros past the edges)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ki in tl.range(k_tiles, warp_specialize=WARP_SPEC):
+        off_k = ki * BLOCK_K
+        a = a_desc.load([off_m, off_k])
+        if B_KMAJOR:
+            b = b_desc.load([off_n, off_k]).T  # the [N, K] weight, transposed in registers
+        else:
+            b = b_desc.load([off_k, off_n])
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _tile_store(c_desc, acc, bias_ptr, off_m, off_n, M, N, stride_xm, stride_xn, alpha, beta,
+                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``alpha * acc (+ beta * bias)`` rounded once into ``out`` (the descriptor clips the edges)."""
+    acc = acc * alpha
+    if HAS_BIAS:
+        rm = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
+        rn = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
+        x = tl.load(bias_ptr + rm[:, None] * stride_xm + rn[None, :] * stride_xn,
+                    mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0).to(tl.float32)
+        acc += beta * x
+    c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+@triton.jit
+def _matmul_tma_kernel(
+    a_desc,  # [M, K] block [BLOCK_M, BLOCK_K]
+    b_desc,  # [K, N] block [BLOCK_K, BLOCK_N], or (B_KMAJOR) [N, K] block [BLOCK_N, BLOCK_K]
+    c_desc,  # [M, N] block [BLOCK_M, BLOCK_N]
+    bias_ptr,  # broadcast to [M, N] through its strides (unused without HAS_BIAS)
+    M, N, K,
+    stride_xm, stride_xn,
+    alpha, beta,
+    n_programs,  # the grid (persistent: programs walk tiles with this step)
+    HAS_BIAS: tl.constexpr,
+    B_KMAJOR: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_group = GROUP_M * n_n
+    if PERSISTENT:
+        # Warp specialization, when asked for, partitions this loop (load / MMA / epilogue warps).
+        for tile in tl.range(pid, n_m * n_n, n_programs, warp_specialize=WARP_SPEC):
+            first_m = (tile // per_group) * GROUP_M
+            rows_in_group = tl.minimum(n_m - first_m, GROUP_M)
+            off_m = (first_m + (tile % per_group) % rows_in_group) * BLOCK_M
+            off_n = ((tile % per_group) // rows_in_group) * BLOCK_N
+            acc = _tile_acc(a_desc, b_desc, off_m, off_n, k_tiles, B_KMAJOR, UPCAST, False, BLOCK_M, BLOCK_N, BLOCK_K)
+            _tile_store(c_desc, acc, bias_ptr, off_m, off_n, M, N, stride_xm, stride_xn, alpha, beta,
+                        HAS_BIAS, BLOCK_M, BLOCK_N)
+    else:
+        first_m = (pid // per_group) * GROUP_M
+        rows_in_group = tl.minimum(n_m - first_m, GROUP_M)
+        off_m = (first_m + (pid % per_group) % rows_in_group) * BLOCK_M
+        off_n = ((pid % per_group) // rows_in_group) * BLOCK_N
+        acc = _tile_acc(a_desc, b_desc, off_m, off_n, k_tiles, B_KMAJOR, UPCAST, WARP_SPEC, BLOCK_M, BLOCK_N, BLOCK_K)
+        _tile_store(c_desc, acc, bias_ptr, off_m, off_n, M, N, stride_xm, stride_xn, alpha, beta,
+                    HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
 def tile_config(m: int, elem_bytes: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for ``m`` output rows.
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for ``m`` output rows: the heuristic.
 
     Decode-sized M gets short, wide tiles with a long K step; large M the usual 128x128
     tensor-core tile. fp32 halves BLOCK_K (shared memory per stage). The interpreter takes
@@ -137,8 +250,103 @@ def check_matmul_args(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | Non
             raise ValueError(f"bias: expected at most 2 dims, got {bias.dim()}")
 
 
+# --------------------------------------------------------------------------- tensor descriptors
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_device(dev: int) -> bool:
+    """Tensor descriptors run on device ``dev``: compute capability >= 9, or the interpreter (-1)."""
+    if not HAS_TMA:
+        return False
+    return dev < 0 or torch.cuda.get_device_capability(dev)[0] >= 9
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def tma_eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> bool:
+    """Whether the tensor-descriptor classes can run ``a @ b -> out`` (module docstring).
+
+    ``a``, ``b``: 2-D (or 3-D with batch 1); ``out``: None for a new contiguous output.
+    """
+    if a.dtype is not torch.bfloat16 and a.dtype is not torch.float16:
+        return False
+    if not _tma_device(a.get_device()):
+        return False
+    if a.dim() == 3:
+        if a.shape[0] != 1:
+            return False
+        a, b, out = a[0], b[0], (out[0] if out is not None else None)
+    m, k = a.shape
+    n = b.shape[1]
+    if m == 0 or n == 0 or k == 0:
+        return False
+    e = a.element_size()
+    sa, sb = a.stride(), b.stride()
+    if sa[1] != 1 or (sa[0] * e) % 16 or not _aligned(a) or not _aligned(b):
+        return False
+    if not ((sb[1] == 1 and (sb[0] * e) % 16 == 0) or (sb[0] == 1 and (sb[1] * e) % 16 == 0)):
+        return False
+    if out is None:
+        return (n * e) % 16 == 0
+    so = out.stride()
+    return so[1] == 1 and (so[0] * e) % 16 == 0 and _aligned(out)
+
+
+def _b_kmajor(b: torch.Tensor) -> bool:
+    """``b [.., K, N]`` stored as its ``[N, K]`` transpose (``nn.Linear``'s weight): unit stride along K."""
+    return b.stride(-2) == 1 and b.stride(-1) != 1 and b.shape[-1] > 1
+
+
+# --------------------------------------------------------------------------- launch
+
+
+def tune_key(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> tuple:
+    """The autotuning key of ``a @ b (+ bias)``: (batch bucket, M bucket, N, K, dtype, has_bias, b stored
+    K-major, tensor descriptors usable). N and K are exact for 2-D products (weights), power-of-two
+    buckets for batched ones (attention-shaped products change with the sequence)."""
+    sa, sb = a.shape, b.stride()
+    n = b.shape[-1]
+    kmajor = sb[-2] == 1 and sb[-1] != 1 and n > 1  # _b_kmajor, inline (a launch path)
+    if len(sa) == 3 and sa[0] > 1:
+        return shape_key(sa[0], sa[1], n, sa[2], a.dtype, bias is not None, kmajor, False)
+    m = sa[-2]
+    return (1, min(1 << max(m - 1, 0).bit_length(), 1 << 20), n, sa[-1], a.dtype, bias is not None, kmajor,
+            tma_eligible(a, b, out))
+
+
+def shape_key(batch: int, m: int, n: int, k: int, dtype: torch.dtype, has_bias: bool, b_kmajor: bool,
+              tma_ok: bool) -> tuple:
+    """:func:`tune_key` from sizes (pretune). For contiguous, freshly allocated operands ``tma_ok`` is
+    :func:`tma_possible`."""
+    if batch > 1:
+        n, k = at.pow2_bucket(n, 1 << 20), at.pow2_bucket(k, 1 << 20)
+    return (at.pow2_bucket(batch, MAX_BATCH + 1), at.pow2_bucket(m, 1 << 20), n, k, dtype, bool(has_bias),
+            bool(b_kmajor), bool(tma_ok))
+
+
+def tma_possible(batch: int, m: int, n: int, k: int, dtype: torch.dtype, dev: int) -> bool:
+    """What :func:`tma_eligible` says for contiguous operands of these sizes on device ``dev``."""
+    e = dtype.itemsize
+    return (dtype in (torch.float16, torch.bfloat16) and _tma_device(dev) and batch == 1 and min(m, n, k) > 0
+            and (n * e) % 16 == 0 and (k * e) % 16 == 0)
+
+
+def matmul_config(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> tuple:
+    """The config tuple (``TUNABLE.fields``) the autotuner chose for this call (``NATIVE`` included)."""
+    key = tune_key(a, b, bias, out)
+    dev = a.get_device()
+    cfg = TUNABLE.chosen.get((dev, key))
+    if cfg is None:
+        batch = a.shape[0] if a.dim() == 3 else 1
+        cfg = TUNABLE.resolve(key, dev, {"m": a.shape[-2], "n": b.shape[-1], "k": a.shape[-1], "batch": batch})
+    return cfg
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *, beta=1, alpha=1,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
     """``beta * bias + alpha * (a @ b)`` for 2-D (mm/addmm) or 3-D (bmm) operands.
 
     Args:
@@ -148,6 +356,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
             ``beta == 0`` (as torch: NaN in it does not propagate).
         beta, alpha: scalars.
         out: where to write (a's dtype, ``[.., M, N]``); a new contiguous tensor when None.
+        config: a config tuple (``TUNABLE.fields``; from :func:`matmul_config`), else the tuned one.
+            A tensor-descriptor config on operands that do not allow one runs the plain
+            kernel with its tile.
 
     Returns:
         The product, a's dtype.
@@ -165,20 +376,26 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
         raise ValueError(f"out: expected shape {list(shape)} and dtype {a.dtype}, got {list(out.shape)} {out.dtype}")
     if out.numel() == 0:
         return out
+    if config is None:
+        config = matmul_config(a, b, bias if beta != 0 else None, out)
+    kind, bm, bn, bk, group_m, warps, stages, warp_spec, _ = config
     has_bias = bias is not None and beta != 0
     if has_bias:
         bias_v = bias.expand(m, n)
         xs = (0, bias_v.stride(0), bias_v.stride(1))
     else:
         bias_v, xs = out, (0, 0, 0)
+    interp = interpreter_mode()
+    if kind != "plain" and tma_eligible(a, b, out):
+        _launch_tma(a, b, out, bias_v, xs, m, n, k, alpha, beta, has_bias, kind == "persistent", bool(warp_spec),
+                    bm, bn, bk, group_m, warps, stages, interp)
+        return out
     a3 = a if batched else a.unsqueeze(0)
     b3 = b if batched else b.unsqueeze(0)
     c3 = out if batched else out.unsqueeze(0)
-    bm, bn, bk, warps, stages = tile_config(m, a.element_size())
     precision = "tf32"
     if a.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         precision = "ieee"
-    interp = interpreter_mode()
     if interp:
         precision = "ieee"
     grid = (cdiv(m, bm) * cdiv(n, bn), a3.shape[0])
@@ -191,7 +408,133 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
             HAS_BIAS=has_bias,
             UPCAST=interp,
             PRECISION=precision,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
             num_warps=warps, num_stages=stages,
         )
     return out
+
+
+def _launch_tma(a, b, out, bias_v, xs, m, n, k, alpha, beta, has_bias, persistent, warp_spec,
+                bm, bn, bk, group_m, warps, stages, interp):
+    if a.dim() == 3:  # batch 1
+        a, b, out = a[0], b[0], out[0]
+    kmajor = _b_kmajor(b)
+    a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
+    b_desc = TensorDescriptor.from_tensor(b.t(), [bn, bk]) if kmajor else TensorDescriptor.from_tensor(b, [bk, bn])
+    c_desc = TensorDescriptor.from_tensor(out, [bm, bn])
+    tiles = cdiv(m, bm) * cdiv(n, bn)
+    programs = min(tiles, num_sms(a.device)) if persistent else tiles
+    with device_guard(a):
+        _matmul_tma_kernel[(programs,)](
+            a_desc, b_desc, c_desc, bias_v,
+            m, n, k,
+            xs[1], xs[2],
+            float(alpha), float(beta),
+            programs,
+            HAS_BIAS=has_bias,
+            B_KMAJOR=kmajor,
+            UPCAST=interp,
+            PERSISTENT=persistent,
+            WARP_SPEC=warp_spec,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+            num_warps=warps, num_stages=stages,
+        )
+
+
+# --------------------------------------------------------------------------- autotuning
+
+_FIELDS = ("KIND", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "WARP_SPEC", "NATIVE")
+
+
+def _cfg(kind, bm, bn, bk, warps, stages, warp_spec=0, group_m=8) -> dict:
+    return dict(KIND=kind, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages,
+                WARP_SPEC=warp_spec, NATIVE=0)
+
+
+def _tune_default(key, dev) -> dict:
+    bm, bn, bk, warps, stages = tile_config(key[1], key[4].itemsize)
+    return _cfg("plain", bm, bn, bk, warps, stages)
+
+
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) by M bucket, likeliest first. Decode (M <= 16)
+# streams the weight: narrow N tiles give enough programs to fill the SMs (N = 4096 in 32-column
+# tiles: 128 programs on 132 SMs), long K steps and deep pipelines keep the loads in flight.
+# Larger M: Hopper's 128-row wgmma tiles, 128 or 256 wide. Not measured yet (bench_tune.py).
+_TILES_SMALL = ((16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 16, 256, 4, 4), (16, 64, 256, 4, 3),
+                (16, 32, 128, 4, 6), (16, 128, 128, 4, 4), (16, 64, 128, 4, 6))
+_TILES_MID = ((64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (32, 64, 128, 4, 4))
+_TILES_LARGE = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+                (128, 128, 128, 8, 3), (64, 256, 64, 4, 4))
+
+
+def _tune_candidates(key, dev) -> list:
+    """Per M bucket a few tiles (above) in each class the call can use: ``tma`` first on Hopper,
+    ``persistent`` (and its warp-specialized form) where there are more tiles than SMs, ``plain``
+    always. fp32: plain tiles with half the K step. The interpreter gets one small tile per class."""
+    batch, m, n, k, dtype, _, _, tma_ok = key
+    tma_ok = tma_ok and HAS_TMA
+    if dev < 0:  # the interpreter: each class once, small tiles
+        out = [_cfg("plain", 16, 32, 16, 1, 1)]
+        if tma_ok:
+            out += [_cfg("tma", 16, 16, 16, 1, 1), _cfg("persistent", 16, 16, 16, 1, 1, group_m=2)]
+            if HAS_WARP_SPEC:
+                out.append(_cfg("persistent", 16, 16, 16, 1, 1, warp_spec=1, group_m=2))
+        return out
+    tiles = _TILES_SMALL if m <= 16 else _TILES_MID if m <= 128 else _TILES_LARGE
+    if dtype.itemsize == 4:
+        return [_cfg("plain", bm, bn, max(16, bk // 2), w, st) for bm, bn, bk, w, st in tiles]
+    out = []
+    if tma_ok:
+        out += [_cfg("tma", *t) for t in tiles]
+        sms = num_sms(at.torch_device(dev))
+        many = [t for t in tiles if cdiv(m, t[0]) * cdiv(n, t[1]) * batch > sms]
+        out += [_cfg("persistent", *t) for t in many[:3]]
+        if HAS_WARP_SPEC:
+            out += [_cfg("persistent", *t, warp_spec=1) for t in many[:2]]
+            out += [_cfg("tma", *t, warp_spec=1) for t in tiles[:2]]
+    out += [_cfg("plain", *t) for t in tiles]
+    return out
+
+
+def _bench_operands(key, dev, dims):
+    batch, m, n, k, dtype, has_bias, kmajor, _ = key
+    dims = dims or {}
+    m, n, k, batch = dims.get("m", m), dims.get("n", n), dims.get("k", k), dims.get("batch", batch)
+    device = at.torch_device(dev)
+    lead = (batch,) if batch > 1 else ()
+    a = torch.randn(*lead, m, k, device=device, dtype=dtype)
+    if kmajor:
+        b = torch.randn(*lead, n, k, device=device, dtype=dtype).transpose(-1, -2)
+    else:
+        b = torch.randn(*lead, k, n, device=device, dtype=dtype)
+    bias = torch.randn(n, device=device, dtype=dtype) if has_bias and batch == 1 else None
+    out = torch.empty(*lead, m, n, device=device, dtype=dtype)
+    return a, b, bias, out
+
+
+def _tune_bench(key, dev, dims):
+    """``a @ b (+ bias)`` of the key's sizes (the real call's when known), ``b`` laid out as the key says."""
+    a, b, bias, out = _bench_operands(key, dev, dims)
+    return lambda: matmul(a, b, bias, out=out)
+
+
+def _tune_baseline(key, dev, dims):
+    """The native kernel on the same operands: ``torch.mm`` / ``addmm`` / ``bmm`` (cuBLAS on NVIDIA)."""
+    a, b, bias, out = _bench_operands(key, dev, dims)
+    if a.dim() == 3:
+        return lambda: torch.bmm(a, b, out=out)
+    if bias is not None:
+        return lambda: torch.addmm(bias, a, b, out=out)
+    return lambda: torch.mm(a, b, out=out)
+
+
+TUNABLE = at.register(at.Tunable(
+    "matmul",
+    fields=_FIELDS,
+    key_fields=("batch_bucket", "m_bucket", "n", "k", "dtype", "has_bias", "b_kmajor", "tma_ok"),
+    default=_tune_default,
+    candidates=_tune_candidates,
+    make_bench=_tune_bench,
+    baseline=_tune_baseline,
+    sources=(_matmul_kernel, _matmul_tma_kernel, _tile_acc, _tile_store, tma_eligible),
+))

@@ -87,10 +87,12 @@ import triton.language as tl
 from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
 from triton.language.extra import libdevice
 
+from . import _autotune as at
 from ._common import device_guard, interpreter_mode
 from ._launch import jit
 
-__all__ = ["CAST_DTYPES", "MAX_DIMS", "OPS", "PointwiseOp", "cast_op", "kernel_cache_info", "kernel_source", "launch_config"]
+__all__ = ["CAST_DTYPES", "MAX_DIMS", "OPS", "PointwiseOp", "cast_op", "kernel_cache_info", "kernel_source", "launch_config",
+           "op_dtypes"]
 
 # Most dims of a strided (class g) index space after coalescing; more -> a reason.
 MAX_DIMS = 8
@@ -123,7 +125,8 @@ def _category(dtype: torch.dtype) -> str:
 
 
 def launch_config(n: int) -> tuple[int, int]:
-    """Elements per program (BLOCK) and warps for a pointwise kernel over ``n`` elements.
+    """Elements per program (BLOCK) and warps for a pointwise kernel over ``n`` elements, tuned per
+    element-count bucket and device kind (``TUNABLE`` at the end of this file). The heuristic:
 
     GPU: 1024 elements on 4 warps (8 per thread: two 16-byte fp32 vectors, one for fp16)
     for every size, so each signature compiles once. These are the values of Triton's
@@ -136,9 +139,11 @@ def launch_config(n: int) -> tuple[int, int]:
     Returns:
         (BLOCK, num_warps)
     """
-    if _INTERPRET:
-        return max(16, min(4096, 1 << max(n - 1, 0).bit_length())), 1
-    return 1024, 4
+    # Plans cache the answer: one lookup per plan, not per call.
+    key = tune_key(n)
+    dev = at.current_device()
+    cfg = TUNABLE.chosen.get((dev, key))
+    return cfg if cfg is not None else TUNABLE.resolve(key, dev, {"n": n})
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -577,34 +582,10 @@ def _build(op: PointwiseOp, operands, out, symbolic: bool):
     ptrs = [i for i, a in enumerate(operands) if isinstance(a, torch.Tensor) and a.device == device]
 
     # --- dtypes: result, and the computation dtype (torch's opmath)
-    promote = op.promote if op.promote is not None else tuple(i for i in range(op.arity) if i not in op.bool_args)
-    if op.promotion == "out":
-        if out is None:
-            return "the output dtype comes from out="
-        common = result = out.dtype
-    elif op.promotion == "cast":
-        common = operands[0].dtype if isinstance(operands[0], torch.Tensor) else None
-        result = common if op.dtype is None else op.dtype
-    else:
-        args = [operands[i] for i in promote]
-        common = elementwise_dtypes(*args, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)[1]
-        result = common
-        if op.promotion == "int_to_float":
-            result = elementwise_dtypes(*args, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.INT_TO_FLOAT)[1]
-        elif op.promotion == "bool":
-            result = torch.bool
-    if common is None:
-        return "operand 0 must be a tensor"
-    for d in (common, result):
-        if d not in _TL_DTYPES:
-            return f"dtype {d} is not supported"
-    if _category(common) not in op.accepts:
-        return f"{op.name} is not defined for {common}"
-    if op.promotion == "cast":
-        base = common if result is torch.bool else result  # a bool result is x != 0 in the input's dtype
-    else:
-        base = result if op.promotion == "int_to_float" else common
-    compute = _OPMATH.get(base, base)
+    dtypes = _dtypes(op, operands, out)
+    if dtypes.__class__ is str:
+        return dtypes
+    result, compute = dtypes
     if out is not None and not torch.can_cast(result, out.dtype):
         return f"result type {result} can't be cast to the output dtype {out.dtype}"
     if op.out_format is not None:
@@ -737,6 +718,55 @@ def _build(op: PointwiseOp, operands, out, symbolic: bool):
     plan.result_range = _INT_RANGE.get(result) or ((-_FLOAT_MAX[result], _FLOAT_MAX[result]) if result in _FLOAT_MAX else None)
     plan.per_call_checks = bool(plan.scalar_checks) or out is not None
     return plan
+
+
+def op_dtypes(op: "PointwiseOp", *operands) -> tuple[torch.dtype, torch.dtype] | str:
+    """Result dtype and computation dtype of ``op(*operands)`` (torch's type promotion and opmath).
+
+    Metadata only (FakeTensors and symbolic scalars welcome); what the fused-group generator
+    (``kernels/pointwise_fused.py``) uses to type each op of a group as this module types a call.
+
+    Args:
+        operands: tensors or Python numbers, ``op.arity`` of them.
+
+    Returns:
+        ``(result, compute)``, or a reason string when the op is not defined for these dtypes.
+    """
+    if len(operands) != op.arity:
+        return f"expected {op.arity} operands, got {len(operands)}"
+    return _dtypes(op, operands, None)
+
+
+def _dtypes(op, operands, out):
+    """(result, compute) dtypes of a call, or a reason (see :func:`op_dtypes`)."""
+    promote = op.promote if op.promote is not None else tuple(i for i in range(op.arity) if i not in op.bool_args)
+    if op.promotion == "out":
+        if out is None:
+            return "the output dtype comes from out="
+        common = result = out.dtype
+    elif op.promotion == "cast":
+        common = operands[0].dtype if isinstance(operands[0], torch.Tensor) else None
+        result = common if op.dtype is None else op.dtype
+    else:
+        args = [operands[i] for i in promote]
+        common = elementwise_dtypes(*args, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)[1]
+        result = common
+        if op.promotion == "int_to_float":
+            result = elementwise_dtypes(*args, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.INT_TO_FLOAT)[1]
+        elif op.promotion == "bool":
+            result = torch.bool
+    if common is None:
+        return "operand 0 must be a tensor"
+    for d in (common, result):
+        if d not in _TL_DTYPES:
+            return f"dtype {d} is not supported"
+    if _category(common) not in op.accepts:
+        return f"{op.name} is not defined for {common}"
+    if op.promotion == "cast":
+        base = common if result is torch.bool else result  # a bool result is x != 0 in the input's dtype
+    else:
+        base = result if op.promotion == "int_to_float" else common
+    return result, _OPMATH.get(base, base)
 
 
 class _SymbolicOk:
@@ -1030,3 +1060,51 @@ def kernel_source(op: PointwiseOp, *operands, out=None) -> str:
         raise NotImplementedError(f"pointwise {op.name}: {plan if isinstance(plan, str) else 'no kernel for this call'}")
     name = f"pointwise_{plan.kernel_key[0]}_{hashlib.sha1(repr(plan.kernel_key).encode()).hexdigest()[:12]}"
     return _source(name, plan.kernel_key)
+
+
+# --------------------------------------------------------------------------- autotuning
+
+_N_BUCKET_CAP = 1 << 28
+
+
+def tune_key(n: int) -> tuple:
+    """The autotuning key of a pointwise launch over ``n`` elements: (n bucket,)."""
+    return (at.pow2_bucket(n, _N_BUCKET_CAP),)
+
+
+def _tune_default(key, dev) -> dict:
+    if _INTERPRET:
+        return {"BLOCK": max(16, min(4096, key[0])), "num_warps": 1}
+    return {"BLOCK": 1024, "num_warps": 4}
+
+
+def _tune_candidates(key, dev) -> list:
+    """512-8192 elements per program on 2-16 warps (4-64 elements per thread); the interpreter gets one."""
+    if dev < 0:
+        return [{"BLOCK": max(16, min(4096, key[0]) // 2), "num_warps": 1}]
+    out = [{"BLOCK": b, "num_warps": w} for b in (512, 1024, 2048, 4096, 8192) for w in (2, 4, 8, 16)
+           if 4 <= b // (32 * w) <= 64]
+    return at.near_first(_tune_default(key, dev), out)
+
+
+def _tune_bench(key, dev, dims):
+    """A bf16 ``add`` of two contiguous vectors of the bucket's size (plans are built per run, so the
+    forced config is the one launched)."""
+    n = (dims or {}).get("n", key[0])
+    device = at.torch_device(dev)
+    a = torch.randn(n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, device=device, dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+    op = OPS["add"]
+    return lambda: _build(op, (a, b), out, symbolic=False).run((a, b), out)
+
+
+TUNABLE = at.register(at.Tunable(
+    "pointwise",
+    fields=("BLOCK", "num_warps"),
+    key_fields=("n_bucket",),
+    default=_tune_default,
+    candidates=_tune_candidates,
+    make_bench=_tune_bench,
+    sources=(_source,),
+))

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _autotune as at
 from ._common import FLOAT_DTYPES, MAX_FUSED_BLOCK, cdiv, check_tensor, device_guard, next_pow2, num_sms, row_config
 from ._launch import jit
 
@@ -46,7 +47,7 @@ OP_SUM, OP_MAX, OP_ALL = 0, 1, 2
 # _MAX_TILE_ROWS rows); it keeps a tile's register footprint near that of one 4096-element
 # row. Measured on the H100 (benchmarks/results/ops_*): 2.2-2.9x native at [8, 4096], but
 # 0.86x (sum) and 0.83x (amax) at [4096, 4096], where native's row kernel is faster; those
-# entries are opt-in until this tile is swept (benchmarks/NOTES.md).
+# entries stay out of preset "fast" until this tile is swept (benchmarks/NOTES.md).
 _TILE_ELEMS = 4096
 _MAX_TILE_ROWS = 64
 # Largest number of partials per row a split reduction writes (reduced by one more tile).
@@ -58,7 +59,8 @@ _BIG_INDEX = tl.constexpr(2**62)  # "no column yet" in max_index (a jit global m
 
 
 def tile_config(n_rows: int, n_cols: int, elem_bytes: int, max_block: int = MAX_FUSED_BLOCK) -> tuple[int, int, int]:
-    """Tile shape and warp count for the row kernels of this file.
+    """Tile shape and warp count for the row kernels of this file (the sum/mean/amax/all kernel's is
+    tuned per device kind, with this as the default: ``TUNABLE`` below).
 
     ``BLOCK_N`` is :func:`~flag_gems.kernels._common.row_config`'s (the whole row up to
     MAX_FUSED_BLOCK, else MAX_FUSED_BLOCK chunks); short rows are stacked ``BLOCK_M`` to a
@@ -302,7 +304,10 @@ def _splits(n_rows: int, n_cols: int, block_m: int, block_n: int, device) -> int
 
 def _reduce(x: torch.Tensor, n_cols: int, op: int, out: torch.Tensor, scale: float) -> torch.Tensor:
     n_rows = x.numel() // n_cols
-    block_m, block_n, warps = tile_config(n_rows, n_cols, x.element_size())
+    key = tune_key(n_rows, n_cols, x.dtype)
+    dev = x.get_device()
+    cfg = TUNABLE.chosen.get((dev, key))
+    block_m, block_n, warps = cfg if cfg is not None else TUNABLE.resolve(key, dev, {"n_rows": n_rows, "n_cols": n_cols})
     n_splits = _splits(n_rows, n_cols, block_m, block_n, x.device)
     span = cdiv(cdiv(n_cols, n_splits), block_n) * block_n
     n_splits = cdiv(n_cols, span)
@@ -499,3 +504,61 @@ def softmax_bwd(
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )
     return dx
+
+
+# --------------------------------------------------------------------------- autotuning
+
+_BUCKET_CAP = 1 << 24
+
+
+def tune_key(n_rows: int, n_cols: int, dtype: torch.dtype) -> tuple:
+    """The sum/mean/amax/all kernel's autotuning key: (rows bucket, columns bucket, dtype)."""
+    return (at.pow2_bucket(n_rows, _BUCKET_CAP), at.pow2_bucket(n_cols, _BUCKET_CAP), dtype)
+
+
+def _tune_default(key, dev) -> dict:
+    bm, bn, warps = tile_config(key[0], key[1], key[2].itemsize)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps}
+
+
+def _tune_candidates(key, dev) -> list:
+    """Tiles of 1-64 rows by 256-16384 columns (at most 32768 elements, 4-64 per thread) on 1-16 warps,
+    for the sum/mean/amax/all kernel (its column loop takes any block); one variant in the interpreter."""
+    rows, cols, dtype = key
+    default = _tune_default(key, dev)
+    if dev < 0:
+        return [dict(default, num_warps=2 if default["num_warps"] == 1 else 1)]
+    out = []
+    for bn in (256, 512, 1024, 2048, 4096, 8192, 16384):
+        if bn > max(256, next_pow2(cols)):
+            continue
+        for bm in (1, 2, 4, 8, 16, 32, 64):
+            if bm > rows or bm * bn > 32768:
+                continue
+            for w in (1, 2, 4, 8, 16):
+                if 4 <= bm * bn // (32 * w) <= 64:
+                    out.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w})
+    return at.near_first(default, out)
+
+
+def _tune_bench(key, dev, dims):
+    """A row sum of ``[rows, cols]`` (``all`` for bool / integer keys)."""
+    rows, cols, dtype = key
+    rows, cols = (dims or {}).get("n_rows", rows), (dims or {}).get("n_cols", cols)
+    device = at.torch_device(dev)
+    if not dtype.is_floating_point:
+        x = (torch.rand(rows, cols, device=device) > 0.01).to(dtype)
+        return lambda: row_all(x, cols)
+    x = torch.randn(rows, cols, device=device, dtype=dtype)
+    return lambda: row_sum(x, cols)
+
+
+TUNABLE = at.register(at.Tunable(
+    "reduction",
+    fields=("BLOCK_M", "BLOCK_N", "num_warps"),
+    key_fields=("rows_bucket", "cols_bucket", "dtype"),
+    default=_tune_default,
+    candidates=_tune_candidates,
+    make_bench=_tune_bench,
+    sources=(_reduce_kernel, _reduce),
+))

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _autotune as at
 from ._common import (
     MAX_FUSED_BLOCK,
     check_same_device,
@@ -360,7 +361,10 @@ def rms_norm_fwd(
     n_cols = x.shape[-1]
     (xv, rv, yv, hv), n_inner, copied = _rows3([x, residual, y, h], x.shape)
     n_rows = x.numel() // n_cols
-    block, warps = row_config(n_cols, x.element_size())
+    key = tune_key(n_rows, n_cols, x.dtype, residual is not None)
+    dev = x.get_device()
+    cfg = TUNABLE.chosen.get((dev, key))
+    block, warps = cfg if cfg is not None else TUNABLE.resolve(key, dev, {"n_rows": n_rows})
     with device_guard(x):
         _rms_norm_fwd_kernel[(n_rows,)](
             xv, rv if rv is not None else xv, weight if weight is not None else xv, yv, hv if hv is not None else yv,
@@ -450,3 +454,47 @@ def rms_norm_bwd(
         )
     dw = partial.sum(0).to(weight.dtype) if compute_dw else None
     return dx, dw
+
+
+# ---------------------------------------------------------------------------
+# Autotuning (kernels/_autotune.py): the forward's warps (and chunk) per device kind
+# ---------------------------------------------------------------------------
+
+_ROWS_BUCKET_CAP = 1 << 16
+
+
+def tune_key(n_rows: int, n_cols: int, dtype: torch.dtype, has_residual: bool) -> tuple:
+    """The forward's autotuning key: (rows bucket, n_cols, dtype, has_residual)."""
+    return (at.pow2_bucket(n_rows, _ROWS_BUCKET_CAP), n_cols, dtype, has_residual)
+
+
+def _tune_default(key, dev) -> dict:
+    block, warps = row_config(key[1], key[2].itemsize)
+    return {"BLOCK_N": block, "num_warps": warps}
+
+
+def _tune_candidates(key, dev) -> list:
+    return at.row_candidates(_tune_default(key, dev), key[1], MAX_FUSED_BLOCK, dev)
+
+
+def _tune_bench(key, dev, dims):
+    """(add +) RMSNorm of ``[rows, n_cols]`` with a weight, into preallocated outputs."""
+    rows, n_cols, dtype, has_residual = key
+    rows = (dims or {}).get("n_rows", rows)
+    device = at.torch_device(dev)
+    x = torch.randn(rows, n_cols, device=device, dtype=dtype)
+    w = torch.randn(n_cols, device=device, dtype=dtype)
+    r = torch.randn_like(x) if has_residual else None
+    y, h = torch.empty_like(x), (torch.empty_like(x) if has_residual else None)
+    return lambda: rms_norm_fwd(x, w, 1e-6, residual=r, out=y, residual_out=h)
+
+
+TUNABLE = at.register(at.Tunable(
+    "rms_norm",
+    fields=("BLOCK_N", "num_warps"),
+    key_fields=("rows_bucket", "n_cols", "dtype", "has_residual"),
+    default=_tune_default,
+    candidates=_tune_candidates,
+    make_bench=_tune_bench,
+    sources=(_rms_norm_fwd_kernel,),
+))

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _autotune as at
 from ._common import cdiv, check_same_device, check_tensor, device_guard, next_pow2
 from ._launch import jit
 
@@ -201,7 +202,7 @@ def _rope_kernel(
 
 @functools.lru_cache(maxsize=None)
 def rope_config(n_q_heads: int, n_k_heads: int, half_rot: int, head_dim: int, elem_bytes: int, copy_pass: bool):
-    """Block sizes and warps of the RoPE kernel.
+    """Block sizes and warps of the RoPE kernel: the heuristic, the autotuner's default (``TUNABLE`` below).
 
     A program rotates up to 1024 pairs (``BLOCK_H * BLOCK_R2``; 4 KiB read + 4 KiB written
     in bf16), enough to hide latency while keeping several programs per token for
@@ -467,7 +468,11 @@ def _run_tokens(q, k, q_out, k_out, splits, cos, sin, table_strides, pos, n_pos,
     n_q_heads, head_dim = q.shape[-2], q.shape[-1]
     out_of_place = qot is not qt or kot is not kt
     copy_pass = out_of_place and 2 * half_rot < head_dim
-    bhq, bhk, br2, bp, warps = rope_config(n_q_heads, n_k_heads, half_rot, head_dim, q.element_size(), copy_pass)
+    n_tokens = n_outer * n_inner
+    key = tune_key(n_tokens, n_q_heads, n_k_heads, half_rot, head_dim, q.dtype, copy_pass, interleaved, full_table)
+    dev = q.get_device()
+    cfg = TUNABLE.chosen.get((dev, key))
+    bhq, bhk, br2, bp, warps = cfg if cfg is not None else TUNABLE.resolve(key, dev, {"n_tokens": n_tokens})
     n_q_blocks = cdiv(n_q_heads, bhq)
     n_k_blocks = cdiv(n_k_heads, bhk)
     with device_guard(q):
@@ -632,3 +637,82 @@ def rope_cache_fwd(positions, query, key, head_size, cos_sin_cache, is_neox, *, 
     _run_tokens(q3, k3, qo3, ko3, _token_split(positions.shape), cos, sin, strides, positions, n_pos, half, False,
                 not is_neox, inverse)
     return query_out, key_out
+
+
+# ---------------------------------------------------------------------------
+# Autotuning (kernels/_autotune.py): head blocks and warps per device kind
+# ---------------------------------------------------------------------------
+
+_TOKENS_BUCKET_CAP = 1 << 16
+
+
+def tune_key(n_tokens, n_q_heads, n_k_heads, half_rot, head_dim, dtype, copy_pass, interleaved, full_table) -> tuple:
+    """The autotuning key: (tokens bucket, q heads, k heads, r/2, head_dim, dtype, copy pass, interleaved, full table)."""
+    return (at.pow2_bucket(n_tokens, _TOKENS_BUCKET_CAP), n_q_heads, n_k_heads, half_rot, head_dim, dtype,
+            bool(copy_pass), bool(interleaved), bool(full_table))
+
+
+def _tune_default(key, dev) -> dict:
+    _, nq, nk, half_rot, head_dim, dtype, copy_pass, _, _ = key
+    bhq, bhk, br2, bp, warps = rope_config(nq, nk, half_rot, head_dim, dtype.itemsize, copy_pass)
+    return {"BLOCK_HQ": bhq, "BLOCK_HK": bhk, "BLOCK_R2": br2, "BLOCK_P": bp, "num_warps": warps}
+
+
+def _tune_candidates(key, dev) -> list:
+    """Head blocks of 1 to all heads for q (k's block in proportion, or as large as q's), 1-8 warps at
+    2-32 pairs per thread: small blocks give decode more programs, large ones fewer table
+    loads per token. The interpreter gets one variant."""
+    _, nq, nk, half_rot, head_dim, dtype, copy_pass, _, _ = key
+    default = _tune_default(key, dev)
+    if dev < 0:
+        return [dict(default, BLOCK_HQ=max(1, default["BLOCK_HQ"] // 2), BLOCK_HK=max(1, default["BLOCK_HK"] // 2))]
+    br2 = default["BLOCK_R2"]
+    nq2, nk2 = next_pow2(max(nq, 1)), next_pow2(max(nk, 1))
+    out = []
+    bhq = 1
+    while bhq <= nq2 and bhq * br2 <= 4096:
+        for bhk in sorted({max(1, min(nk2, bhq * nk2 // nq2)), min(nk2, bhq)}):
+            for w in (1, 2, 4, 8):
+                if 2 <= bhq * br2 // (32 * w) <= 32:
+                    out.append(dict(default, BLOCK_HQ=bhq, BLOCK_HK=bhk, num_warps=w))
+        bhq *= 2
+    return at.near_first(default, out)
+
+
+def _tune_bench(key, dev, dims):
+    """RoPE of the key's q and k: full tables -> HF layout (``rope_hf_fwd``), half tables -> vLLM's
+    token layout with positions (``rope_cache_fwd``); out of place unless the copy pass is off
+    while the rotary dim is partial (then in place, as such calls are)."""
+    tokens, nq, nk, half_rot, head_dim, dtype, copy_pass, interleaved, full_table = key
+    tokens = (dims or {}).get("n_tokens", tokens)
+    device = at.torch_device(dev)
+    rot = 2 * half_rot
+    in_place = rot < head_dim and not copy_pass
+    if full_table:
+        q = torch.randn(1, tokens, nq, head_dim, device=device, dtype=dtype).transpose(1, 2)
+        k = torch.randn(1, tokens, nk, head_dim, device=device, dtype=dtype).transpose(1, 2) if nk else None
+        cos = torch.randn(1, tokens, rot, device=device, dtype=dtype)
+        sin = torch.randn(1, tokens, rot, device=device, dtype=dtype)
+        qo = q if in_place else torch.empty_like(q)
+        ko = k if (in_place or k is None) else torch.empty_like(k)
+        return lambda: rope_hf_fwd(q, k, cos, sin, interleaved=interleaved, q_out=qo, k_out=ko)
+    max_pos = max(4096, tokens)
+    pos = torch.randint(0, max_pos, (tokens,), device=device)
+    q = torch.randn(tokens, nq * head_dim, device=device, dtype=dtype)
+    k = torch.randn(tokens, nk * head_dim, device=device, dtype=dtype) if nk else None
+    cache = torch.randn(max_pos, rot, device=device, dtype=torch.float32)
+    qo = q if in_place else torch.empty_like(q)
+    ko = k if (in_place or k is None) else torch.empty_like(k)
+    return lambda: rope_cache_fwd(pos, q, k, head_dim, cache, not interleaved, query_out=qo, key_out=ko)
+
+
+TUNABLE = at.register(at.Tunable(
+    "rope",
+    fields=("BLOCK_HQ", "BLOCK_HK", "BLOCK_R2", "BLOCK_P", "num_warps"),
+    key_fields=("tokens_bucket", "n_q_heads", "n_k_heads", "half_rot", "head_dim", "dtype", "copy_pass",
+                "interleaved", "full_table"),
+    default=_tune_default,
+    candidates=_tune_candidates,
+    make_bench=_tune_bench,
+    sources=(_rope_kernel, _rope_heads),
+))

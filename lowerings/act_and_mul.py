@@ -35,6 +35,7 @@ from ..kernels.act_and_mul import (
 )
 from ..c_runtime import fast_ops
 from ._utils import eager_fast_path
+from .registry import register_fused
 
 logger = logging.getLogger(__name__)
 
@@ -282,3 +283,18 @@ def gelu_and_mul_fused(x: Tensor, approximate: str = "none") -> Tensor:
     if eager_fast_path(x):
         return act_and_mul_fused_fwd(x, "gelu", approximate)
     return torch.ops.flag_gems.gelu_and_mul_fused(x, approximate)
+
+
+# The ops in the registry's table of flag_gems ops: (name, kernel, the fusion pass that emits it).
+for _name, _kernel, _pass in (
+    ("silu_and_mul", "flag_gems.act_and_mul.fwd", "act_and_mul"),
+    ("gelu_and_mul", "flag_gems.act_and_mul.fwd", "act_and_mul"),
+    ("silu_and_mul_fused", "flag_gems.act_and_mul.fused_fwd", "act_and_mul"),
+    ("gelu_and_mul_fused", "flag_gems.act_and_mul.fused_fwd", "act_and_mul"),
+    ("silu_and_mul_out", "flag_gems.act_and_mul.fused_fwd", None),
+    ("silu_and_mul_backward", "flag_gems.act_and_mul.bwd", None),
+    ("gelu_and_mul_backward", "flag_gems.act_and_mul.bwd", None),
+    ("silu_and_mul_fused_backward", "flag_gems.act_and_mul.fused_bwd", None),
+    ("gelu_and_mul_fused_backward", "flag_gems.act_and_mul.fused_bwd", None),
+):
+    register_fused(f"flag_gems::{_name}", kernel=_kernel, fused_by=_pass)

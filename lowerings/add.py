@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..kernels.pointwise import OPS
 from . import pointwise  # noqa: F401  (registers the aten pointwise entries, add.Tensor included)
+from .registry import register_fused
 
 logger = logging.getLogger(__name__)
 
@@ -73,3 +74,5 @@ def _backward(ctx, grad):
 
 
 add_tensor.register_autograd(_backward, setup_context=_setup)
+
+register_fused("flag_gems::add_tensor", kernel="flag_gems.pointwise.add")

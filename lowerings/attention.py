@@ -14,9 +14,10 @@ kernel is not), other ranks (torch takes any number of batch dims), nested tenso
 symbolic sizes, a mask together with ``is_causal`` (torch's math kernel raises; its CPU
 flash kernel combines the two), and whatever torch itself rejects.
 
-Default: off (opt-in with ``include=["scaled_dot_product_attention"]``): not yet measured on
-the H100 against native flash/cuDNN attention, and an attention kernel is on by default only
-where it is at least as fast. Not rewritten in compiled graphs.
+Policies (``flag_gems.lowerings.registry``): on in the eager mode, as every entry (calls that
+need gradients go to torch's differentiable attention through ``supports``). Below native
+flash / cuDNN attention in the H100 rows (``lowerings/measurements.py``), so not in
+``preset="fast"``; not rewritten in compiled graphs.
 
 ``scaled_dot_product_attention`` (re-exported as ``flag_gems.scaled_dot_product_attention``)
 is the explicit API: it runs the kernel or raises; it never falls back silently.
@@ -34,12 +35,9 @@ from .registry import register
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REASON", "scaled_dot_product_attention"]
+__all__ = ["scaled_dot_product_attention"]
 
 aten = torch.ops.aten
-
-REASON = ("not yet measured on the H100 against native flash/cuDNN attention (untuned flash-attention "
-          "tiles, no split-KV for decode); opt-in (include=['scaled_dot_product_attention'])")
 
 _MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32)
 
@@ -112,7 +110,7 @@ def _supports(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 
 
 @register(aten.scaled_dot_product_attention.default, kernel="flag_gems.attention.flash", supports=_supports,
-          default=False, reason=REASON, checks_in_impl=True)
+          checks_in_impl=True)
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
     """``aten::scaled_dot_product_attention`` (forward, no dropout) through the flash kernel."""
     why = _supports(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)

@@ -27,6 +27,7 @@ from torch import Tensor
 from ..kernels import indexing as ki
 from ..kernels import matmul as km
 from . import indexing, matmul, reduction
+from .registry import register_fused
 
 __all__ = ["bmm", "cat", "mm", "sum"]
 
@@ -196,3 +197,9 @@ def _sum_backward(ctx, grad):
 
 
 sum.register_autograd(_sum_backward, setup_context=_sum_setup)
+
+
+# The ops in the registry's table of flag_gems ops (no pass emits them: called directly).
+for _name, _kernel in (("mm", "flag_gems.matmul"), ("bmm", "flag_gems.matmul"), ("cat", "flag_gems.indexing.cat"),
+                       ("sum", "flag_gems.reduction.sum")):
+    register_fused(f"flag_gems::{_name}", kernel=_kernel)

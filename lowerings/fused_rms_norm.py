@@ -35,10 +35,10 @@ gradient without a weight, devices the kernels do not run on.
 ``supports`` reads metadata only, so it works on FakeTensors and adds no guards; ``impl``
 re-checks and raises NotImplementedError for the same reasons.
 
-Defaults: opt-in. A row kernel with the native kernel's bytes (one read, one write; the
-backward reads x, dy and rstd). On the H100 the forward ran 2.18x / 1.14x native at
-[8, 4096] / [4096, 4096] but costs ~8x native's host time per eager call, and neither entry
-was measured inside a model yet; the backward is not in the GPU benchmark.
+Policies (``flag_gems.lowerings.registry``): on in the eager mode, as every entry. A row
+kernel with the native kernel's bytes (one read, one write; the backward reads x, dy and
+rstd); the forward's benchmark rows decide ``preset="fast"``. Not lowered in compiled graphs:
+the ``rms_norm`` fusion pass already rewrites ``aten._fused_rms_norm`` there.
 """
 
 from __future__ import annotations
@@ -53,13 +53,9 @@ from .registry import register
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_REASON", "TARGETS"]
+__all__ = ["TARGETS"]
 
 aten = torch.ops.aten
-
-DEFAULT_REASON = "same bytes as native; not in the GPU benchmark yet: opt-in (include=...)"
-FWD_REASON = ("measured on H100 vs native at [8, 4096] / [4096, 4096]: 2.18x / 1.14x, but 8x native's host time "
-              "per eager call and not yet measured inside a model: opt-in (include=...)")
 
 # torch's eps=None: the accumulate type's epsilon (fp32 for every dtype the kernels take).
 DEFAULT_EPS = torch.finfo(torch.float32).eps
@@ -202,12 +198,11 @@ def _fused_rms_norm_backward(grad_out, input, normalized_shape, rstd, weight, ou
 _targets = []
 if hasattr(aten, "_fused_rms_norm"):
     register(aten._fused_rms_norm.default, kernel="flag_gems.rms_norm.fwd", supports=_supports_fused_rms_norm,
-             default=False, reason=FWD_REASON, checks_in_impl=True)(_fused_rms_norm)
+             checks_in_impl=True)(_fused_rms_norm)
     _targets.append(aten._fused_rms_norm.default)
 if hasattr(aten, "_fused_rms_norm_backward"):  # torch >= 2.9
     register(aten._fused_rms_norm_backward.default, kernel="flag_gems.rms_norm.bwd",
-             supports=_supports_fused_rms_norm_backward, default=False, reason=DEFAULT_REASON,
-             checks_in_impl=True)(_fused_rms_norm_backward)
+             supports=_supports_fused_rms_norm_backward, checks_in_impl=True)(_fused_rms_norm_backward)
     _targets.append(aten._fused_rms_norm_backward.default)
 
 TARGETS = tuple(_targets)

@@ -1,16 +1,16 @@
 """Registry entries for the indexing / data-movement aten ops LLMs run eagerly.
 
-========================================  ==========================================  =========
-overload                                  kernel (``kernels/indexing.py``)            default
-========================================  ==========================================  =========
-``embedding.default``                     row gather (``index_select`` on dim 0)      yes
-``embedding_dense_backward.default``      sorted ids, one fp32 sum per id run         yes
-``index_select.default``                  row gather                                  yes
-``gather.default``                        element gather, <= 4 dims, any strides      yes
-``cat.default``                           one copy launch per non-empty input         yes
-``cumsum.default``                        row scan over the last dim                  yes
-``arange.default/.start/.start_step``     ``start + i * step``                        opt-in
-========================================  ==========================================  =========
+========================================  ==========================================
+overload                                  kernel (``kernels/indexing.py``)
+========================================  ==========================================
+``embedding.default``                     row gather (``index_select`` on dim 0)
+``embedding_dense_backward.default``      sorted ids, one fp32 sum per id run
+``index_select.default``                  row gather
+``gather.default``                        element gather, <= 4 dims, any strides
+``cat.default``                           one copy launch per non-empty input
+``cumsum.default``                        row scan over the last dim
+``arange.default/.start/.start_step``     ``start + i * step``
+========================================  ==========================================
 
 Each ``impl`` takes exactly its overload's arguments; each ``supports`` looks only at
 metadata (dtype, device, rank, sizes, Python scalars), so it runs on FakeTensors, and
@@ -23,11 +23,10 @@ torch raises there (CPU ``IndexError``, CUDA a device-side assert); these kernel
 access memory out of bounds and produce zeros for such rows / elements (the embedding
 backward ignores such ids).
 
-Defaults (:data:`DEFAULTS`, from the H100 ops table): only ``cumsum`` is on by default;
-the data-movement entries move the same bytes as the native kernels and measured no faster
-at large shapes, so they are opt-in (``include=...``), as is ``arange``. No entry is rewritten
-in compiled graphs (``in_graphs=False``): there Inductor or the native kernels do the
-same work without a Python launch.
+Policies (``flag_gems.lowerings.registry``): on in the eager mode, as every entry; each
+overload's benchmark rows decide ``preset="fast"``. ``cumsum`` (a row scan) is lowered in
+compiled graphs on its eager-call data until graph-mode data exists; the data-movement entries
+are not (no graph-mode data; there Inductor or the native kernels move the same bytes).
 """
 
 from __future__ import annotations
@@ -43,33 +42,9 @@ from .registry import register
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULTS"]
+__all__: list[str] = []
 
 aten = torch.ops.aten
-
-_SAME_BYTES = "data movement: same bytes as native"
-
-# The decision table: entry -> (default, reason).
-DEFAULTS: dict[str, tuple[bool, str]] = {
-    "embedding": (False, "measured on H100 vs native at [8, 4096] / [4096, 4096]: 2.31x / 0.99x; same bytes at "
-                         "large shapes and 3-5x native's host time per eager call: opt-in (include=...)"),
-    "embedding_dense_backward": (
-        False,
-        "same work as native (a sort of the ids, then one pass over the gradient rows); deterministic "
-        "(fp32 sums in token order, no atomics); not in the GPU benchmark yet: opt-in (include=...)",
-    ),
-    "index_select": (False, "measured on H100 vs native at [8, 4096] / [4096, 4096]: 2.28x / 0.99x; opt-in "
-                            "(include=...), as embedding"),
-    "gather": (False, _SAME_BYTES + "; not in the GPU benchmark yet: opt-in (include=...)"),
-    "cat": (False, "measured on H100 vs native at [8, 4096] / [4096, 4096]: 0.58x / 0.93x (one launch per input); "
-                   "opt-in (include=...)"),
-    "cumsum": (True, "measured on H100 vs native at [8, 4096] / [4096, 4096]: 1.04x / 2.18x"),
-    "arange": (
-        False,
-        "launch-bound: typical outputs are a few thousand position ids, where a Triton launch from Python costs "
-        "more host time than the native kernel; opt-in until a GPU benchmark says otherwise",
-    ),
-}
 
 # Dtypes the copy kernels move (Triton has a pointer type for each).
 _DATA_DTYPES = (
@@ -127,8 +102,7 @@ def _embedding_supports(weight, indices, padding_idx=-1, scale_grad_by_freq=Fals
     return _device_reason(weight, indices)
 
 
-@register(aten.embedding.default, kernel="flag_gems.indexing.embedding", supports=_embedding_supports,
-          default=DEFAULTS["embedding"][0], reason=DEFAULTS["embedding"][1])
+@register(aten.embedding.default, kernel="flag_gems.indexing.embedding", supports=_embedding_supports)
 def embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     """``aten.embedding``: ``weight[indices]`` (rows of out-of-range ids are zeros)."""
     rows = K.index_select(weight, 0, indices.reshape(-1))
@@ -147,8 +121,7 @@ def _embedding_bwd_supports(grad_output, indices, num_weights, padding_idx, scal
 
 
 @register(aten.embedding_dense_backward.default, kernel="flag_gems.indexing.embedding_dense_backward",
-          supports=_embedding_bwd_supports, default=DEFAULTS["embedding_dense_backward"][0],
-          reason=DEFAULTS["embedding_dense_backward"][1])
+          supports=_embedding_bwd_supports)
 def embedding_dense_backward(grad_output, indices, num_weights, padding_idx, scale_grad_by_freq):
     """``aten.embedding_dense_backward``: deterministic per-id sums (see ``kernels/indexing.py``)."""
     return K.embedding_dense_backward(grad_output, indices, num_weights, padding_idx, scale_grad_by_freq)
@@ -170,8 +143,7 @@ def _index_select_supports(self, dim, index):
     return _device_reason(self, index)
 
 
-@register(aten.index_select.default, kernel="flag_gems.indexing.index_select", supports=_index_select_supports,
-          default=DEFAULTS["index_select"][0], reason=DEFAULTS["index_select"][1])
+@register(aten.index_select.default, kernel="flag_gems.indexing.index_select", supports=_index_select_supports)
 def index_select(self, dim, index):
     """``aten.index_select`` (rows of out-of-range indices are zeros)."""
     return K.index_select(self, _dim(dim, self.dim()), index)
@@ -195,8 +167,7 @@ def _gather_supports(self, dim, index, *, sparse_grad=False):
     return _device_reason(self, index)
 
 
-@register(aten.gather.default, kernel="flag_gems.indexing.gather", supports=_gather_supports,
-          default=DEFAULTS["gather"][0], reason=DEFAULTS["gather"][1])
+@register(aten.gather.default, kernel="flag_gems.indexing.gather", supports=_gather_supports)
 def gather(self, dim, index, *, sparse_grad=False):
     """``aten.gather`` (elements at out-of-range indices are zeros)."""
     return K.gather(self, _dim(dim, self.dim()), index)
@@ -232,8 +203,7 @@ def _cat_supports(tensors, dim=0):
     return _device_reason(*tensors)
 
 
-@register(aten.cat.default, kernel="flag_gems.indexing.cat", supports=_cat_supports,
-          default=DEFAULTS["cat"][0], reason=DEFAULTS["cat"][1])
+@register(aten.cat.default, kernel="flag_gems.indexing.cat", supports=_cat_supports)
 def cat(tensors, dim=0):
     """``aten.cat`` for inputs of one dtype (a contiguous result, as torch's)."""
     return K.cat(tensors, _dim(dim, tensors[0].dim()))
@@ -265,8 +235,7 @@ def _cumsum_supports(self, dim, *, dtype=None):
     return _device_reason(self)
 
 
-@register(aten.cumsum.default, kernel="flag_gems.indexing.cumsum", supports=_cumsum_supports,
-          default=DEFAULTS["cumsum"][0], reason=DEFAULTS["cumsum"][1])
+@register(aten.cumsum.default, graph_proxy=True, kernel="flag_gems.indexing.cumsum", supports=_cumsum_supports)
 def cumsum(self, dim, *, dtype=None):
     """``aten.cumsum`` over the last non-trivial dim (fp32 / int64 / fp64 accumulation)."""
     d = _dim(dim, self.dim())
@@ -328,7 +297,7 @@ def _arange_reason(*args):
     return plan if isinstance(plan, str) else None
 
 
-_A = dict(kernel="flag_gems.indexing.arange", default=DEFAULTS["arange"][0], reason=DEFAULTS["arange"][1])
+_A = dict(kernel="flag_gems.indexing.arange")
 
 
 def _arange_default_supports(end, *, dtype=None, layout=None, device=None, pin_memory=None):

@@ -18,9 +18,9 @@ asking for the gradient of an absent parameter, devices the kernels do not run o
 ``supports`` reads metadata only, so it works on FakeTensors; ``impl`` re-checks and
 raises NotImplementedError for the same reasons.
 
-Defaults: off until measured (``include=["native_layer_norm"]``). A row kernel that reads
-the input once and writes the output once, as the native kernel: memory-bound, expected as
-fast, but not in the GPU ops benchmark yet; in graphs Inductor's fused norm stays.
+Policies (``flag_gems.lowerings.registry``): on in the eager mode, as every entry. A row
+kernel that reads the input once and writes the output once, as the native kernel; not in
+the GPU ops benchmark yet, so neither in ``preset="fast"`` nor lowered in compiled graphs.
 """
 
 from __future__ import annotations
@@ -35,11 +35,10 @@ from .registry import register
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_REASON", "TARGETS"]
+__all__ = ["TARGETS"]
 
 aten = torch.ops.aten
 
-DEFAULT_REASON = "memory-bound row kernel, same bytes as native; not in the GPU benchmark yet: opt-in (include=...) until measured"
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
@@ -108,8 +107,7 @@ def _supports_native_layer_norm(input, normalized_shape, weight, bias, eps):
     )
 
 
-@register(aten.native_layer_norm.default, checks_in_impl=True, kernel="flag_gems.layer_norm.fwd", supports=_supports_native_layer_norm,
-          default=False, reason=DEFAULT_REASON)
+@register(aten.native_layer_norm.default, checks_in_impl=True, kernel="flag_gems.layer_norm.fwd", supports=_supports_native_layer_norm)
 def native_layer_norm(input, normalized_shape, weight, bias, eps):
     """``aten::native_layer_norm``: ``(out, mean, rstd)`` over the trailing normalized dims."""
     _refuse(_supports_native_layer_norm(input, normalized_shape, weight, bias, eps))
@@ -158,7 +156,7 @@ def _supports_native_layer_norm_backward(grad_out, input, normalized_shape, mean
 
 
 @register(aten.native_layer_norm_backward.default, checks_in_impl=True, kernel="flag_gems.layer_norm.bwd",
-          supports=_supports_native_layer_norm_backward, default=False, reason=DEFAULT_REASON)
+          supports=_supports_native_layer_norm_backward)
 def native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask):
     """``aten::native_layer_norm_backward``: ``(dx, dw, db)``, None where ``output_mask`` is False."""
     _refuse(_supports_native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias,

@@ -20,9 +20,10 @@ out-of-bounds access (see ``kernels/loss.py``).
 
 ``supports`` reads metadata only, so it runs on FakeTensors and adds no guards.
 
-Defaults: opt-in. Not yet measured on the H100; the forward is latency-bound (one read per
-row, one program, as torch's CUDA kernel) and the backward writes the gradient once, as
-torch's zero + scatter do.
+Policies (``flag_gems.lowerings.registry``): on in the eager mode, as every entry. Not in the
+GPU benchmark yet (neither in ``preset="fast"`` nor lowered in graphs); the forward is
+latency-bound (one read per row, one program, as torch's CUDA kernel) and the backward writes
+the gradient once, as torch's zero + scatter do.
 """
 
 from __future__ import annotations
@@ -37,12 +38,9 @@ from .registry import register
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_REASON", "TARGETS"]
+__all__ = ["TARGETS"]
 
 aten = torch.ops.aten
-
-DEFAULT_REASON = ("not yet measured on the H100 (not in the GPU benchmark yet); opt-in (include=...): the cross-entropy "
-                  "loss of a training step, once per step")
 
 _SYM = (torch.SymInt, torch.SymFloat, torch.SymBool)
 
@@ -78,7 +76,7 @@ def _forward_supports(self, target, weight, reduction, ignore_index):
 
 
 @register(aten.nll_loss_forward.default, kernel="flag_gems.loss.nll_loss_forward", supports=_forward_supports,
-          default=False, reason=DEFAULT_REASON, checks_in_impl=True)
+          checks_in_impl=True)
 def nll_loss_forward(self, target, weight, reduction, ignore_index):
     """``aten::nll_loss_forward`` for 2-d input without class weights: ``(output, total_weight)``.
 
@@ -119,7 +117,7 @@ def _backward_supports(grad_output, self, target, weight, reduction, ignore_inde
 
 
 @register(aten.nll_loss_backward.default, kernel="flag_gems.loss.nll_loss_backward", supports=_backward_supports,
-          default=False, reason=DEFAULT_REASON, checks_in_impl=True)
+          checks_in_impl=True)
 def nll_loss_backward(grad_output, self, target, weight, reduction, ignore_index, total_weight):
     """``aten::nll_loss_backward`` for 2-d input without class weights: the contiguous gradient of ``self``.
 

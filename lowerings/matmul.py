@@ -10,10 +10,18 @@ real scalars ``beta``/``alpha``. Everything else (integer or complex dtypes, mix
 shapes that do not multiply, symbolic sizes, batches above 65535) is a ``supports`` reason,
 so the eager mode runs cuBLAS and torch raises its own errors.
 
-Defaults: off (opt-in with ``include=["mm", "bmm", "addmm"]``): on the H100 this fixed-tile
-kernel ran at 0.6-0.8x cuBLAS (benchmarks/results/ops_*), and a GEMM is on by default only
-where it is at least as fast. Not rewritten in compiled graphs (cuBLAS or Inductor's
-templates do that work there).
+Per shape: the kernel's config comes from the autotuner (``kernels/_autotune.py``, family
+``matmul``), which also times cuBLAS for the key; where cuBLAS was faster (the config's
+``NATIVE`` field, measured per device kind) ``impl`` refuses with NotImplementedError, so the
+eager mode runs cuBLAS. So an enabled GEMM entry only runs the Triton kernel where it measured
+faster on this GPU (or where no measurement exists: the heuristic tiles).
+
+Policies (``flag_gems.lowerings.registry``): on in the eager mode, as every entry (the H100 rows of the
+untuned fixed-tile kernel in ``lowerings/measurements.py`` put it below cuBLAS, so it is
+not in ``preset="fast"``). Not rewritten in compiled graphs (no graph-mode data; cuBLAS or
+Inductor's templates do that work there).
+
+Public functions with upstream's signatures: :func:`mm`, :func:`bmm`, :func:`addmm`.
 """
 
 from __future__ import annotations
@@ -28,12 +36,11 @@ from .registry import register
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REASON", "TARGETS"]
+__all__ = ["TARGETS", "addmm", "bmm", "mm"]
 
 aten = torch.ops.aten
 
-REASON = ("measured on H100 vs cuBLAS at [8, 4096] / [4096, 4096] @ [4096, 4096] (bf16): mm 0.64x / 0.75x, "
-          "addmm 0.59x / 0.73x, bmm 0.83x / 0.69x; a fixed tile table (no autotuning): opt-in (include=...)")
+_NATIVE_REASON = "cuBLAS measured faster for this shape on this GPU (autotuner; GEMS_AUTOTUNE)"
 
 
 def _operand_reason(t, name: str) -> str | None:
@@ -100,25 +107,103 @@ def _supports_addmm(self, mat1, mat2, *, beta=1, alpha=1):
     return _scalar_reason("beta", beta) or _scalar_reason("alpha", alpha)
 
 
-@register(aten.mm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_mm, default=False, reason=REASON)
-def mm(self, mat2):
+def _tuned(a, b, bias):
+    """The tuned config; NotImplementedError (eager mode: cuBLAS runs) where cuBLAS measured faster."""
+    cfg = km.matmul_config(a, b, bias)
+    if cfg[-1]:
+        raise NotImplementedError(f"flag_gems matmul: {_NATIVE_REASON}")
+    return cfg
+
+
+@register(aten.mm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_mm)
+def mm_impl(self, mat2):
     """``aten::mm``: ``self [M, K] @ mat2 [K, N]``."""
     _refuse(_supports_mm(self, mat2))
-    return km.matmul(self, mat2)
+    return km.matmul(self, mat2, config=_tuned(self, mat2, None))
 
 
-@register(aten.bmm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_bmm, default=False, reason=REASON)
-def bmm(self, mat2):
+@register(aten.bmm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_bmm)
+def bmm_impl(self, mat2):
     """``aten::bmm``: ``self [B, M, K] @ mat2 [B, K, N]``."""
     _refuse(_supports_bmm(self, mat2))
-    return km.matmul(self, mat2)
+    return km.matmul(self, mat2, config=_tuned(self, mat2, None))
 
 
-@register(aten.addmm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_addmm, default=False, reason=REASON)
-def addmm(self, mat1, mat2, *, beta=1, alpha=1):
+@register(aten.addmm.default, checks_in_impl=True, kernel="flag_gems.matmul", supports=_supports_addmm)
+def addmm_impl(self, mat1, mat2, *, beta=1, alpha=1):
     """``aten::addmm``: ``beta * self + alpha * (mat1 @ mat2)``; ``self`` is ignored when ``beta == 0``."""
     _refuse(_supports_addmm(self, mat1, mat2, beta=beta, alpha=alpha))
-    return km.matmul(mat1, mat2, self, beta=beta, alpha=alpha)
+    bias = self if beta != 0 else None
+    return km.matmul(mat1, mat2, self, beta=beta, alpha=alpha, config=_tuned(mat1, mat2, bias))
+
+
+# --------------------------------------------------------------------------- public functions (upstream names)
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, *, allow_native: bool = True) -> torch.Tensor:
+    """``a @ b`` for ``a [M, K]``, ``b [K, N]`` (upstream ``flag_gems.mm``), tuned per shape.
+
+    Args:
+        a, b: fp16/bf16/fp32 of one dtype, any strides, on one CUDA device (or the CPU under
+            Triton's interpreter).
+        allow_native: run ``torch.mm`` for shapes where the autotuner measured it faster on this
+            GPU; False always runs the Triton kernel.
+
+    Returns:
+        ``[M, N]``, a's dtype.
+
+    Raises:
+        TypeError / ValueError / NotImplementedError: dtypes, shapes or devices the kernel does not
+        take (``kernels.matmul.check_matmul_args``).
+    """
+    return _public(a, b, None, 1, 1, allow_native, 2)
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, *, allow_native: bool = True) -> torch.Tensor:
+    """``a @ b`` for ``a [B, M, K]``, ``b [B, K, N]`` (upstream ``flag_gems.bmm``), tuned per shape.
+
+    Args:
+        a, b, allow_native: as :func:`mm` (``torch.bmm`` is the native kernel).
+
+    Returns:
+        ``[B, M, N]``, a's dtype.
+
+    Raises:
+        TypeError / ValueError / NotImplementedError: as :func:`mm`.
+    """
+    return _public(a, b, None, 1, 1, allow_native, 3)
+
+
+def addmm(bias: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta=1, alpha=1,
+          allow_native: bool = True) -> torch.Tensor:
+    """``beta * bias + alpha * (mat1 @ mat2)`` (upstream ``flag_gems.addmm``), tuned per shape.
+
+    Args:
+        bias: broadcastable to ``[M, N]`` (at most 2 dims), mat1's dtype; ignored when ``beta == 0``.
+        mat1, mat2: ``[M, K]``, ``[K, N]``, as :func:`mm`.
+        beta, alpha: real scalars.
+        allow_native: as :func:`mm` (``torch.addmm`` is the native kernel).
+
+    Returns:
+        ``[M, N]``, mat1's dtype.
+
+    Raises:
+        TypeError / ValueError / NotImplementedError: as :func:`mm`, and a bias that does not broadcast.
+    """
+    return _public(mat1, mat2, bias, beta, alpha, allow_native, 2)
+
+
+def _public(a, b, bias, beta, alpha, allow_native, rank):
+    km.check_matmul_args(a, b, bias)
+    if a.dim() != rank:
+        raise ValueError(f"a: expected a {rank}-D tensor, got {a.dim()}-D (use {'bmm' if rank == 2 else 'mm'})")
+    use_bias = bias if beta != 0 else None
+    cfg = km.matmul_config(a, b, use_bias)
+    if cfg[-1] and allow_native:
+        if rank == 3:
+            return torch.bmm(a, b)
+        return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b, beta=beta, alpha=alpha)
+    return km.matmul(a, b, bias, beta=beta, alpha=alpha, config=cfg)
 
 
 TARGETS = (aten.mm.default, aten.bmm.default, aten.addmm.default)

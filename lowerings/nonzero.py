@@ -6,8 +6,9 @@
   the data: the fake implementation gives it an unbacked size, and the op syncs the device
   like torch's. No autograd (an integer result).
 
-The registry entry ``aten.nonzero.default`` is opt-in: the kernel moves the bytes native's does
-and syncs as it does, and it has not been measured on a GPU yet.
+The registry entry ``aten.nonzero.default`` is on in the eager mode, as every entry (the kernel
+moves the bytes native's does and syncs as it does); not measured on a GPU yet, so neither in
+``preset="fast"`` nor lowered in graphs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from ..kernels import nonzero as kn
 from ._utils import row_tensor_reason
-from .registry import register
+from .registry import register, register_fused
 
 __all__ = ["nonzero"]
 
@@ -60,8 +61,9 @@ def _supports(self):
     return _reason(self)
 
 
-@register(aten.nonzero.default, kernel="flag_gems.nonzero", supports=_supports, default=False,
-          reason="two launches around a device sync, as native's; not measured on a GPU yet: opt-in (include=...)")
+@register(aten.nonzero.default, kernel="flag_gems.nonzero", supports=_supports)
 def nonzero_default(self):
     """``aten::nonzero``."""
     return kn.nonzero(self)
+
+register_fused("flag_gems::nonzero", kernel="flag_gems.nonzero")

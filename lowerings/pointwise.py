@@ -30,10 +30,10 @@ that does not broadcast is a reason, and torch's own copy raises or copies); ``z
 tanh/sigmoid/silu's) these serve the copies and backward ops of a training step
 (``benchmarks/training_ops.py`` lists them per model).
 
-Defaults: :data:`DEFAULTS` is the one decision table, set from the H100 ops table: only
-``masked_fill`` (1.8-2.0x native) is on by default; every other family is opt-in
-(``include=...``) for the eager mode, and the compile backend lowers them only with
-``options={"lower_aten": "all"}``.
+Policies (``flag_gems.lowerings.registry``): every entry is on in the eager mode. Each family
+is measured as the overloads in :data:`MEASURED_AS` (its in-place and ``out=`` forms run the same
+kernel); those figures decide ``preset="fast"`` and, for the families in :data:`GRAPH_PROXY`, the
+lowering in compiled graphs until graph-mode data exists.
 """
 
 from __future__ import annotations
@@ -47,58 +47,24 @@ from .registry import register
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULTS", "OVERLOADS"]
+__all__ = ["GRAPH_PROXY", "MEASURED_AS", "OVERLOADS"]
 
 aten = torch.ops.aten
 _SYM = (torch.SymInt, torch.SymFloat, torch.SymBool)
 
-# Measured on the H100 (benchmarks/results/ops_NVIDIA_H100_80GB_HBM3_2026-11-23.md, bf16,
-# [8, 4096] and [4096, 4096]): a single pointwise op moves the same bytes as the native kernel
-# and ran at 0.99-1.00x its device time at the large shape, while one eager call through the
-# dispatcher cost 48-86 us of host time against native's 12-21 us. Such an entry saves nothing
-# and costs host time, so it is opt-in (``include=``). Default entries are the measured wins.
-_OPT_IN = ("measured on H100: device time equal to native at [4096, 4096] (0.99-1.00x) and 3-5x native's "
-           "host time per eager call; opt-in (include=...)")
-_UNMEASURED = "same bytes as native, not in the GPU benchmark yet; opt-in (include=...) until measured"
-
-# The decision table: family -> (default, reason).
-DEFAULTS: dict[str, tuple[bool, str]] = {
-    "add": (False, _OPT_IN + "; a broadcast add measured 1.7-1.8x (native's broadcast path is slower)"),
-    "sub": (False, _OPT_IN),
-    "mul": (False, _OPT_IN),
-    "div": (False, _OPT_IN + "; x / scalar is x * (1 / scalar), as torch's CUDA div"),
-    "neg": (False, _OPT_IN),
-    "abs": (False, _UNMEASURED),
-    "reciprocal": (False, _UNMEASURED),
-    "exp": (False, _OPT_IN + "; libdevice expf, as torch's CUDA kernel"),
-    "log": (False, _UNMEASURED + "; libdevice logf, as torch's CUDA kernel"),
-    "sqrt": (False, _UNMEASURED),
-    "rsqrt": (False, _OPT_IN),
-    "sin": (False, _UNMEASURED + "; libdevice sinf, as torch's CUDA kernel"),
-    "cos": (False, _UNMEASURED + "; libdevice cosf, as torch's CUDA kernel"),
-    "tanh": (False, _OPT_IN + "; 0.73x at [8, 4096]"),
-    "sigmoid": (False, _OPT_IN),
-    "silu": (False, _OPT_IN + "; fused with its mul (act_and_mul) where a pattern matches"),
-    "activation_backward": (False, _UNMEASURED + "; tanh/sigmoid/silu backward of a training step"),
-    "gelu_backward": (False, _UNMEASURED + "; BERT's and Gemma's MLP backward (approximate none / tanh, torch's "
-                                           "CUDA formulas)"),
-    "dropout_backward": (False, _UNMEASURED + "; the backward of native_dropout (CUDA dropout in training)"),
-    "copy": (False, _UNMEASURED + "; clone / copy_ on the cast kernel (_to_copy's), the copies under "
-                                  ".contiguous(), slice_backward and constant_pad_nd"),
-    "zero": (False, _UNMEASURED + "; zero_ as fill_(0), under zeros / slice_backward"),
-    "bitwise_and": (False, _UNMEASURED + "; attention-mask construction (bool masks of Mistral and BERT)"),
-    "gelu": (False, "measured on H100: 0.95x native at [4096, 4096]; opt-in (include=...)"),
-    "pow": (False, _OPT_IN + "; exponents 0, 1, 2, 3, +-0.5, -1, -2 specialized as in torch"),
-    "maximum": (False, _UNMEASURED),
-    "minimum": (False, _UNMEASURED),
-    "compare": (False, _OPT_IN + " (eq.Scalar); bool output"),
-    "where": (False, _OPT_IN),
-    "masked_fill": (True, "measured on H100: 1.8-2.0x native (one pass; native clones, then fills)"),
-    "fill": (False, _UNMEASURED + "; a pure store, as the native fill"),
-    "to_copy": (False, "measured on H100: bf16 -> fp32 1.80x / 1.50x native at [8, 4096] / [4096, 4096], but 3.5x "
-                       "native's host time and not yet measured inside the model benchmark (a forward casts ~20 times): "
-                       "opt-in (include=...); not in the GPU benchmark yet for other pairs"),
+# family -> the overloads whose benchmark rows stand for the whole family (bench_ops.py cases);
+# a family without a row here is measured as each overload itself (today: not measured).
+MEASURED_AS: dict[str, tuple] = {
+    "add": (aten.add.Tensor,), "sub": (aten.sub.Tensor,), "mul": (aten.mul.Tensor, aten.mul.Scalar),
+    "div": (aten.div.Tensor,), "neg": (aten.neg.default,), "exp": (aten.exp.default,),
+    "rsqrt": (aten.rsqrt.default,), "silu": (aten.silu.default,), "gelu": (aten.gelu.default,),
+    "tanh": (aten.tanh.default,), "sigmoid": (aten.sigmoid.default,), "pow": (aten.pow.Tensor_Scalar,),
+    "to_copy": (aten._to_copy.default,), "where": (aten.where.self,), "masked_fill": (aten.masked_fill.Scalar,),
+    "compare": (aten.eq.Scalar,),
 }
+# Families lowered in compiled graphs on their eager-call data until graph-mode data exists:
+# masked_fill is one pass where the native kernel clones and then fills.
+GRAPH_PROXY = frozenset({"masked_fill"})
 
 
 # --------------------------------------------------------------------------- resolvers
@@ -391,15 +357,14 @@ def _make(target, resolve, runner, checker):
 def _register_all():
     count = 0
     for family, entry in OVERLOADS.items():
-        default, reason = DEFAULTS[family]
         groups = entry if isinstance(entry, list) else [entry]
         for resolve, targets in groups:
             for target in targets:
                 fill = target is aten.fill.Scalar
                 impl, supports = _make(target, resolve, _run_fill if fill else _run, _check_fill if fill else _check)
                 kernel = f"flag_gems.pointwise.{target.__name__.split('.')[0].strip('_')}"
-                register(target, kernel=kernel, supports=supports, default=default, reason=reason,
-                         checks_in_impl=True)(impl)
+                register(target, kernel=kernel, supports=supports, checks_in_impl=True,
+                         measured_as=MEASURED_AS.get(family), graph_proxy=family in GRAPH_PROXY)(impl)
                 count += 1
     logger.debug("registered %d pointwise aten overloads", count)
 

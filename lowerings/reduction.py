@@ -20,11 +20,10 @@ native kernel: other dim sets, a non-contiguous input, integer sums, ``float64``
 FakeTensors; ``impl`` re-checks and raises NotImplementedError exactly for those reasons
 (``checks_in_impl``: the eager mode calls ``impl`` alone).
 
-Defaults: every entry is on by default. A last-dim reduction or softmax reads its input
-once (softmax: once more for long rows) and writes one result, as the native kernels do,
-so it is memory-bound either way: expected as fast as native at large shapes, to be
-confirmed by GPU benchmark. In graphs (``in_graphs=False``) Inductor or the native kernel
-stays, for the same reason as single pointwise ops.
+Policies (``flag_gems.lowerings.registry``): every entry is on in the eager mode; the benchmark
+rows of each overload decide ``preset="fast"``. ``_softmax``, ``_log_softmax`` and ``mean.dim`` are
+lowered in compiled graphs on their eager-call data (``graph_proxy``) until graph-mode data exists:
+one read of each row where the native kernels measured slower at both benchmark shapes.
 """
 
 from __future__ import annotations
@@ -40,17 +39,9 @@ from .registry import register
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_REASON", "TARGETS"]
+__all__ = ["TARGETS"]
 
 aten = torch.ops.aten
-
-DEFAULT_REASON = (
-    "memory-bound row reduction over the last dim(s), same bytes as native; not in the GPU benchmark yet: "
-    "opt-in (include=...) until measured"
-)
-# H100, bf16, [8, 4096] / [4096, 4096] (benchmarks/results/ops_NVIDIA_H100_80GB_HBM3_2026-11-23.md):
-# entries that won at both shapes are on by default, those slower at the large one are opt-in.
-_MEASURED = "measured on H100 vs native at [8, 4096] / [4096, 4096]: "
 
 _FLOAT_NAMES = "float16, bfloat16, float32"
 
@@ -137,8 +128,7 @@ def _supports_sum_dim(self, dim, keepdim=False, *, dtype=None):
     return _sum_reason(self, dim, keepdim, dtype)
 
 
-@register(aten.sum.dim_IntList, checks_in_impl=True, kernel="flag_gems.reduction.sum", supports=_supports_sum_dim, default=False,
-          reason=_MEASURED + "2.17x / 0.87x; opt-in (include=...) until the large-row tile is tuned")
+@register(aten.sum.dim_IntList, checks_in_impl=True, kernel="flag_gems.reduction.sum", supports=_supports_sum_dim)
 def sum_dim_IntList(self, dim, keepdim=False, *, dtype=None):  # noqa: N802  (the overload's name)
     """``aten::sum.dim_IntList`` over the trailing dims of a contiguous float tensor."""
     return _sum(self, dim, keepdim, dtype, mean=False)
@@ -148,8 +138,7 @@ def _supports_sum(self, *, dtype=None):
     return _sum_reason(self, None, False, dtype)
 
 
-@register(aten.sum.default, checks_in_impl=True, kernel="flag_gems.reduction.sum", supports=_supports_sum, default=False,
-          reason=DEFAULT_REASON + "; one row split across programs, partials reduced by a second launch")
+@register(aten.sum.default, checks_in_impl=True, kernel="flag_gems.reduction.sum", supports=_supports_sum)
 def sum_default(self, *, dtype=None):
     """``aten::sum`` of every element of a contiguous float tensor."""
     return _sum(self, None, False, dtype, mean=False)
@@ -159,8 +148,7 @@ def _supports_mean_dim(self, dim, keepdim=False, *, dtype=None):
     return _sum_reason(self, dim, keepdim, dtype)
 
 
-@register(aten.mean.dim, checks_in_impl=True, kernel="flag_gems.reduction.mean", supports=_supports_mean_dim, default=True,
-          reason=_MEASURED + "2.86x / 1.19x")
+@register(aten.mean.dim, checks_in_impl=True, graph_proxy=True, kernel="flag_gems.reduction.mean", supports=_supports_mean_dim)
 def mean_dim(self, dim, keepdim=False, *, dtype=None):
     """``aten::mean.dim`` over the trailing dims of a contiguous float tensor."""
     return _sum(self, dim, keepdim, dtype, mean=True)
@@ -185,8 +173,7 @@ def _supports_amax(self, dim=(), keepdim=False):
     return _max_reason(self, dim)
 
 
-@register(aten.amax.default, checks_in_impl=True, kernel="flag_gems.reduction.amax", supports=_supports_amax, default=False,
-          reason=_MEASURED + "2.77x / 0.65x; opt-in (include=...) until the large-row tile is tuned")
+@register(aten.amax.default, checks_in_impl=True, kernel="flag_gems.reduction.amax", supports=_supports_amax)
 def amax_default(self, dim=(), keepdim=False):
     """``aten::amax`` over the trailing dims (NaN propagates, as torch)."""
     _refuse(_supports_amax(self, dim, keepdim))
@@ -200,8 +187,7 @@ def _supports_max_dim(self, dim, keepdim=False):
     return _max_reason(self, dim)
 
 
-@register(aten.max.dim, checks_in_impl=True, kernel="flag_gems.reduction.max", supports=_supports_max_dim, default=False,
-          reason=DEFAULT_REASON + "; values and int64 indices in one pass")
+@register(aten.max.dim, checks_in_impl=True, kernel="flag_gems.reduction.max", supports=_supports_max_dim)
 def max_dim(self, dim, keepdim=False):
     """``aten::max.dim`` over the last dim: (values, indices); the first NaN, else the first maximum."""
     _refuse(_supports_max_dim(self, dim, keepdim))
@@ -218,8 +204,7 @@ def _supports_all(self):
     return _input_reason(self, kr.ALL_DTYPES)
 
 
-@register(aten.all.default, checks_in_impl=True, kernel="flag_gems.reduction.all", supports=_supports_all, default=False,
-          reason=DEFAULT_REASON)
+@register(aten.all.default, checks_in_impl=True, kernel="flag_gems.reduction.all", supports=_supports_all)
 def all_default(self):
     """``aten::all`` of a contiguous bool/integer/float tensor (bool result)."""
     _refuse(_supports_all(self))
@@ -238,8 +223,7 @@ def _supports_all_dim(self, dim, keepdim=False):
     return t if isinstance(t, str) else None
 
 
-@register(aten.all.dim, checks_in_impl=True, kernel="flag_gems.reduction.all", supports=_supports_all_dim, default=False,
-          reason=DEFAULT_REASON)
+@register(aten.all.dim, checks_in_impl=True, kernel="flag_gems.reduction.all", supports=_supports_all_dim)
 def all_dim(self, dim, keepdim=False):
     """``aten::all.dim`` over the last dim (bool result)."""
     _refuse(_supports_all_dim(self, dim, keepdim))
@@ -276,8 +260,7 @@ def _supports_softmax(self, dim, half_to_float):
     return _softmax_reason(self, dim, half_to_float)
 
 
-@register(aten._softmax.default, checks_in_impl=True, kernel="flag_gems.reduction.softmax", supports=_supports_softmax, default=True,
-          reason=_MEASURED + "1.49x / 2.26x; one read of rows up to 16384 elements, two above")
+@register(aten._softmax.default, checks_in_impl=True, graph_proxy=True, kernel="flag_gems.reduction.softmax", supports=_supports_softmax)
 def _softmax_default(self, dim, half_to_float):
     """``aten::_softmax`` over the last dim (max-subtracted, fp32; half_to_float gives fp32)."""
     return _softmax(self, dim, half_to_float, log=False)
@@ -287,8 +270,7 @@ def _supports_log_softmax(self, dim, half_to_float):
     return _softmax_reason(self, dim, half_to_float)
 
 
-@register(aten._log_softmax.default, checks_in_impl=True, kernel="flag_gems.reduction.log_softmax", supports=_supports_log_softmax,
-          default=True, reason=_MEASURED + "1.20x / 1.23x; one read of rows up to 16384 elements, two above")
+@register(aten._log_softmax.default, checks_in_impl=True, graph_proxy=True, kernel="flag_gems.reduction.log_softmax", supports=_supports_log_softmax)
 def _log_softmax_default(self, dim, half_to_float):
     """``aten::_log_softmax`` over the last dim (max-subtracted, fp32)."""
     return _softmax(self, dim, half_to_float, log=True)
@@ -317,7 +299,7 @@ def _supports_softmax_bwd(grad_output, output, dim, input_dtype):
 
 
 @register(aten._softmax_backward_data.default, checks_in_impl=True, kernel="flag_gems.reduction.softmax_backward",
-          supports=_supports_softmax_bwd, default=False, reason=DEFAULT_REASON)
+          supports=_supports_softmax_bwd)
 def _softmax_backward_data_default(grad_output, output, dim, input_dtype):
     """``aten::_softmax_backward_data``: ``output * (grad_output - sum(grad_output * output))``."""
     _refuse(_softmax_bwd_reason(grad_output, output, dim, input_dtype))
@@ -325,7 +307,7 @@ def _softmax_backward_data_default(grad_output, output, dim, input_dtype):
 
 
 @register(aten._log_softmax_backward_data.default, checks_in_impl=True, kernel="flag_gems.reduction.log_softmax_backward",
-          supports=_supports_softmax_bwd, default=False, reason=DEFAULT_REASON)
+          supports=_supports_softmax_bwd)
 def _log_softmax_backward_data_default(grad_output, output, dim, input_dtype):
     """``aten::_log_softmax_backward_data``: ``grad_output - exp(output) * sum(grad_output)``."""
     _refuse(_softmax_bwd_reason(grad_output, output, dim, input_dtype))

@@ -1,4 +1,4 @@
-"""The op registry: what each aten overload may become, and when.
+"""The op registry: what each aten overload may become, where, and on what evidence.
 
 One table, two consumers: the compile backend reads it to rewrite aten nodes (with FX
 ``meta["val"]`` fake tensors as arguments), the eager dispatcher mode reads it to
@@ -6,17 +6,171 @@ register implementations (with real tensors). Both call the same ``supports``.
 
 Entries are added only through :func:`register` on an explicit overload
 (``aten.add.Tensor``, never the packet ``aten.add``). Ops left to PyTorch on purpose are
-declared in :data:`FALLBACKS` with their reason; no op is both.
+declared in :data:`FALLBACKS` with their reason; no op is both. The ``torch.ops.flag_gems``
+ops the fusion passes and the public functions call are listed through
+:func:`register_fused` in :data:`FUSED`, with their kernels.
+
+Policies: each entry carries three decisions, each a :class:`Policy` (on/off, a short
+reason, the records it rests on), each with one meaning:
+
+==========  ======================================================================
+``eager``   registered by ``enable()`` / ``use_gems()`` without ``include=``. On for every
+            entry (``supports`` sends each input it does not take to the native kernel);
+            off only for an op with a recorded correctness finding
+            (:data:`~flag_gems.lowerings.exclusions.EXCLUSIONS`).
+``fast``    in ``preset="fast"``: eager-call measurements show the kernel at least
+            :data:`FAST_MIN_SPEEDUP` x native's device time at every measured shape.
+``graph``   rewritten by ``lower_aten`` in compiled graphs: graph-mode measurements
+            (``bench_ops.py --parts graph``) at least :data:`FAST_MIN_SPEEDUP` x native
+            at every measured shape. Until an entry has graph data, only entries declared
+            ``graph_proxy=True`` are lowered, on the strength of the same rule applied to
+            their eager-call data (the same kernel, without the dispatcher wrapper).
+==========  ======================================================================
+
+Measurements are data (:class:`Measurement`: op, shape, dtype, device, ratio, date),
+generated into :mod:`flag_gems.lowerings.measurements` by ``benchmarks/make_measurements.py``
+from the JSON rows in ``benchmarks/results/``; reasons and :func:`describe` render them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 import torch
 
+from . import exclusions as _exclusions
+from . import measurements as _measurements
+
 aten = torch.ops.aten
+
+# A measured ratio within 3% of 1.0 is inside the spread between runs of the same benchmark
+# (mean.dim at [8, 4096] measured 2.91x, 2.84x and 2.76x in three runs of one session), so a
+# "faster" decision needs at least this much.
+FAST_MIN_SPEEDUP = 1.03
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One benchmark figure: ``ratio`` = the baseline's device time / ours (> 1: ours faster).
+
+    Attributes:
+        op: what was measured: an aten overload (``"aten.add.Tensor"``) or a flag_gems op
+            (``"flag_gems::add_rms_norm"``).
+        case: the benchmark's case name (``"add.Tensor[bcast]"``).
+        shape: the benchmark's shape label (``"decode_8x4096"``, ``"M=4096"``).
+        dtype: the input dtype (``"bfloat16"``).
+        device: the GPU.
+        mode: ``"eager"`` (the entry's implementation vs the native op, each called alone),
+            ``"graph"`` (the op lowered in a compiled graph vs native in the same graph) or
+            ``"fused"`` (a fused kernel vs the ops it replaces).
+        baseline: ``"native"`` (the aten kernel), ``"eager"`` (unfused PyTorch ops) or ``"inductor"``.
+        ratio: baseline device time / ours.
+        ours_us, base_us: device µs per call, ours and the baseline's.
+        ours_host_us, base_host_us: host µs per call (None where not measured).
+        date: ``YYYY-MM-DD`` of the run.
+        source: the results file (stem) in ``benchmarks/results/``.
+    """
+
+    op: str
+    case: str
+    shape: str
+    dtype: str
+    device: str
+    mode: str
+    baseline: str
+    ratio: float
+    ours_us: float
+    base_us: float
+    ours_host_us: float | None
+    base_host_us: float | None
+    date: str
+    source: str
+
+    def __str__(self) -> str:
+        dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(self.dtype, self.dtype)
+        return f"{self.case} {self.shape} {dtype} {self.ratio:.2f}x {self.baseline}"
+
+
+MEASUREMENTS: tuple[Measurement, ...] = tuple(
+    Measurement(**dict(zip(_measurements.FIELDS, row))) for row in _measurements.ROWS
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """One decision about an entry: ``on``, why (short), and the records it rests on."""
+
+    on: bool
+    reason: str
+    evidence: tuple = ()
+
+    def __str__(self) -> str:
+        return f"{'on' if self.on else 'off'} ({self.reason})"
+
+
+def _natural(text: str) -> tuple:
+    """Sort key reading digit runs as numbers (``M=64`` before ``M=512``)."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
+
+
+def _newest(data, mode: str) -> list[Measurement]:
+    """The newest figure per (case, shape, baseline) among ``data`` of ``mode`` (a later run,
+    or another GPU's, supersedes)."""
+    best: dict = {}
+    for m in data:
+        if m.mode == mode:
+            key = (m.case, m.baseline, m.shape)
+            if key not in best or (m.date, m.source) > (best[key].date, best[key].source):
+                best[key] = m
+    return [best[k] for k in sorted(best, key=lambda k: (k[0], k[1], _natural(k[2])))]
+
+
+def _speedup_rule(data, mode: str, what: str) -> Policy:
+    """On iff every newest ``mode`` figure is >= FAST_MIN_SPEEDUP (and there is one)."""
+    figures = _newest(data, mode)
+    if not figures:
+        return Policy(False, f"no {mode}-mode measurement")
+    slow = [m for m in figures if m.ratio < FAST_MIN_SPEEDUP]
+    where = f"{figures[0].device}, {figures[0].date}"
+    if slow:
+        return Policy(False, f"{what} below {FAST_MIN_SPEEDUP:.2f}x native at {', '.join(map(str, slow))} ({where})",
+                      tuple(figures))
+    return Policy(True, f"{what} >= {FAST_MIN_SPEEDUP:.2f}x native at every measured shape ({where})", tuple(figures))
+
+
+EAGER_ON = Policy(True, "correct for every input supports() accepts; native kernel for the rest")
+
+
+def eager_policy(op: str) -> Policy:
+    """Off only for an op with a recorded correctness finding (``lowerings/exclusions.py``)."""
+    found = tuple(e for e in _exclusions.EXCLUSIONS if e.op == op)
+    if found:
+        return Policy(False, "excluded: " + "; ".join(e.finding for e in found), found)
+    return EAGER_ON
+
+
+def fast_policy(data, eager: Policy) -> Policy:
+    """Membership of ``preset="fast"``: the eager-call device-time rule (and on in eager)."""
+    if not eager.on:
+        return Policy(False, "excluded from eager mode", eager.evidence)
+    return _speedup_rule(data, "eager", "eager-call device time")
+
+
+def graph_policy(data, proxy: bool) -> Policy:
+    """Whether ``lower_aten`` rewrites the node: graph-mode data, else the declared eager-data proxy."""
+    if _newest(data, "graph"):
+        return _speedup_rule(data, "graph", "device time in a compiled graph")
+    if not proxy:
+        return Policy(False, "no graph-mode measurement (benchmarks/bench_ops.py --parts graph)")
+    return _speedup_rule(data, "eager", "eager-call device time (proxy until graph-mode data)")
+
+
+# --------------------------------------------------------------------------- entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +183,10 @@ class Lowering:
             (called only after ``supports`` returned None), usually a kernel launcher.
         kernel: the name reports show.
         supports: ``(*args, **kwargs) -> None | reason``: None when ``impl`` handles the call.
-        default: whether the eager mode uses it by default (False: only when asked for).
-        reason: why it is (not) on by default: the measurement behind the choice.
-        in_graphs: whether the compile backend rewrites the aten node in compiled graphs by
-            default. False for single pointwise ops: in a graph the native kernel moves the
-            same bytes and the Triton launch only adds host time (``lower_aten="all"`` forces it).
+        eager: registered by ``enable()`` / ``use_gems()`` by default (module docstring).
+        graph: rewritten in compiled graphs by ``lower_aten``.
+        fast: in ``preset="fast"``.
+        data: the measurements of this entry (or of the overloads it was measured as).
         checks_in_impl: ``impl`` itself raises NotImplementedError, before any side effect,
             exactly when ``supports`` gives a reason (the generated pointwise entries), so the
             eager mode calls ``impl`` alone and falls back on that error: one check per call.
@@ -43,13 +196,36 @@ class Lowering:
     impl: Callable
     kernel: str
     supports: Callable[..., str | None]
-    default: bool
-    reason: str
-    in_graphs: bool = False
+    eager: Policy
+    graph: Policy
+    fast: Policy
+    data: tuple = ()
     checks_in_impl: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedOp:
+    """A ``torch.ops.flag_gems`` op: not an aten override, reached through a pass or a call.
+
+    Attributes:
+        op: the qualified name (``"flag_gems::add_rms_norm"``).
+        kernel: the kernel (family) it launches.
+        fused_by: the fusion pass that emits it in compiled graphs (a name in
+            ``flag_gems.options.FUSIONS``), or None when only calls reach it (public
+            functions, modules, autograd of another fused op).
+        graph: whether compiled graphs get it (the pass, on with ``options={"fusions": ...}``).
+        data: measurements of the fused kernel against the ops it replaces.
+    """
+
+    op: str
+    kernel: str
+    fused_by: str | None
+    graph: Policy
+    data: tuple = ()
+
+
 REGISTRY: dict = {}
+FUSED: dict = {}
 
 # Ops deliberately left to PyTorch, with the reason (one place; a test checks no overlap).
 FALLBACKS: dict = {
@@ -64,17 +240,26 @@ for _name in ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_
         FALLBACKS[getattr(aten, _name).default] = "native cuDNN attention" + (" (backward)" if "backward" in _name else "")
 
 
-def register(
-    target,
-    *,
-    kernel: str,
-    supports: Callable[..., str | None],
-    default: bool,
-    reason: str,
-    in_graphs: bool = False,
-    checks_in_impl: bool = False,
-):
+def measurements_of(*ops) -> tuple[Measurement, ...]:
+    """The measurements whose ``op`` is one of ``ops`` (overloads or qualified names)."""
+    names = {o if isinstance(o, str) else str(o) for o in ops}
+    return tuple(m for m in MEASUREMENTS if m.op in names)
+
+
+def register(target, *, kernel: str, supports: Callable[..., str | None], checks_in_impl: bool = False,
+             measured_as=None, graph_proxy: bool = False):
     """Decorator registering ``impl`` as the lowering of one aten overload.
+
+    Args:
+        target: the aten overload.
+        kernel: the kernel name reports show.
+        supports: ``(*args, **kwargs) -> None | reason`` (metadata only: runs on FakeTensors).
+        checks_in_impl: see :class:`Lowering`.
+        measured_as: the overloads whose measurements stand for this one (the functional
+            overload for its in-place and ``out=`` forms, which run the same kernel);
+            default: ``target`` itself.
+        graph_proxy: lower it in graphs on its eager-call data until graph-mode data exists
+            (see the module docstring); the data must still pass the rule.
 
     Raises:
         TypeError: ``target`` is an op packet (name the overload) or not an aten op.
@@ -87,12 +272,41 @@ def register(
         raise TypeError(f"register: expected an aten OpOverload, got {target!r}")
     if target in REGISTRY or target in FALLBACKS:
         raise ValueError(f"register: {target} is already {'registered' if target in REGISTRY else 'a declared fallback'}")
+    data = measurements_of(*(measured_as or (target,)))
+    eager = eager_policy(str(target))
 
     def deco(impl):
-        REGISTRY[target] = Lowering(target, impl, kernel, supports, default, reason, in_graphs, checks_in_impl)
+        REGISTRY[target] = Lowering(target, impl, kernel, supports, eager=eager, graph=graph_policy(data, graph_proxy),
+                                    fast=fast_policy(data, eager), data=data, checks_in_impl=checks_in_impl)
         return impl
 
     return deco
+
+
+def register_fused(op: str, *, kernel: str, fused_by: str | None = None, measured_as=None) -> FusedOp:
+    """List a ``torch.ops.flag_gems`` op with its kernel (and the pass that emits it).
+
+    Args:
+        op: ``"flag_gems::name"``; the op must be defined.
+        kernel: the kernel (family) it launches.
+        fused_by: the fusion pass emitting it (``"rms_norm"``, ``"act_and_mul"``,
+            ``"rotary_embedding"``), or None.
+        measured_as: ops whose fused-kernel measurements stand for this one (default: ``op``).
+
+    Raises:
+        ValueError: not a ``flag_gems::`` name, not defined, or already listed.
+    """
+    ns, _, name = op.partition("::")
+    if ns != "flag_gems" or not name:
+        raise ValueError(f"register_fused: expected 'flag_gems::<name>', got {op!r}")
+    if not hasattr(torch.ops.flag_gems, name):
+        raise ValueError(f"register_fused: {op} is not defined (define the op first)")
+    if op in FUSED:
+        raise ValueError(f"register_fused: {op} is already listed")
+    graph = (Policy(True, f"emitted by the {fused_by} fusion pass (options fusions)") if fused_by
+             else Policy(False, "no pass emits it: reached by calls (public functions, modules, autograd)"))
+    FUSED[op] = entry = FusedOp(op, kernel, fused_by, graph, measurements_of(*(measured_as or (op,))))
+    return entry
 
 
 def lookup(target) -> Lowering | None:
@@ -100,10 +314,53 @@ def lookup(target) -> Lowering | None:
     return REGISTRY.get(target)
 
 
+def preset_targets(name: str | None) -> frozenset:
+    """The overloads of a preset: None (every entry on in eager mode) or ``"fast"``.
+
+    Raises:
+        ValueError: an unknown preset name.
+    """
+    if name is None:
+        return frozenset(t for t, e in REGISTRY.items() if e.eager.on)
+    if name == "fast":
+        return frozenset(t for t, e in REGISTRY.items() if e.fast.on)
+    raise ValueError(f"preset={name!r} is not a preset; expected None (every entry) or 'fast'")
+
+
+def _figures(data) -> str:
+    """``case dtype: shape ratio, shape ratio vs baseline; ... [GPU, date]`` of the newest figures."""
+    groups: dict = {}
+    where = None
+    for mode in ("eager", "graph", "fused"):
+        for m in _newest(data, mode):
+            label = str(m).rsplit(" ", 2)[0].split(" ")  # case shape dtype
+            key = (mode, m.case, label[2], m.baseline)
+            groups.setdefault(key, []).append(f"{m.shape} {m.ratio:.2f}x")
+            where = (m.device, m.date)
+    if not groups:
+        return "-"
+    parts = [f"{'' if mode == 'eager' else mode + ' '}{case} {dtype}: {', '.join(v)} vs {base}"
+             for (mode, case, dtype, base), v in groups.items()]
+    return "; ".join(parts) + f" [{where[0]}, {where[1]}]"
+
+
 def describe() -> str:
-    """The coverage table: every registered op and declared fallback, with its reason."""
-    rows = [(str(t), e.kernel, "default" if e.default else "opt-in", e.reason) for t, e in REGISTRY.items()]
-    rows += [(str(t), "-", "fallback", r) for t, r in FALLBACKS.items()]
-    w = max(len(r[0]) for r in rows)
-    k = max(len(r[1]) for r in rows)
-    return "\n".join(f"{op:<{w}}  {kern:<{k}}  {mode:<8}  {why}" for op, kern, mode, why in sorted(rows))
+    """The coverage table: every entry with its three policies and its measurements, every
+    declared fallback, every ``torch.ops.flag_gems`` op with its kernel and pass."""
+    onoff = lambda p: "on" if p.on else "off"  # noqa: E731
+    rows = [(str(t), e.kernel, onoff(e.eager), onoff(e.fast), onoff(e.graph), _figures(e.data))
+            for t, e in REGISTRY.items()]
+    rows += [(str(t), "-", "native", "-", "native", r) for t, r in FALLBACKS.items()]
+    head = ("aten op", "kernel", "eager", "fast", "graph", "measured (ratio vs baseline)")
+    w = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+    fmt = lambda r: "  ".join(f"{c:<{w[i]}}" for i, c in enumerate(r[:5])) + "  " + r[5]  # noqa: E731
+    lines = [fmt(head), *map(fmt, sorted(rows))]
+    off = sorted((str(t), e) for t, e in REGISTRY.items() if not e.eager.on)
+    lines += [f"  {t}: eager {e.eager}" for t, e in off]
+    lines += ["", f"eager: every entry unless excluded; fast / graph: >= {FAST_MIN_SPEEDUP:.2f}x native device time "
+                  "at every measured shape (graph: in a compiled graph, or the eager data of graph_proxy entries)", ""]
+    frows = [(f.op, f.kernel, f.fused_by or "-", _figures(f.data)) for f in FUSED.values()]
+    fhead = ("flag_gems op", "kernel", "fused by", "measured (ratio vs baseline)")
+    fw = [max(len(r[i]) for r in [fhead, *frows]) for i in range(3)]
+    lines += ["  ".join(f"{c:<{fw[i]}}" for i, c in enumerate(r[:3])) + "  " + r[3] for r in [fhead, *sorted(frows)]]
+    return "\n".join(lines)

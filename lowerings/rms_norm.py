@@ -27,6 +27,7 @@ from torch import Tensor
 from ..kernels.rms_norm import check_rms_norm_args, rms_norm_bwd, rms_norm_fwd
 from ..c_runtime import fast_ops
 from ._utils import eager_fast_path
+from .registry import register_fused
 
 logger = logging.getLogger(__name__)
 
@@ -312,3 +313,14 @@ def fused_add_rms_norm(
     residual.copy_(h.view(residual.shape))
     x.copy_(y.view(x.shape))
     return x, residual
+
+
+# The ops in the registry's table of flag_gems ops: (name, kernel, the fusion pass that emits it).
+for _name, _kernel, _pass in (
+    ("rms_norm", "flag_gems.rms_norm.fwd", "rms_norm"),
+    ("add_rms_norm", "flag_gems.rms_norm.fwd", "rms_norm"),
+    ("fused_add_rms_norm", "flag_gems.rms_norm.fwd", None),
+    ("rms_norm_backward", "flag_gems.rms_norm.bwd", None),
+):
+    register_fused(f"flag_gems::{_name}", kernel=_kernel, fused_by=_pass,
+                   measured_as=("flag_gems::add_rms_norm",) if "add" in _name else None)

@@ -56,6 +56,7 @@ from ..kernels.rotary_embedding import (
 )
 from ..c_runtime import fast_ops
 from ._utils import eager_fast_path
+from .registry import register_fused
 
 logger = logging.getLogger(__name__)
 
@@ -544,3 +545,18 @@ def rotary_embedding_cache(
     if key is not None:
         key.copy_(k_out)
     return query, key
+
+
+# The ops in the registry's table of flag_gems ops: (name, kernel, the fusion pass that emits it).
+for _name, _kernel, _pass in (
+    ("rotary_embedding", "flag_gems.rotary_embedding.fwd", None),
+    ("rotary_embedding_", "flag_gems.rotary_embedding.fwd", None),
+    ("rotary_embedding_backward", "flag_gems.rotary_embedding.fwd", None),
+    ("rotary_embedding_hf", "flag_gems.rotary_embedding.hf_fwd", "rotary_embedding"),
+    ("rotary_embedding_hf_backward", "flag_gems.rotary_embedding.hf_fwd", None),
+    ("rotary_embedding_cache", "flag_gems.rotary_embedding.cache_fwd", "rotary_embedding"),
+    ("rotary_embedding_cache_q", "flag_gems.rotary_embedding.cache_fwd", "rotary_embedding"),
+    ("rotary_embedding_cache_", "flag_gems.rotary_embedding.cache_fwd", None),
+    ("rotary_embedding_cache_backward", "flag_gems.rotary_embedding.cache_fwd", None),
+):
+    register_fused(f"flag_gems::{_name}", kernel=_kernel, fused_by=_pass)

@@ -422,15 +422,44 @@ def test_non_contiguous_inputs(device):
     assert_close(res, ref_res, torch.float32, tag("backend[non-contiguous].res", res.shape, torch.float32))
 
 
-def test_ops_without_lowering_stay_aten_and_are_reported(device):
+def test_aten_lowering_follows_the_graph_policy(device, monkeypatch):
+    """lower_aten rewrites the nodes whose entry's graph policy is on, and no other: proven by
+    which implementations ran (counted after they returned) and by the compiled result."""
+    import collections
+    import dataclasses
+
+    from flag_gems.lowerings.registry import REGISTRY
+
+    aten = torch.ops.aten
+    targets = [aten.cumsum.default, aten._softmax.default, aten.exp.default, aten.neg.default]
+    policy = {t: REGISTRY[t].graph.on for t in targets}
+    assert any(policy.values()) and not all(policy.values()), f"pick ops on both sides of the policy: {policy}"
+    ran = collections.Counter()
+
+    def counting(t, impl):
+        def impl_counted(*args, **kwargs):
+            out = impl(*args, **kwargs)
+            ran[t] += 1
+            return out
+
+        return impl_counted
+
+    for t in targets:
+        monkeypatch.setitem(REGISTRY, t, dataclasses.replace(REGISTRY[t], impl=counting(t, REGISTRY[t].impl)))
+
     def f(x):
-        return torch.cumsum(x, 0).softmax(-1)
+        return torch.cumsum(x, -1).softmax(-1).exp().neg()
 
     x = rand(5, 7, device=device)
-    report = flag_gems.explain(f, x, options=STRICT)
-    kept = report.graphs[0].kept
-    assert "cumsum.default" in kept and "_softmax.default" in kept, str(report)
-    torch.testing.assert_close(compile_strict(f)(x), f(x))
+    out = compile_strict(f)(x)
+    assert {t: ran[t] == 1 for t in targets} == policy, (dict(ran), policy)
+    ref = -torch.exp(torch.softmax(torch.cumsum(ref64(x), -1), -1))
+    assert_close(out, ref, torch.float32, tag("cumsum-softmax-exp-neg (compiled)", x.shape, x.dtype))
+    # lower_aten=False: nothing lowered, whatever the policy.
+    torch._dynamo.reset()
+    ran.clear()
+    torch.compile(f, backend="flag_gems", options={**STRICT, "lower_aten": False}, fullgraph=True)(x)
+    assert not ran, dict(ran)
 
 
 def test_graph_break_code_still_compiles_around_it(device):
@@ -455,8 +484,10 @@ def test_pattern_kept_when_fused_op_refuses_inputs(device, monkeypatch):
     if device != "cpu":
         pytest.skip("CPU-only situation")
     import flag_gems.kernels._common as common
+    import flag_gems.lowerings._utils as lowering_utils
 
     monkeypatch.setattr(common, "interpreter_mode", lambda: False)
+    monkeypatch.setattr(lowering_utils, "interpreter_mode", lambda: False)  # the aten entries' supports() too
     m = ResidualBlock(16, "llama")
     x, r = rand(2, 16), rand(2, 16)
     with torch.no_grad():

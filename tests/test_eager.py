@@ -1,8 +1,10 @@
-"""Eager dispatcher mode: ``enable`` / ``only_enable`` / ``disable`` / ``use_gems``, record logs, vendor detection.
+"""Eager dispatcher mode: ``enable`` / ``only_enable`` / ``disable`` / ``use_gems``, presets, record logs,
+vendor detection, the warning when no kernel can run.
 
 Most tests run on a registry table of their own (the ``table`` fixture: a few counting
 entries plus the real ``add.Tensor`` entry), so they test the mechanism whatever the
-default table holds; the Megatron-style test also runs on the real table.
+default table holds; the tests marked "real table" run on the package's registry. The
+counting entries count a call after their implementation returned.
 """
 
 import dataclasses
@@ -21,11 +23,12 @@ from accuracy import assert_close, ref64, tag
 from accuracy import rand as _rand
 from flag_gems import eager, runtime
 from flag_gems.lowerings import registry
-from flag_gems.lowerings.registry import REGISTRY, Lowering
+from flag_gems.lowerings.registry import REGISTRY, Lowering, Policy, preset_targets
 
 aten = torch.ops.aten
-# The real entry (Triton add, through the interpreter on CPU), made opt-in for the test table.
-ADD_ENTRY = dataclasses.replace(REGISTRY[aten.add.Tensor], default=False)
+ON, OFF = Policy(True, "test entry"), Policy(False, "test entry")
+# The real entry (Triton add, through the interpreter on CPU), off by default for the test table.
+ADD_ENTRY = dataclasses.replace(REGISTRY[aten.add.Tensor], eager=OFF, fast=OFF)
 
 
 # The overrides sit on the device's dispatch key (CUDA with a GPU, CPU under the interpreter):
@@ -59,14 +62,16 @@ class Entries:
     def n(self, name):
         return self.calls.get(name, 0)
 
-    def lowering(self, target, impl, supports=lambda *a, **k: None, default=True):
+    def lowering(self, target, impl, supports=lambda *a, **k: None, default=True, fast=False):
         name = str(target)
 
         def counted(*args, **kwargs):
-            self.count(name)
-            return impl(*args, **kwargs)
+            out = impl(*args, **kwargs)
+            self.count(name)  # after the work: a call that raised is not counted
+            return out
 
-        return Lowering(target, counted, f"test.{name}", supports, default, "test entry")
+        return Lowering(target, counted, f"test.{name}", supports, eager=ON if default else OFF, graph=OFF,
+                        fast=ON if fast else OFF)
 
 
 def _float_only(self, *args, **kwargs):
@@ -85,7 +90,7 @@ def table():
     REGISTRY.clear()
     # Inside an impl, aten calls go to the native kernels: these are plain-torch implementations.
     entries = [
-        e.lowering(aten.abs.default, lambda self: torch.where(self < 0, -self, self), _float_only),
+        e.lowering(aten.abs.default, lambda self: torch.where(self < 0, -self, self), _float_only, fast=True),
         e.lowering(aten.abs_.default, lambda self: self.copy_(torch.abs(self)), _float_only),
         e.lowering(aten.fill_.Scalar, lambda self, value: aten.fill_.Scalar(self, value)),
         e.lowering(aten.exp.default, lambda self: torch.exp(self), default=False),
@@ -257,6 +262,71 @@ def test_include_names(table, caplog):
     assert "sum has no flag_gems kernel" in caplog.text
 
 
+def test_preset_fast(table):
+    flag_gems.enable(preset="fast")
+    assert flag_gems.all_registered_ops() == ["abs"]  # the table's one fast entry
+    x = rand(4)
+    out = torch.abs(x)
+    assert table.n("aten.abs.default") == 1 and torch.equal(out, x.abs())
+    flag_gems.enable(preset="fast", unused=["abs"])
+    assert flag_gems.all_registered_ops() == []
+    flag_gems.disable()
+    with flag_gems.use_gems(preset="fast"):
+        assert flag_gems.all_registered_ops() == ["abs"]
+        with flag_gems.use_gems():  # every entry inside the fast block
+            assert flag_gems.all_registered_ops() == DEFAULTS
+        assert flag_gems.all_registered_ops() == ["abs"]
+    assert flag_gems.all_registered_ops() == []
+
+
+def test_preset_errors(table):
+    with pytest.raises(ValueError, match=r"preset='fastest' is not a preset; expected None \(every entry\) or 'fast'"):
+        flag_gems.enable(preset="fastest")
+    with pytest.raises(TypeError, match="include= or preset=, not both"):
+        flag_gems.use_gems(include=["abs"], preset="fast")
+    assert flag_gems.all_registered_ops() == []
+
+
+def test_real_table_enable_registers_every_entry_and_unused_removes_by_name(tmp_path):
+    # FlagGems' semantics on the package's own registry: enable() replaces every op an entry
+    # implements (less recorded exclusions); unused=["sum", "add"] removes every overload of both.
+    every = {t for t, e in REGISTRY.items() if e.eager.on}
+    assert preset_targets(None) == every and len(every) == len(REGISTRY) - sum(not e.eager.on for e in REGISTRY.values())
+    flag_gems.enable()
+    assert flag_gems.all_registered_ops() == sorted(eager._op_names(t).display for t in every)
+    flag_gems.enable(unused=["sum", "add"])
+    live = set(flag_gems.all_registered_ops())
+    gone = {eager._op_names(t).display for t in every} - live
+    assert gone == {eager._op_names(t).display for t in every if t._opname in ("sum", "add", "add_")}, sorted(gone)
+    assert {"sum", "sum.dim_IntList", "add.Tensor", "add_.Tensor"} <= gone and "mul.Tensor" in live
+    # By result: with every entry on, a plain add runs the Triton kernel (logged after it returned).
+    log = tmp_path / "ops.log"
+    flag_gems.enable(record=True, path=log)
+    x, y = rand(3, 5), rand(3, 5)
+    s = x + y
+    flag_gems.disable()
+    assert_close(s, ref64(x) + ref64(y), torch.float32, tag("enable() add", s.shape, s.dtype))
+    assert "[DEBUG] flag_gems.ops.add: GEMS ADD_TENSOR" in _lines(log)
+
+
+def test_registration_takes_the_implementation_it_is_given(table):
+    # The one place an implementation is registered on a key (where a C++ wrapper plugs in):
+    # the given function serves the op until destroy() puts the kernel before it back.
+    def seven(self):
+        return torch.full_like(self, 7.0)  # a marker result no exp gives
+
+    x = rand(5)
+    want = torch.exp(x)
+    with eager._quiet_overrides():
+        reg = eager._Registration(REGISTRY[aten.exp.default], runtime.dispatch_key, kernel=seven)
+    try:
+        got = torch.exp(x)
+    finally:
+        reg.destroy()
+    assert reg.kernel is seven and torch.equal(got, torch.full_like(x, 7.0))
+    assert torch.equal(torch.exp(x), want)
+
+
 def test_unknown_name_lists_close_matches(table):
     with pytest.raises(ValueError, match=r"unused: 'abss' names no aten op; close matches: abs"):
         flag_gems.enable(unused=["abss"])
@@ -304,9 +374,18 @@ def test_unsupported_input_falls_back_to_native(table, tmp_path):
         a = torch.abs(i)  # the test entry takes floats only
         c = z + z  # no flag_gems kernel takes complex
         f = rand(4) + rand(4)
+    assert _lines(tmp_path / "log") == ["[DEBUG] flag_gems.ops.add: GEMS ADD_TENSOR"]  # upstream's file: GEMS lines only
+    with flag_gems.use_gems(include=["abs", "add"], record=True, fallbacks=True, path=tmp_path / "log"):
+        a = torch.abs(i)
+        c = z + z
+        f = rand(4) + rand(4)
     assert table.n("aten.abs.default") == 0
     assert torch.equal(a, i.abs()) and torch.equal(c, z + z) and f.dtype == torch.float32
-    assert (tmp_path / "log").read_text().splitlines() == ["[DEBUG] flag_gems.ops.add: GEMS ADD_TENSOR"]
+    assert (tmp_path / "log").read_text().splitlines() == [
+        "[DEBUG] flag_gems.ops.abs: NATIVE ABS: dtype torch.int64",
+        "[DEBUG] flag_gems.ops.add: NATIVE ADD_TENSOR: pointwise add: operand 0: dtype torch.complex64 is not supported",
+        "[DEBUG] flag_gems.ops.add: GEMS ADD_TENSOR",
+    ]
 
 
 NUMBERS = [True, 3, 2.5, 0.1, 1 + 2j]
@@ -356,14 +435,46 @@ def test_numbers_in_tensor_slots_promote_like_torch(table, number, monkeypatch):
         assert torch.equal(g, w), f"[number={number!r} dtype={w.dtype}] values differ"
 
 
-def test_kernel_error_falls_back_with_one_warning(table, caplog):
+def test_kernel_error_falls_back_with_one_warning(table, caplog, tmp_path):
+    # A kernel that raises on every call: the native kernel gives the result, one warning
+    # names the bug, and the record log never says GEMS for it (the line is written after the
+    # kernel returned, which it never does).
     x = rand(6)
+    log = tmp_path / "ops.log"
     with caplog.at_level(logging.WARNING, logger="flag_gems.eager"):
-        with flag_gems.use_gems(include=["sin"]):
+        with flag_gems.use_gems(include=["sin", "abs.default"], record=True, fallbacks=True, path=log):
             a, b = torch.sin(x), torch.sin(x)
-    assert table.n("aten.sin.default") == 2
-    assert torch.equal(a, torch.sin(x)) and torch.equal(b, a)
+            c = torch.abs(x)
+    assert table.n("aten.sin.default") == 0 and table.n("aten.abs.default") == 1
+    assert torch.equal(a, torch.sin(x)) and torch.equal(b, a) and torch.equal(c, x.abs())
     assert caplog.text.count("the flag_gems kernel test.aten.sin.default raised RuntimeError: kernel bug") == 1
+    assert _lines(log) == [
+        "[WARNING] flag_gems.ops.sin: NATIVE SIN: the flag_gems kernel raised RuntimeError",
+        "[WARNING] flag_gems.ops.sin: NATIVE SIN: the flag_gems kernel raised RuntimeError",
+        "[DEBUG] flag_gems.ops.abs: GEMS ABS",
+    ]
+
+
+@pytest.mark.parametrize("checks_in_impl", [False, True], ids=["supports", "checks_in_impl"])
+def test_record_is_written_after_the_kernel_returned(table, tmp_path, checks_in_impl):
+    # The record call sits after impl in the wrapper: a stub whose impl raises every time
+    # (also a NotImplementedError-refusing one) leaves no GEMS line, whatever the path.
+    seen = []
+
+    def raises(self):
+        seen.append(self.shape)
+        raise (NotImplementedError("refused in impl") if checks_in_impl else ValueError("stub kernel raises"))
+
+    entry = dataclasses.replace(table.lowering(aten.exp.default, raises, default=False), checks_in_impl=checks_in_impl)
+    REGISTRY[aten.exp.default] = entry
+    x = rand(3, 4)
+    log = tmp_path / "ops.log"
+    with flag_gems.use_gems(include=["exp"], record=True, once=True, fallbacks=True, path=log):
+        out = torch.exp(x)
+    assert seen == [x.shape] and table.n("aten.exp.default") == 0  # the stub was reached, never returned
+    assert_close(out, torch.exp(ref64(x)), torch.float32, tag("exp (native after the stub)", x.shape, x.dtype))
+    text = log.read_text()
+    assert "GEMS" not in text and "NATIVE EXP" in text, text
 
 
 def test_bad_input_raises_torchs_own_error(table, caplog):
@@ -732,7 +843,7 @@ def test_checks_in_impl_entry_skips_supports_and_falls_back_on_its_refusal(table
     x, i, bad = rand(4, 5), torch.arange(6), rand(2, 2, 2)
     with caplog.at_level(logging.DEBUG, logger="flag_gems.eager"), flag_gems.use_gems(include=["exp"]):
         y, yi, yb = torch.exp(x), torch.exp(i), torch.exp(bad)
-    assert table.n("aten.exp.default") == 3
+    assert table.n("aten.exp.default") == 1  # only x's call returned from the entry
     assert_close(y, torch.exp(ref64(x)), torch.float32, tag("exp", x.shape, x.dtype))
     assert torch.equal(yi, torch.exp(i)) and torch.equal(yb, torch.exp(bad))  # native for both
     assert any("native kernel (dtype torch.int64)" in r.getMessage() for r in caplog.records)
@@ -742,3 +853,60 @@ def test_checks_in_impl_entry_skips_supports_and_falls_back_on_its_refusal(table
 def test_generated_pointwise_entries_check_in_impl():
     entries = [e for t, e in REGISTRY.items() if e.kernel.startswith("flag_gems.pointwise.")]
     assert entries and all(e.checks_in_impl for e in entries)
+
+
+# --------------------------------------------------------------------------- no kernels in this process
+
+UNAVAILABLE = """
+{first}
+import warnings, torch, flag_gems
+x = torch.randn(4, 8)
+if {eager}:
+    with flag_gems.use_gems():
+        y = x + x  # refused (no interpreter): the native kernel, and the warning
+        z = x + x  # no second warning
+    assert torch.equal(y, x * 2) and torch.equal(z, y)
+report = flag_gems.explain(lambda t: torch.softmax(t, -1) * 2, x)
+print("FIRST LINE:", str(report).splitlines()[0])
+print("AVAILABLE:", flag_gems.availability.unavailable() is None)
+"""
+
+
+FIRST_IMPORTS = {
+    "triton": "import triton",
+    "transformers": "from transformers import LlamaForCausalLM  # its modeling code imports triton",
+}
+
+
+@pytest.mark.parametrize("first", list(FIRST_IMPORTS))
+@pytest.mark.parametrize("path", ["eager", "compile"])
+def test_kernels_unavailable_warn_once_on_stderr_and_explain_says_it(first, path):
+    # A CPU process that imports triton (or a transformers model, which imports it) before
+    # flag_gems, without TRITON_INTERPRET: no kernel can run. The first refused kernel warns
+    # through `warnings` (stderr), once, and explain()'s report says it in its first line.
+    if first == "transformers":
+        pytest.importorskip("transformers")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU process on a GPU machine too
+    code = UNAVAILABLE.format(first=FIRST_IMPORTS[first], eager=path == "eager")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    warned = [ln for ln in r.stderr.splitlines() if "KernelsUnavailableWarning" in ln]
+    assert len(warned) == 1, r.stderr
+    assert "triton was imported before flag_gems without TRITON_INTERPRET=1" in warned[0]
+    assert "set TRITON_INTERPRET=1 at process start" in warned[0]
+    first_line = next(ln for ln in r.stdout.splitlines() if ln.startswith("FIRST LINE:"))
+    assert "KERNELS UNAVAILABLE" in first_line and "triton was imported before flag_gems" in first_line
+    assert "AVAILABLE: False" in r.stdout
+
+
+def test_kernels_available_no_warning():
+    # The same program with triton imported after flag_gems: the interpreter runs the kernels,
+    # nothing warns, and explain's first line is a graph.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    code = UNAVAILABLE.format(first="import flag_gems, triton", eager=True)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "KernelsUnavailableWarning" not in r.stderr
+    assert "FIRST LINE: graph 0" in r.stdout and "AVAILABLE: True" in r.stdout

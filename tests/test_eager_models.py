@@ -21,7 +21,7 @@ BERT = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             max_position_embeddings=64, type_vocab_size=2)
 
 
-# Every registered entry, default or opt-in: these tests check the kernels inside real models.
+# Every registered entry (what use_gems() registers, excluded entries too): the kernels inside real models.
 ALL = sorted(f"{t._opname}.{t._overloadname}" for t in REGISTRY)
 
 

@@ -346,8 +346,8 @@ def test_registry_contract():
     }
     for target in OURS:
         entry = REGISTRY[target]
-        assert target not in FALLBACKS and not entry.in_graphs and entry.reason
-    assert li.DEFAULTS["arange"][0] is False and "launch" in li.DEFAULTS["arange"][1]
+        assert target not in FALLBACKS and entry.eager.on
+        assert entry.graph.on == (target is torch.ops.aten.cumsum.default)  # the row scan: graph proxy
 
 
 def test_supports_on_fake_tensors():

@@ -242,8 +242,8 @@ def test_registry_entries_match_schemas():
     for target in ll.TARGETS:
         entry = REGISTRY[target]
         assert target not in FALLBACKS
-        # Not in the GPU benchmark yet: opt-in until measured.
-        assert not entry.default and not entry.in_graphs and entry.reason == ll.DEFAULT_REASON
+        # On in the eager mode; not in the GPU benchmark yet, so neither fast nor lowered in graphs.
+        assert entry.eager.on and not entry.fast.on and not entry.graph.on and not entry.data
 
 
 def test_launcher_errors(device):

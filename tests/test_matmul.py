@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flag_gems
-from accuracy import DEVICE, DTYPE_IDS, DTYPES, GEMM_RTOL, rand, reason, ref64, run, tag
+from accuracy import DEVICE, DTYPE_IDS, DTYPES, GEMM_RTOL, poison, rand, reason, ref64, run, tag
 from flag_gems.kernels import matmul as km
 from flag_gems.lowerings.registry import REGISTRY
 
@@ -152,10 +152,12 @@ def test_eager_mode_linear_layers(device, tmp_path):
     assert {"ADDMM", "MM", "BMM"} <= logged, logged
 
 
-def test_not_on_by_default():
+def test_registry_policies():
+    # On in the eager mode (every entry is); measured below cuBLAS, so neither fast nor lowered in graphs.
     for target in (aten.mm.default, aten.bmm.default, aten.addmm.default):
         entry = REGISTRY[target]
-        assert not entry.default and not entry.in_graphs and "measured on H100" in entry.reason
+        assert entry.eager.on and not entry.fast.on and not entry.graph.on
+        assert entry.data and min(m.ratio for m in entry.data) < 1.0
 
 
 @pytest.mark.gpu
@@ -165,3 +167,181 @@ def test_llm_shapes_gpu(dtype):
         a, b = rand(m, 4096, dtype=dtype, device="cuda"), rand(4096, 1000, dtype=dtype, device="cuda")
         out = run(aten.mm.default, a, b)
         close_gemm(out, ref64(a) @ ref64(b), a, b, dtype, tag("mm llm", (m, 4096, 1000), dtype))
+
+
+# --------------------------------------------------------------------------- tuned classes (kernels/matmul.py)
+
+from flag_gems.kernels import _autotune as at  # noqa: E402
+
+CLASS_CONFIGS = [  # (KIND, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, WARP_SPEC): every class and option
+    ("plain", 16, 32, 16, 8, 4, 1, 0),
+    ("plain", 32, 16, 32, 2, 4, 2, 0),
+    ("tma", 16, 16, 16, 8, 4, 2, 0),
+    ("tma", 32, 16, 16, 1, 4, 2, 1),
+    ("persistent", 16, 16, 16, 2, 4, 2, 0),
+    ("persistent", 16, 32, 16, 8, 4, 2, 1),
+]
+
+
+def _unsupported(exc) -> bool:
+    """A config this GPU / Triton cannot compile (the tuner skips such candidates): warp specialization
+    where the installed Triton has none for this chip, or more shared memory than there is."""
+    text = f"{type(exc).__name__} {exc}".lower()
+    return "compil" in text or "out of resource" in text or "warp_spec" in text
+
+
+def _cfg(c):
+    return dict(zip(km.TUNABLE.fields, c + (0,)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", ["b_rowmajor", "b_kmajor"])
+@pytest.mark.parametrize("cfg", CLASS_CONFIGS, ids=lambda c: f"{c[0]}_{c[1]}x{c[2]}x{c[3]}_g{c[4]}_ws{c[7]}")
+def test_every_class(cfg, layout, dtype, device):
+    """Each kernel class at edge sizes (not multiples of any tile), with and without bias / scaling, vs float64."""
+    if cfg[0] != "plain" and not km.HAS_TMA:
+        pytest.skip("this Triton has no tensor descriptors")
+    if device == "cuda" and cfg[0] != "plain" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need compute capability >= 9")
+    m, k, n = 37, 56, 40  # 16-byte aligned rows for 16-bit types (k, n multiples of 8)
+    a = rand(m, k, dtype=dtype, device=device)
+    b = rand(n, k, dtype=dtype, device=device).t() if layout == "b_kmajor" else rand(k, n, dtype=dtype, device=device)
+    bias = rand(n, dtype=dtype, device=device)
+    for use_bias, beta, alpha in ((False, 1, 1), (True, 0.5, -2.0)):
+        out = poison(torch.empty(m, n, dtype=dtype, device=device))
+        with km.TUNABLE.forcing(_cfg(cfg)):
+            try:
+                km.matmul(a, b, bias if use_bias else None, beta=beta, alpha=alpha, out=out)
+            except Exception as exc:
+                if device == "cuda" and cfg[7] and _unsupported(exc):
+                    pytest.skip(f"warp specialization does not compile here: {str(exc)[:200]}")
+                raise
+        prod = alpha * (ref64(a) @ ref64(b))
+        term = beta * ref64(bias) if use_bias else None
+        close_gemm(out, prod + (0 if term is None else term), a, b, dtype,
+                   tag(f"mm[{cfg[0]} {layout} bias={use_bias}]", (m, k, n), dtype),
+                   extra=None if term is None else torch.broadcast_to(term, prod.shape))
+    ran_tma = cfg[0] != "plain" and dtype != torch.float32
+    assert km.tma_eligible(a, b, out) == ran_tma or cfg[0] == "plain"
+
+
+def test_descriptor_config_on_unaligned_operands_runs_the_plain_kernel(device):
+    """A tensor-descriptor config for operands it cannot take (sliced rows, odd sizes, a batch) runs plain tiles."""
+    dtype = torch.bfloat16
+    a = rand(9, 2 * 21, dtype=dtype, device=device)[:, ::2]  # not unit stride
+    b = rand(21, 13, dtype=dtype, device=device)  # 13 * 2 bytes: unaligned rows
+    assert not km.tma_eligible(a, b, None)
+    for c in CLASS_CONFIGS[2:]:
+        with km.TUNABLE.forcing(_cfg(c)):
+            out = km.matmul(a, b)
+        close_gemm(out, ref64(a) @ ref64(b), a, b, dtype, tag(f"mm[{c[0]} unaligned]", (9, 21, 13), dtype))
+    a3, b3 = rand(2, 8, 16, dtype=dtype, device=device), rand(2, 16, 24, dtype=dtype, device=device)
+    assert not km.tma_eligible(a3, b3, None)
+    with km.TUNABLE.forcing(_cfg(CLASS_CONFIGS[2])):
+        out = km.matmul(a3, b3)
+    close_gemm(out, ref64(a3) @ ref64(b3), a3, b3, dtype, tag("bmm[tma config]", a3.shape, dtype))
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMS_CACHE_DIR", str(tmp_path / "cache"))
+    at.clear_memory()
+    yield
+    at.clear_memory()
+
+
+def _decide(a, b, bias, native: bool):
+    """Put a decision for this call's key in the table, as tuning (or a cache) would."""
+    key = km.tune_key(a, b, bias)
+    cfg = dict(km.TUNABLE.default(key, a.get_device()), NATIVE=int(native))
+    km.TUNABLE._table[(a.get_device(), key)] = km.TUNABLE.as_tuple(cfg)
+
+
+def test_native_faster_shapes_go_to_the_native_kernel(device, private_cache):
+    a, b = rand(6, 16, device=device), rand(16, 8, device=device)
+    _decide(a, b, None, native=True)
+    with pytest.raises(NotImplementedError, match="cuBLAS measured faster"):
+        REGISTRY[aten.mm.default].impl(a, b)  # the eager mode then runs the native kernel
+    got = flag_gems.mm(a, b)  # public function: torch.mm for this shape
+    torch.testing.assert_close(got, a @ b)
+    forced = flag_gems.mm(a, b, allow_native=False)  # the Triton kernel anyway
+    close_gemm(forced, ref64(a) @ ref64(b), a, b, torch.float32, tag("mm forced triton", (6, 16, 8), torch.float32))
+    _decide(a, b, None, native=False)
+    out = REGISTRY[aten.mm.default].impl(a, b)
+    close_gemm(out, ref64(a) @ ref64(b), a, b, torch.float32, tag("mm triton", (6, 16, 8), torch.float32))
+
+
+def test_eager_mode_falls_back_where_native_won(device, private_cache, tmp_path):
+    a, b = rand(5, 24, device=device), rand(24, 10, device=device)
+    _decide(a, b, None, native=True)
+    log = tmp_path / "ops.log"
+    with flag_gems.use_gems(include=["mm"], record=True, path=log):
+        got = torch.mm(a, b)
+    torch.testing.assert_close(got, a @ b)
+    assert "GEMS MM" not in (log.read_text() if log.exists() else "")  # the native kernel ran
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_public_functions(dtype, device, private_cache):
+    a, b = rand(7, 20, dtype=dtype, device=device), rand(20, 12, dtype=dtype, device=device)
+    close_gemm(flag_gems.mm(a, b), ref64(a) @ ref64(b), a, b, dtype, tag("flag_gems.mm", (7, 20, 12), dtype))
+    a3, b3 = rand(3, 7, 20, dtype=dtype, device=device), rand(3, 20, 12, dtype=dtype, device=device)
+    close_gemm(flag_gems.bmm(a3, b3), ref64(a3) @ ref64(b3), a3, b3, dtype, tag("flag_gems.bmm", a3.shape, dtype))
+    bias = rand(12, dtype=dtype, device=device)
+    prod = -1.5 * (ref64(a) @ ref64(b))
+    term = 0.25 * ref64(bias)
+    close_gemm(flag_gems.addmm(bias, a, b, beta=0.25, alpha=-1.5), prod + term, a, b, dtype,
+               tag("flag_gems.addmm", (7, 20, 12), dtype), extra=torch.broadcast_to(term, prod.shape))
+    with pytest.raises(ValueError, match="expected a 2-D tensor"):
+        flag_gems.mm(a3, b3)
+    with pytest.raises(ValueError, match="expected a 3-D tensor"):
+        flag_gems.bmm(a, b)
+    with pytest.raises(ValueError, match="b: expected 20 rows"):
+        flag_gems.mm(a, rand(21, 12, dtype=dtype, device=device))
+
+
+def test_tuned_gemm_end_to_end(device, private_cache):
+    """Tuning picks a non-heuristic class (fake timer), stores it, and the next call runs it correctly."""
+    dtype = torch.bfloat16
+    a, b = rand(20, 32, dtype=dtype, device=device), rand(48, 32, dtype=dtype, device=device).t()
+    key = km.tune_key(a, b, None)
+    want = "persistent" if key[-1] else "plain"
+
+    def timer(run, cfg):
+        run()
+        if cfg is None:
+            return 50.0  # native
+        return 1.0 if cfg["KIND"] == want and cfg != km.TUNABLE.default(key, a.get_device()) else 10.0
+
+    with at.use_timer(timer):
+        res = km.TUNABLE.tune(key, a.get_device())
+    assert res.config["KIND"] == want and res.config["NATIVE"] == 0 and res.baseline_us == 50.0
+    at.clear_memory()
+    out = flag_gems.mm(a, b)
+    assert km.TUNABLE.origin(key, a.get_device()).origin == "cache"
+    close_gemm(out, ref64(a) @ ref64(b), a, b, dtype, tag("mm tuned", (20, 32, 48), dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_every_gpu_candidate_gpu(dtype):
+    """Every candidate the tuner may pick on this GPU, at LLM-like shapes (decode and prefill), vs float64."""
+    dev = torch.cuda.current_device()
+    ran = set()
+    for m, n, k in ((1, 512, 4096), (96, 1024, 512), (2048, 2048, 512)):  # decode, mid, persistent-sized
+        a = rand(m, k, dtype=dtype, device="cuda")
+        b = rand(n, k, dtype=dtype, device="cuda").t()
+        key = km.tune_key(a, b, None)
+        for cfg in [km.TUNABLE.default(key, dev)] + km.TUNABLE.candidates(key, dev):
+            with km.TUNABLE.forcing(cfg):
+                try:
+                    out = km.matmul(a, b)
+                except Exception as exc:
+                    if _unsupported(exc):  # the tuner skips it too
+                        continue
+                    raise
+            close_gemm(out, ref64(a) @ ref64(b), a, b, dtype, tag(f"mm[{cfg}]", (m, k, n), dtype))
+            ran.add(cfg["KIND"])
+    want = {"plain", "tma", "persistent"} if dtype != torch.float32 and km.HAS_TMA and \
+        torch.cuda.get_device_capability()[0] >= 9 else {"plain"}
+    assert want <= ran, ran

@@ -1,10 +1,17 @@
 """Aten node lowering: rewrite aten nodes to registered implementations, record every decision.
 
-For each aten node of a (post-AOT) graph, the ``flag_gems.lowerings`` registry decides:
-a default entry whose ``supports(...)`` passes on the node's fake values is rewritten to
-its implementation; anything else stays aten, and the report says why (opt-in only,
-unsupported input, declared fallback, or no lowering). Views and other data-movement-free
+For each aten node of a (post-AOT) graph, the ``flag_gems.lowerings`` registry decides: an
+entry whose ``graph`` policy is on and whose ``supports(...)`` passes on the node's fake
+values is rewritten to call its implementation directly (no dispatcher, no eager wrapper);
+anything else stays aten, and the report says why (the graph policy with its evidence, an
+unsupported input, a declared fallback, or no lowering). The graph policy is separate from
+the eager one: an entry on in ``enable()`` is lowered here only where measurements say it
+is faster in a graph (``flag_gems.lowerings.registry``). Views and other data-movement-free
 ops are counted under one reason so the report stays readable.
+
+Before / after (``_softmax``'s graph policy on)::
+
+    %s = aten._softmax.default(%x, -1, False)   ->   %s = _softmax_default(%x, -1, False)
 """
 
 from __future__ import annotations
@@ -20,11 +27,17 @@ _VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expan
           "squeeze", "split", "chunk", "alias", "detach", "as_strided", "unbind", "split_with_sizes"}
 
 
+def _val(a):
+    """A node argument as ``supports`` sees it: fake values for nodes, inside lists too (``cat``)."""
+    if isinstance(a, fx.Node):
+        return val(a)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_val(x) for x in a)
+    return a
+
+
 def _vals(args):
-    return [val(a) if isinstance(a, fx.Node) else a for a in args]
-
-
-GRAPH_REASON = "in a graph the native kernel moves the same bytes; a Triton launch only adds host time"
+    return [_val(a) for a in args]
 
 
 def lower_aten(gm: fx.GraphModule, report: GraphReport, everything: bool = False) -> int:
@@ -33,9 +46,8 @@ def lower_aten(gm: fx.GraphModule, report: GraphReport, everything: bool = False
     Args:
         gm: a post-AOT aten graph.
         report: where each decision is recorded.
-        everything: rewrite every registered entry whose ``supports`` passes, opt-in ones
-            and those on for the eager mode only included (``options={"lower_aten": "all"}``,
-            for measuring them in graphs).
+        everything: rewrite every registered entry whose ``supports`` passes, whatever its
+            graph policy (``options={"lower_aten": "all"}``, for measuring them in graphs).
     """
     count = 0
     for node in gm.graph.nodes:
@@ -52,11 +64,8 @@ def lower_aten(gm: fx.GraphModule, report: GraphReport, everything: bool = False
             else:
                 report.keep(name, "no lowering registered")
             continue
-        if not (entry.default or everything):
-            report.keep(name, f"opt-in only: {entry.reason}")
-            continue
-        if not (entry.in_graphs or everything):
-            report.keep(name, GRAPH_REASON)
+        if not (entry.graph.on or everything):
+            report.keep(name, f"graph policy off: {entry.graph.reason}")
             continue
         reason = entry.supports(*_vals(node.args), **dict(zip(node.kwargs, _vals(node.kwargs.values()))))
         if reason is not None:

@@ -273,3 +273,78 @@ def is_full_slice(node) -> bool:
         return False
     size = shape[dim]
     return end is None or (static_int(end) is not None and static_int(end) >= 2**62) or known_equal(end, size)
+
+
+# ------------------------------------------------------------------ aliasing and mutation
+
+
+def written_args(node) -> list | None:
+    """The argument nodes an in-place or ``out=`` op writes (its schema's ``Tensor(a!)``).
+
+    Returns ``[]`` for a node that writes nothing (functional ops, getitem, placeholders),
+    and None when ``node`` is a call whose writes cannot be read from a schema (a Python
+    callable or higher-order op that may mutate): callers treat None as "may write anything".
+    Calls known not to touch tensor data (grad-mode switches, ``sym_size``) are ``[]``.
+    """
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return [] if not isinstance(node, fx.Node) or node.op != "call_module" else None
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        if not t._schema.is_mutable:
+            return []
+        out = []
+        for i, a in enumerate(t._schema.arguments):
+            if a.alias_info is None or not a.alias_info.is_write:
+                continue
+            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            out += [x for x in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(x, fx.Node)]
+        return out
+    if t in _NO_DATA_WRITES or (getattr(t, "__module__", None) in ("_operator", "math") and t is not operator.setitem):
+        return []  # getitem, and SymInt arithmetic of dynamic shapes
+    return None
+
+
+# Non-aten callables that pre-dispatch / Dynamo graphs hold and that write no tensor data.
+_NO_DATA_WRITES = {torch._C._set_grad_enabled, torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min}
+try:  # autocast switches in pre-dispatch graphs
+    _NO_DATA_WRITES |= {torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast}
+except AttributeError:  # pragma: no cover - older torch
+    pass
+
+
+def storages(node) -> set | None:
+    """The storages the tensors of ``node``'s example value live in (views share their base's).
+
+    Returns a set of ``StorageWeakRef`` (empty for non-tensor values), or None when the
+    node has no example value (then nothing can be said about what it aliases).
+    """
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    if not isinstance(node, fx.Node):
+        return set()
+    v = node.meta.get("val", node.meta.get("example_value"))
+    if v is None:
+        return None if node.op != "call_function" or node.target is not operator.getitem else set()
+    out = set()
+    for t in v if isinstance(v, (list, tuple)) else [v]:
+        if isinstance(t, torch.Tensor):
+            try:
+                out.add(StorageWeakRef(t.untyped_storage()))
+            except (NotImplementedError, RuntimeError):  # a tensor subclass without a storage
+                return None
+    return out
+
+
+def may_write(node, read) -> bool:
+    """True when ``node`` may write the data of any storage in ``read`` (a set of ``StorageWeakRef``).
+
+    An op whose writes are unknown, or writes a tensor whose storage is unknown, may write anything.
+    """
+    written = written_args(node)
+    if written is None:
+        return True
+    for a in written:
+        s = storages(a)
+        if s is None or s & read:
+            return True
+    return False

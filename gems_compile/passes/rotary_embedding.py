@@ -54,6 +54,19 @@ k of 0 heads (no programs launched for it) or ``rotary_embedding_cache_q``. Befo
     q = cat((rope(q[..., :r], cos, sin), q[..., r:]), -1); k = (same)
         ->  q, k = flag_gems.rotary_embedding_cache(pos, q, k, D, cache, True)
 
+KV caches: the rotated k is usually first used by the cache update, which is where the
+fused op goes, so the cache receives the op's k. Cache writes in between (HF's
+``StaticCache`` ``index_copy_``, vLLM-style ``cache[slots] = k`` / ``index_copy_`` /
+slice assignment, ``DynamicCache``'s ``detach_`` of a fresh tensor, a position counter's
+``add_``) write other storages than q, k and the tables, so they stay where they are,
+in order; only an op that may write what the fused op reads keeps the pattern::
+
+    q_embed, k_embed = rope(q, cos, sin), rope(k, cos, sin)
+    k_cache.index_copy_(2, cache_position, k_embed); v_cache.index_copy_(2, cache_position, v)
+    attn(q_embed, k_cache, v_cache)
+        ->  q_embed, k_embed = flag_gems.rotary_embedding_hf(q, k, cos, sin, False)
+            k_cache.index_copy_(2, cache_position, k_embed); ...
+
 Numerics: the model computes ``x * cos + rot(x) * sin`` in x's dtype, every op rounded to
 it; the kernel computes in fp32 and rounds once, the accepted fused-kernel contract (it
 matches the ``x.float()`` spelling up to fp32 rounding). A table the model rounds to x's
@@ -65,8 +78,8 @@ Left alone, with the reason in the report (``rotary pattern``): an intermediate 
 rotation with no cast back (bf16 q, fp32 tables: the model's output is fp32, the op's
 would be bf16); a rotation computed in a dtype other than q's or fp32;
 cos / sin that do not broadcast over exactly the heads dim, or differ in shape; an odd
-head_dim or rotary dim; a head_dim that is not static; an in-place op between the
-rotation and its use (the op runs at the first use). A rotation of other dims than the
+head_dim or rotary dim; a head_dim that is not static; an in-place op that writes q, k
+or the tables between the rotation and its use (the op runs at the first use). A rotation of other dims than the
 first ``r`` (``q[..., nope:]``) is fused as the rotation of that slice, the ``cat`` around
 it left as is; tables are taken as computed, so multimodal RoPE (Qwen2-VL's sections of
 tables) is the ``hf`` variant. Not recognized at all: rotations that permute the dims
@@ -77,6 +90,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import operator
 from typing import Callable
@@ -85,6 +99,7 @@ import torch
 from torch import fx
 
 from ..report import GraphReport
+from ..signals import is_dynamo_signal
 from .matching import (
     F32,
     FLOAT_DTYPES,
@@ -97,6 +112,7 @@ from .matching import (
     is_full_slice,
     known_equal,
     last_dim_part,
+    may_write,
     other_operand,
     same_shape,
     set_fake_val,
@@ -104,8 +120,10 @@ from .matching import (
     single_user,
     size_arg,
     static_int,
+    storages,
     strip_casts,
     val,
+    written_args,
 )
 
 logger = logging.getLogger(__name__)
@@ -516,19 +534,19 @@ def _expr_key(node, depth: int = 0, memo: dict | None = None):
 # ------------------------------------------------------------------ rewriting
 
 
-def _mutates(node) -> bool:
-    t = node.target
-    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable
-
-
 def _hoist(point: fx.Node, inputs, forbidden: set, since: int) -> str | None:
     """Move the ancestors of ``inputs`` that sit at or after ``point`` to just before it.
 
     The fused op then reads q and k at ``point``, later than the rotations it replaces
     (which read them after node ``since``), and hoisted nodes run earlier than in the
-    model: both are only safe with no in-place op in between. Returns a reason, moving
-    nothing, when that is not so, or when an ancestor is impure or in ``forbidden`` (it
-    depends on the outputs being replaced); None when done.
+    model: both are only safe when no op in between writes what they read. In-place ops
+    on other tensors are fine there: a KV-cache update (``index_copy_`` into a static
+    cache, ``cache[slots] = k``), a position counter's ``add_``, ``detach_`` of a fresh
+    tensor. What an op writes is told by its schema and the storages of the example
+    values (views share their base's); an op whose writes are unknown counts as writing
+    everything. Returns a reason, moving nothing, when that is not so, or when an
+    ancestor is impure or in ``forbidden`` (it depends on the outputs being replaced);
+    None when done.
     """
     nodes = list(point.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
@@ -546,8 +564,18 @@ def _hoist(point: fx.Node, inputs, forbidden: set, since: int) -> str | None:
         move.add(n)
         todo.extend(a for a in n.all_input_nodes if order[a] >= at)
     last = max(order[n] for n in move) if move else at - 1  # the point itself runs after the op
-    if any(_mutates(n) for n in nodes[since : last + 1]):
-        return "an in-place op sits between the rotation and its use"
+    read = set()
+    for n in itertools.chain(inputs, move, *(m.all_input_nodes for m in move)):
+        s = storages(n)
+        if s is None:
+            read = None
+            break
+        read |= s
+    for n in nodes[since : last + 1]:
+        w = written_args(n)
+        if n not in move and (w is None or w) and (read is None or may_write(n, read)):
+            what = getattr(n.target, "__name__", n.target)
+            return f"an in-place op ({what}) writes q, k or the tables between the rotation and its use"
     for n in sorted(move, key=order.get):
         point.prepend(n)
     return None
@@ -650,6 +678,8 @@ def _rewrite(gm: fx.GraphModule, ms: list, report: GraphReport) -> str | None:
         outs = _build(b, ms)
     except Exception as e:  # the op's fake rejects these inputs: leave the pattern
         b.undo()
+        if is_dynamo_signal(e):
+            raise
         return f"flag_gems op does not take these inputs ({type(e).__name__}: {e})"
     for m, o in zip(ms, outs):
         m.out.replace_all_uses_with(o)
