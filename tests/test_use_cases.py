@@ -48,11 +48,14 @@ aten = torch.ops.aten
 
 
 def every_entry(**kwargs):
-    """``flag_gems.use_gems()`` with every registry entry on, as FlagGems' ``use_gems()`` means.
+    """``flag_gems.use_gems()``: every registry entry on, as FlagGems' ``use_gems()`` means."""
+    return flag_gems.use_gems(**kwargs)
 
-    (Until ``use_gems()`` alone means that (issue 10), the entries are named: this is the one line to change.)
-    """
-    return flag_gems.use_gems(include=list(REGISTRY), **kwargs)
+
+def test_use_gems_means_every_entry():
+    with every_entry():
+        live = set(flag_gems.all_registered_ops())
+    assert len(live) == len(REGISTRY), f"use_gems() registers {len(live)} of {len(REGISTRY)} entries"
 
 
 @pytest.fixture(autouse=True)
