@@ -50,11 +50,16 @@ from .lowerings.matmul import addmm, bmm, mm
 from .kernels._autotune import config_for
 from .lowerings.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm
 from .lowerings.rotary_embedding import apply_rotary_pos_emb, apply_rotary_pos_emb_hf, rotary_embedding_cache
+from .modules import GemsDeepseekYarnRoPE, GemsRMSNorm, GemsRope, GemsSiluAndMul
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GemsDeepseekYarnRoPE",
     "GemsFusionPass",
+    "GemsRMSNorm",
+    "GemsRope",
+    "GemsSiluAndMul",
     "add_rms_norm",
     "addmm",
     "all_registered_ops",
