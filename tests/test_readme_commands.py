@@ -12,14 +12,19 @@ def _readme_commands():
     return re.findall(r"```bash\n(.+?)\n```", section, flags=re.S)
 
 
-def test_ci_runs_both_readme_commands():
+def _ci_fresh_venv_commands():
+    """``in_fresh_venv NAME 'COMMAND'`` lines of .ci/run: {NAME: COMMAND}."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    return dict(re.findall(r"^in_fresh_venv (\S+) '(.+)'$", ci, flags=re.M))
+
+
+def test_ci_runs_both_readme_commands_each_in_a_fresh_venv():
     commands = _readme_commands()
     assert len(commands) == 2, commands  # the main job, then the tests
-    main_job, tests = commands
+    main_job, tests = (c.strip() for c in commands)
     assert "flag_gems.demo" in main_job and "pytest" in tests
-    ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert main_job.strip() in (line.strip() for line in ci), "the README's main-job command is not in .ci/run"
-    assert tests.strip() in ci, "the README's test command is not in .ci/run as a line of its own"
-    # The main job runs in a virtual environment of its own (a missing dependency must fail it).
-    venv = next(i for i, line in enumerate(ci) if "-m venv" in line)
-    assert venv < next(i for i, line in enumerate(ci) if line.strip() == main_job.strip())
+    steps = _ci_fresh_venv_commands()
+    assert steps.get("main-job") == main_job, "the README's main-job command is not what .ci/run runs"
+    assert steps.get("tests") == tests, "the README's test command is not what .ci/run runs"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python3 -m venv" in ci[ci.index("in_fresh_venv() {"):]  # each step gets a new environment
