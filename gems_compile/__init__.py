@@ -50,14 +50,20 @@ from .lowerings.matmul import addmm, bmm, mm
 from .kernels._autotune import config_for
 from .lowerings.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm
 from .lowerings.rotary_embedding import apply_rotary_pos_emb, apply_rotary_pos_emb_hf, rotary_embedding_cache
+from .modules import GemsDeepseekYarnRoPE, GemsRMSNorm, GemsRope, GemsSiluAndMul
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GemsDeepseekYarnRoPE",
     "GemsFusionPass",
+    "GemsRMSNorm",
+    "GemsRope",
+    "GemsSiluAndMul",
     "add_rms_norm",
     "addmm",
     "all_registered_ops",
+    "apply_gems_patches_to_vllm",
     "apply_rotary_pos_emb",
     "apply_rotary_pos_emb_hf",
     "bmm",
@@ -80,17 +86,29 @@ __all__ = [
     "silu_and_mul_fused",
     "use_gems",
     "vendor_name",
+    "vllm_pass",
     "warmup",
 ]
 
 
 
+_LAZY = {
+    # The Inductor passes import torch._inductor (seconds), the vLLM pass vLLM too: only when asked for.
+    "GemsFusionPass": ".inductor",
+    "inductor_pass": ".inductor",
+    "vllm_pass": ".vllm",
+    "apply_gems_patches_to_vllm": ".vllm",
+}
+
+
 def __getattr__(name):
-    # The Inductor pass imports torch._inductor (seconds): only when asked for.
-    if name in ("GemsFusionPass", "inductor_pass"):
+    if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(".inductor", __name__), name)
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        # Kept in the module's namespace: vLLM resolves "flag_gems.vllm_pass" through __dict__.
+        globals()[name] = value
+        return value
     # warmup lives in flag_gems.pretune, which `python -m flag_gems.pretune` runs as __main__: not imported here.
     if name == "warmup":
         from .pretune import warmup

@@ -35,6 +35,7 @@ import warnings
 import torch
 from torch import fx
 
+from .aot import precompiling, serializable_graph
 from .options import CompileOptions
 from .passes import FUSION_PASSES
 from .report import CompileReport, GraphReport, count_layers, dump_graph, dump_report, dump_text
@@ -106,6 +107,13 @@ def trace_pre_dispatch(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    # `param.data` (vLLM's layers pass `self.weight.data`) reaches Dynamo's graph as
+    # `_get_data_attr`, which make_fx does not track: the traced graph would hold a fake
+    # constant. `detach` is the same value (no history) and is traced.
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch._C._autograd._get_data_attr:
+            node.target = torch.ops.aten.detach.default
+    gm.recompile()
     fake_mode, fakes = _fake_inputs(example_inputs)
     with fake_mode:
         aten_gm = make_fx(gm, pre_dispatch=True, tracing_mode="real")(*fakes)
@@ -204,14 +212,22 @@ class GemsCompiler:
         def compile_graph(gm: fx.GraphModule, example_inputs):
             report.kind = kind if report.kind == "dynamo" else f"{report.kind}+{kind}"
             before = count_kernels(gm)
-            if self.options.fuse_pointwise:
+            saved = precompiling()  # an ahead-of-time artifact keeps registered ops only (aot.py)
+            if saved and (self.options.fuse_pointwise or self.options.lower_aten):
+                report.notes.append("pointwise fusion and aten lowering off: their nodes call Python functions, "
+                                    "which an ahead-of-time artifact cannot save")
+            if self.options.fuse_pointwise and not saved:
                 self._optional_pass(report, f"pointwise fusion on the {kind} graph",
                                     lambda: fuse_pointwise(gm, report, kind, strict=self.options.strict))
-            if self.options.lower_aten:
+            if self.options.lower_aten and not saved:
                 self._optional_pass(report, f"aten lowering on the {kind} graph",
                                     lambda: lower_aten(gm, report, everything=self.options.lower_aten == "all"))
             report.count_kernels(kind, before, count_kernels(gm))
             self._dump(report, kind, gm)
+            if saved:  # the graph is saved, ops by name (aot.py)
+                report.notes.append(f"{kind} graph saved for ahead-of-time compilation (no direct calls, no CUDA graphs)")
+                self._finish(report)
+                return serializable_graph(gm)
             # Skipped, the dispatcher calls stay: slower, still right.
             self._optional_pass(report, f"direct calls on the {kind} graph", lambda: direct_calls(gm))
             fn = self._wrapper(gm, report, kind) if self.options.wrapper else None
@@ -327,7 +343,7 @@ class GemsCompiler:
             if is_dynamo_signal(e):  # e.g. a restart: Dynamo traces the frame again and calls us anew
                 _forget(report, sink)
                 raise
-            if self.options.strict or fused is gm:
+            if self.options.strict or fused is gm or precompiling():  # an unmodified gm.forward cannot be saved
                 raise
             report.fallback = f"{type(e).__name__}: {e}"
             _warn_once(f"aot:{type(e).__name__}", "flag_gems: compiling the rewritten graph failed (%s); running the unmodified graph", report.fallback)

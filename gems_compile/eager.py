@@ -634,11 +634,27 @@ class _Registration:
             # reaches our kernel with autograd still on, so a fallback to the differentiable
             # native composite records its graph as before. supports() refuses inputs needing grad.
             self.lib.impl(entry.target, torch.library.fallthrough_kernel, f"Autograd{key}")
+        _forget_dispatch_cache(entry.target)
 
     def destroy(self) -> None:
         if self.cpp is not None:
             c_runtime.deregister_aten(self.cpp)
         self.lib._destroy()
+        _forget_dispatch_cache(self.entry.target)
+
+
+def _forget_dispatch_cache(target: _OpOverload) -> None:
+    """Drop the Python dispatcher's per-key resolutions of ``target`` (torch's ``_dispatch_cache``).
+
+    Tracing (AOT autograd, ``make_fx``, ``opcheck``) caches which dispatch key serves each key of
+    an op: with our kernel registered, ``clone``'s ``CPU`` resolves to ``CPU`` (natively it is
+    ``CompositeExplicitAutograd``). Kept after the registration is gone, a later trace calls a
+    kernel slot that no longer exists: a segmentation fault (seen: ``opcheck`` inside a
+    ``use_gems`` block, then ``torch.compile`` after it). torch's ``Library`` does not reset it.
+    """
+    cache = getattr(target, "_dispatch_cache", None)
+    if cache is not None:
+        cache.clear()
 
 
 @contextlib.contextmanager

@@ -17,6 +17,9 @@ opaque custom op. Before / after, in the post-grad graph::
             tkw = triton_kernel_wrapper_functional(kernel_idx=.., grid=[(n, 1, 1)], kwargs={..})
 
 With the Triton interpreter (no GPU) kernels cannot be traced and the fused ops stay calls.
+An op also stays a call, with its reason in the report, when tracing its launcher fails, when
+the trace holds an op Inductor cannot lower, or when its kernel may write two arguments that
+share memory: slower, still right, and Inductor's compilation goes on.
 The ``flag_gems`` backend's ``options={"inductor": True}`` fuses *before* autograd and hands
 the rewritten graph to Inductor with :class:`InlineKernelsPass` chained after any
 post-grad pass the user set, so forward and backward graphs launch our kernels the same way.
@@ -143,8 +146,22 @@ def _trace_key(target, args: list, slots: list, values: list):
     return target, tuple(repr(a) for i, a in enumerate(args) if i not in slots), tensors
 
 
+def _inductor_decompositions() -> dict:
+    """The decomposition table Inductor's AOT trace applies (``compile_fx``'s default)."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    return select_decomp_table()
+
+
 def _trace_twin(twin, args: list, slots: list, values: list) -> fx.GraphModule:
-    """The functionalized graph of ``twin(*args)`` with the tensors at ``slots`` as inputs."""
+    """The functionalized graph of ``twin(*args)`` with the tensors at ``slots`` as inputs.
+
+    Traced with Inductor's decompositions, as AOT autograd traces the graphs Inductor gets: the
+    launcher's own tensor ops (``transpose`` of a layout change, a ``.to(dtype)``) come out as
+    the ops Inductor lowers (``permute``, ``convert_element_type``). Inductor has no lowering
+    for an op it decomposes, and fails (``both a fallback and a decomp for same op``) when it
+    meets one in a post-grad graph.
+    """
     from torch._guards import detect_fake_mode
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -157,7 +174,36 @@ def _trace_twin(twin, args: list, slots: list, values: list) -> fx.GraphModule:
 
     fake_mode = detect_fake_mode(values)
     with fake_mode if fake_mode is not None else torch._subclasses.fake_tensor.FakeTensorMode():
-        return make_fx(dispatch_functionalize(call), tracing_mode="real")(*values)
+        return make_fx(dispatch_functionalize(call), decomposition_table=_inductor_decompositions(),
+                       tracing_mode="real")(*values)
+
+
+def _unlowerable(sub: fx.GraphModule) -> str | None:
+    """A reason when Inductor's graph lowering would reject a node of ``sub``, else None.
+
+    Inductor lowers a post-grad node through its lowering table, or (``implicit_fallbacks``)
+    calls an op without a lowering eagerly; an op it decomposes before lowering gets neither
+    (``both a fallback and a decomp for same op``). The kernel nodes themselves are decomposed
+    by Inductor's own post-grad passes, which run after ours.
+    """
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
+    from torch._inductor import config, lowering
+
+    decomps = _inductor_decompositions()
+    allowed = getattr(lowering, "FALLBACK_ALLOW_LIST", ())
+    for n in sub.graph.nodes:
+        target = n.target
+        if n.op != "call_function" or target is operator.getitem or target is triton_kernel_wrapper_functional:
+            continue
+        if not isinstance(target, torch._ops.OpOverload):
+            return f"its launcher traced to {target}, which Inductor does not lower"
+        if target in lowering.lowerings or target.name().split(".")[0] in allowed:
+            continue
+        if target in decomps or target in lowering.decompositions:
+            return f"its launcher traced to {target}, which Inductor decomposes and has no lowering for"
+        if not config.implicit_fallbacks:
+            return f"its launcher traced to {target}, which Inductor has no lowering for (implicit_fallbacks off)"
+    return None
 
 
 def _aliased_writes(sub: fx.GraphModule) -> str | None:
@@ -259,7 +305,7 @@ def inline_triton_kernels(gm: fx.GraphModule, report: GraphReport | None = None)
                 key = _trace_key(node.target, args, slots, values)
                 if key not in traced:  # decoder layers repeat one call: traced (and analyzed) once
                     sub = _trace_twin(twin_of(node.target), args, slots, values)
-                    traced[key] = (sub, _aliased_writes(sub))
+                    traced[key] = (sub, _unlowerable(sub) or _aliased_writes(sub))
                 sub, reason = traced[key]
                 if reason is None:
                     _splice(gm, node, sub, [args[i] for i in slots])

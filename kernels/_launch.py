@@ -164,6 +164,7 @@ class FastKernel:
         self._names = tuple(p.name for p in fn.params)
         self._bind = _make_binder(fn.params)
         self._compiled: dict = {}  # (device, key) -> (launcher, function, packed metadata)
+        self._uncached: set = set()  # (device, key) Triton compiled but that has no fast launcher
         self._device = self._stream = None
 
     def __getattr__(self, name):
@@ -193,6 +194,8 @@ class FastKernel:
         except (_Unkeyed, TypeError):  # TypeError: a missing or doubled argument, an unhashable constexpr
             return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs)
         if launch is None:
+            if (device, key) not in self._uncached:
+                check_not_capturing(self.fn)
             kernel = self.fn.run(*args, grid=grid, warmup=False, **kwargs)  # compiles, launches
             self._remember(device, key, kernel)
             return kernel
@@ -215,8 +218,27 @@ class FastKernel:
             launch = (kernel.run, kernel.function, kernel.packed_metadata)
         except AttributeError as exc:  # another Triton: keep its path for this kernel
             logger.debug("%s: no fast launch (%s)", self._names and self.fn, exc)
+            self._uncached.add((device, key))
             return
         self._compiled[(device, key)] = launch
+
+
+def check_not_capturing(fn) -> None:
+    """Fail loudly when a kernel's first call with a new specialization happens inside a CUDA
+    graph capture: Triton would compile and load it there, which breaks or silently corrupts
+    the capture. Warm-up (one eager call per shape before capturing, as vLLM and
+    ``torch.cuda.graphs`` prescribe) compiles it.
+
+    Raises:
+        RuntimeError: the current stream is capturing.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        name = getattr(getattr(fn, "fn", fn), "__qualname__", repr(fn))
+        raise RuntimeError(
+            f"flag_gems: Triton kernel {name} is called for the first time with these argument types, sizes or "
+            "alignments while a CUDA graph is being captured, so it would be compiled inside the capture. Run the "
+            "same call once before capturing (a warm-up run per captured shape)."
+        )
 
 
 def _current_device_and_stream():

@@ -169,6 +169,9 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
+    # Float scalars to fp32 once: Triton's launcher passes Python floats as fp32, Inductor's wrapper
+    # as fp64 (the math would turn fp64); so both launchers compile this kernel alike.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     n_m = tl.cdiv(seq_q, BLOCK_M)
     pid_m = tl.program_id(0)
     if IS_CAUSAL:

@@ -407,7 +407,8 @@ def _arange_kernel(
     if PARAMS_IN_MEMORY:
         v = tl.load(params_ptr) + i.to(ACC) * tl.load(params_ptr + 1)
     else:
-        v = start + i.to(ACC) * step
+        # In ACC: a launcher other than Triton's (Inductor's wrapper) passes Python floats as fp64.
+        v = tl.cast(start, ACC) + i.to(ACC) * tl.cast(step, ACC)
     if VIA_FP32:
         v = v.to(tl.float32)
     tl.store(out_ptr + i, v.to(out_ptr.dtype.element_ty), mask=i < n)

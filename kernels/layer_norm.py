@@ -55,6 +55,9 @@ def _layer_norm_fwd_kernel(
     BLOCK_N: tl.constexpr,
     ONE_PASS: tl.constexpr,
 ):
+    # Float scalars to fp32 once: Triton's launcher passes Python floats as fp32, Inductor's wrapper
+    # as fp64 (the math would turn fp64); so both launchers compile this kernel alike.
+    eps = tl.cast(eps, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * n_cols
     y_row = y_ptr + row * n_cols

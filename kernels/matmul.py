@@ -88,6 +88,10 @@ def _matmul_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # Float scalars to fp32 once: Triton's launcher passes Python floats as fp32, Inductor's wrapper
+    # as fp64 (the math would turn fp64); so both launchers compile this kernel alike.
+    alpha = tl.cast(alpha, tl.float32)
+    beta = tl.cast(beta, tl.float32)
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     n_m = tl.cdiv(M, BLOCK_M)
@@ -168,6 +172,10 @@ def _tma_tiles(a_desc, b_desc, c_desc, bias_ptr, M, N, K, stride_xm, stride_xn, 
                GROUP_M: tl.constexpr):
     """The output tiles of this program (one, or with ``PERSISTENT`` every ``n_programs``-th in the
     grouped order), through the descriptors."""
+    # Float scalars to fp32 once: Triton's launcher passes Python floats as fp32, Inductor's wrapper
+    # as fp64 (the math would turn fp64); so both launchers compile this kernel alike.
+    alpha = tl.cast(alpha, tl.float32)
+    beta = tl.cast(beta, tl.float32)
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)

@@ -92,6 +92,9 @@ def _reduce_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # Float scalars to fp32 once: Triton's launcher passes Python floats as fp32, Inductor's wrapper
+    # as fp64 (the math would turn fp64); so both launchers compile this kernel alike.
+    scale = tl.cast(scale, tl.float32)
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     n_splits = tl.num_programs(1).to(tl.int64)

@@ -69,6 +69,10 @@ def _rms_norm_fwd_kernel(
     BLOCK_N: tl.constexpr,
     ONE_PASS: tl.constexpr,
 ):
+    # Float scalars to fp32 once: Triton's launcher passes Python floats as fp32, Inductor's wrapper
+    # as fp64 (the math would turn fp64); so both launchers compile this kernel alike.
+    eps = tl.cast(eps, tl.float32)
+    weight_offset = tl.cast(weight_offset, tl.float32)
     pid = tl.program_id(0).to(tl.int64)
     o = pid // n_inner
     i = pid % n_inner
@@ -155,6 +159,10 @@ def _rms_norm_bwd_kernel(
     BLOCK_N: tl.constexpr,
     ONE_PASS: tl.constexpr,
 ):
+    # Float scalars to fp32 once: Triton's launcher passes Python floats as fp32, Inductor's wrapper
+    # as fp64 (the math would turn fp64); so both launchers compile this kernel alike.
+    eps = tl.cast(eps, tl.float32)
+    weight_offset = tl.cast(weight_offset, tl.float32)
     # Grid-stride over rows: each program keeps one fp32 partial of dw.
     pid = tl.program_id(0).to(tl.int64)
     n_progs = tl.num_programs(0).to(tl.int64)

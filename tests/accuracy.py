@@ -22,6 +22,16 @@ GRAD_TOLERANCES = {
     torch.bfloat16: (3e-2, 3e-2),
 }
 
+# Logits of a whole (tiny, random-weight) model run through fused kernels vs the same model in
+# eager PyTorch, same dtype: cosine similarity of the flattened logits at least this (bf16: the
+# kernels round once where eager rounds at every op, and errors add up over layers).
+LOGITS_COSINE = {torch.float32: 0.99999, torch.bfloat16: 0.9995}
+
+# Whole models under flag_gems vs without (FlagGems' documented use cases, seeds/use-cases.md):
+# allclose at these, else cosine similarity of the flattened outputs at least SEEDS_COSINE.
+SEEDS_ATOL_RTOL = (1e-3, 1e-3)
+SEEDS_COSINE = 0.99
+
 # GEMMs: |out - ref| <= rtol * sqrt(K) * (|a| @ |b|) elementwise (fp32 accumulation, one
 # rounding to the output dtype; the bound scales with the summed magnitudes, not the result).
 GEMM_RTOL = {

@@ -7,6 +7,7 @@ from torch.library import opcheck
 
 import flag_gems
 from flag_gems.kernels import act_and_mul as kern
+from flag_gems.kernels._common import cdiv, next_pow2
 from accuracy import DTYPES, DTYPE_IDS, OPCHECK_UTILS, OPCHECK_UTILS_MUTABLE, assert_close, poison, rand, ref64, tag
 
 # Utils that apply to an op that mutates ``out`` and has no autograd formula.
@@ -338,24 +339,32 @@ def test_exported_names():
         assert n in flag_gems.lowerings.act_and_mul.__all__
 
 
-def test_launch_config():
-    """The heuristic: full tiles along d for large M, rows batched for small d, shrunk for decode."""
-    cfg = kern._launch_config
-    bm, bn, w = cfg(1 << 16, 14336, 2, 132)
-    assert (bm, bn, w) == (1, 2048, 16)
-    bm, bn, w = cfg(512, 14336, 2, 132)
-    assert (bm, bn, w) == (1, 2048, 4)
-    bm, bn, w = cfg(512, 14336, 4, 132)
-    assert (bm, bn, w) == (1, 2048, 8)
-    bm, bn, _ = cfg(1 << 16, 64, 2, 132)
-    assert bn == 64 and bm * bn == 2048
-    bm, bn, w = cfg(1, 14336, 2, 132)  # decode: more, smaller programs
-    assert bm == 1 and bn == 512 and w >= 1
-    for rows in (1, 2, 64, 1 << 16):
-        for d in (1, 7, 129, 4096, 14336, 20000):
-            for eb in (2, 4):
-                bm, bn, w = cfg(rows, d, eb, 132)
-                assert bm * bn <= 2048 and 1 <= w <= 16 and bm >= 1 and bn >= 1
+def test_launch_config_properties():
+    """What the tile heuristic promises (not the tiles it picks today): power-of-two tiles within the
+    tile cap and no wider than the row, rows batched only for short rows, full tiles once the rows
+    alone fill the GPU, a decode launch cut into enough programs, more rows never a smaller tile."""
+    cfg, tile, min_tile, many = kern._launch_config, kern._TILE, kern._MIN_TILE, kern._MANY_ROWS
+    sms = 132  # an H100's SMs
+    for eb in (2, 4):
+        for d in (1, 7, 64, 129, 4096, 14336, 20000):
+            row = next_pow2(d)
+            last = 0
+            for rows in (1, 2, 8, 64, 512, many, 1 << 16):  # rows_bucket: powers of two
+                bm, bn, w = cfg(rows, d, eb, sms)
+                what = f"[act_and_mul launch rows={rows} d={d} elem_bytes={eb}] ({bm}, {bn}, {w})"
+                assert bm >= 1 and bn >= 1 and bm & (bm - 1) == 0 and bn & (bn - 1) == 0, what
+                assert bm * bn <= tile and bn <= row and bm <= rows, what
+                assert 1 <= w <= 16 and w & (w - 1) == 0, what
+                if row >= tile:
+                    assert bm == 1, what  # a long row is cut into column blocks, never batched
+                programs = cdiv(rows, bm) * cdiv(d, bn)
+                assert programs >= 2 * sms or bm * bn <= min_tile, what  # the GPU is filled, or tiles are minimal
+                if rows * row >= 2 * sms * tile:
+                    assert bm * bn == min(tile, rows * row), what  # enough rows: no shrinking
+                assert bm * bn >= last, what  # more rows never give a smaller tile
+                last = bm * bn
+    bm, bn, _ = cfg(1, 14336, 2, sms)
+    assert cdiv(14336, bn) >= 2 * sms or bm * bn == min_tile  # decode: one row still spreads over the GPU
 
 
 # ------------------------------------------------------------------ bad input, empty

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import flag_gems
 from accuracy import DEVICE, DTYPE_IDS, DTYPES, assert_close, rand, reason, ref64, run, tag
 from flag_gems.kernels import attention as ka
+from flag_gems.kernels._common import cdiv, next_pow2
 from flag_gems.lowerings.registry import REGISTRY
 
 aten = torch.ops.aten
@@ -293,14 +294,55 @@ def test_registry_entry_policies():
     assert "scaled_dot_product_attention" in flag_gems.__all__
 
 
-def test_launch_config_heuristics():
-    # GPU tiles (the interpreter always takes 16 x 16): decode gets a 16-row tile.
-    if ka.interpreter_mode():
-        assert ka.attention_config(1, 128, 2) == (16, 16, 1, 1)
-        return
-    assert ka.attention_config(1, 128, 2)[0] == 16
-    assert ka.attention_config(2048, 128, 2) == (128, 64, 8, 3)
-    assert ka.attention_config(2048, 256, 2) == (64, 32, 4, 2)
+H100_SMEM = 227 * 1024  # shared memory one block may use on an H100 (bytes)
+
+
+def _pow2(n):
+    return n >= 1 and n & (n - 1) == 0
+
+
+def test_gpu_tile_heuristic_properties(monkeypatch):
+    """What the GPU tiles must satisfy (checked on any machine: the interpreter switch is patched off):
+    power-of-two tiles of at least 16 (tl.dot's minimum), Q plus the pipelined K and V blocks fit an
+    H100's shared memory, 16-bit decode wastes fewer than 16 query rows and short queries never take
+    128-row tiles, longer queries never smaller tiles, larger head dims never larger tiles, fp32
+    (full-precision dots) never larger tiles than 16-bit."""
+    monkeypatch.setattr(ka, "interpreter_mode", lambda: False)
+    cfg = ka.attention_config
+    seqs = (1, 2, 8, 16, 17, 64, 65, 128, 2048, 8192)
+    dims = (16, 32, 64, 128, 256)
+    for eb in (2, 4):
+        for d in dims:
+            last = 0
+            for seq_q in seqs:
+                bm, bn, warps, stages = cfg(seq_q, d, eb)
+                what = f"[attention tiles seq_q={seq_q} block_d={d} elem_bytes={eb}] {(bm, bn, warps, stages)}"
+                assert _pow2(bm) and _pow2(bn) and bm >= 16 and bn >= 16, what
+                assert warps in (1, 2, 4, 8) and stages >= 1, what
+                assert (bm * d + stages * 2 * bn * d) * eb <= H100_SMEM, what
+                assert bm <= max(64, next_pow2(seq_q)), what
+                if seq_q <= 16 and eb == 2:  # (fp32 keeps its register-sized tiles: 32 rows up to D = 64)
+                    assert bm == 16, what
+                assert bm >= last, what
+                last = bm
+    for seq_q in seqs:
+        tiles = {eb: [cfg(seq_q, d, eb)[0] * cfg(seq_q, d, eb)[1] for d in dims] for eb in (2, 4)}
+        for eb, sizes in tiles.items():
+            assert sizes == sorted(sizes, reverse=True), f"[attention tiles seq_q={seq_q} elem_bytes={eb}] {sizes}"
+        assert all(a <= b for a, b in zip(tiles[4], tiles[2])), f"[attention tiles seq_q={seq_q}] fp32 {tiles[4]} > 16-bit {tiles[2]}"
+
+
+def test_interpreter_tiles_walk_several_key_blocks():
+    """Under Triton's interpreter the kernel takes small tiles, so that the accuracy tests above run
+    the online-softmax rescaling over several key blocks (and several query blocks)."""
+    if not ka.interpreter_mode():
+        pytest.skip("no interpreter here: the GPU tiles are checked by test_gpu_tile_heuristic_properties")
+    longest_keys = max(s[3] for s in SHAPES)
+    longest_queries = max(s[2] for s in SHAPES)
+    for d in (16, 64, 256):
+        for eb in (2, 4):
+            bm, bn, _, _ = ka.attention_config(longest_queries, d, eb)
+            assert cdiv(longest_keys, bn) >= 2 and cdiv(longest_queries, bm) >= 2, (d, eb, bm, bn)
 
 
 # --------------------------------------------------------------------------- GPU

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import flag_gems
+from accuracy import LOGITS_COSINE, assert_close, ref64, tag
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,7 +46,7 @@ def test_hf_model_logits_and_fusions(model_type, device):
     expected = MODELS[model_type][1]
     assert {k: report.fused[k] for k in expected} == expected, str(report)
     assert not report.fallbacks
-    assert cosine(out, ref) >= 0.9995
+    assert cosine(out, ref) >= LOGITS_COSINE[torch.bfloat16], f"[{model_type}] logits cosine vs eager {cosine(out, ref)}"
 
 
 def test_hf_llama_training_step(device):
@@ -58,6 +59,7 @@ def test_hf_llama_training_step(device):
     model.zero_grad()
     ref_loss = model(ids, labels=ids, use_cache=False).loss
     ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    fp32 = torch.float32
+    assert_close(loss, ref64(ref_loss), fp32, tag("hf llama training loss", (), fp32))
     for n, p in model.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, atol=2e-5, rtol=1e-4, msg=lambda m: f"[grad {n}] {m}")
+        assert_close(grads[n], ref64(p.grad), fp32, tag(f"hf llama training grad {n}", p.shape, fp32), grad=True)

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import flag_gems  # noqa: F401
+import flag_gems.cudagraphs as cg
 from flag_gems.cudagraphs import CUDAGraphRunner
-from accuracy import assert_close, rand, tag
-from test_backend import ResidualBlock, _reference
+from accuracy import assert_close, rand, ref64, tag
+from test_backend import ResidualBlock
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_dynamo")]
@@ -23,24 +24,47 @@ def test_replay_with_changing_inputs_and_held_outputs():
             r = rand(8, 1, 256, dtype=torch.bfloat16, device="cuda")
             out, res = f(x, r)
             held.append((out, x, r))
-    for out, x, r in held:  # earlier outputs were not overwritten by later replays
-        ref_out, _ = _reference(m, x, r)
-        assert_close(out, ref_out, torch.bfloat16, tag("cudagraphs.out", out.shape, torch.bfloat16), grad=True)
+    # Earlier outputs were not overwritten by later replays: each matches the same compiled model
+    # run without CUDA graphs (the same kernels, launched one by one) on its inputs.
+    plain = torch.compile(m, backend="flag_gems", options={"strict": True})
+    with torch.no_grad():
+        for out, x, r in held:
+            ref_out, _ = plain(x, r)
+            assert_close(out, ref64(ref_out), torch.bfloat16, tag("cudagraphs.out", out.shape, torch.bfloat16))
 
 
-def test_new_shape_records_a_new_graph_and_mutation_reaches_caller():
+def test_new_shape_records_a_new_graph_and_mutation_reaches_caller(monkeypatch):
+    recorded, replays = [], []
+    real_record, real_replay = CUDAGraphRunner._record, torch.cuda.CUDAGraph.replay
+
+    def record(self, args):
+        rec = real_record(self, args)
+        recorded.append(tuple(a.shape for a in args if isinstance(a, torch.Tensor)))  # after the capture returned
+        return rec
+
+    def replay(self):
+        real_replay(self)
+        replays.append(1)
+
+    monkeypatch.setattr(CUDAGraphRunner, "_record", record)
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", replay)
+
     def step(x, cache):
         cache.mul_(0.5).add_(x)
         return cache.sum(-1)
 
     f = torch.compile(step, backend="flag_gems", options={"strict": True, "cudagraphs": True})
-    for n in (4, 4, 4, 6, 6, 6):
+    calls = (4, 4, 4, 6, 6, 6)
+    for n in calls:
         x, cache = rand(n, 32, device="cuda"), rand(n, 32, device="cuda")
         expect_cache = cache * 0.5 + x
         with torch.no_grad():
             s = f(x, cache)
         torch.testing.assert_close(cache, expect_cache)
         torch.testing.assert_close(s, expect_cache.sum(-1))
+    # One graph per shape, recorded after WARMUP_CALLS eager calls and replayed by every call after.
+    assert len(recorded) == 2 and {shapes[0] for shapes in recorded} == {(4, 32), (6, 32)}, recorded
+    assert len(replays) == len(calls) - 2 * cg.WARMUP_CALLS, replays
 
 
 def test_runner_runs_eagerly_when_grad_is_needed():

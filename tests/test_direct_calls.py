@@ -5,7 +5,7 @@ from torch import fx
 
 import flag_gems  # noqa: F401  (registers the ops)
 from flag_gems.passes.direct_calls import direct_calls, direct_impl
-from accuracy import rand
+from accuracy import assert_close, rand, ref64, tag
 
 ops = torch.ops.flag_gems
 
@@ -37,9 +37,22 @@ def test_rewritten_graph_gives_the_same_tensors(device):
 
 
 def test_compiled_inference_graph_bypasses_the_dispatcher(device, monkeypatch):
-    # The op's dispatcher entry must not run once compiled: make it fail loudly.
-    calls = []
+    """The RMSNorm pattern is fused into add_rms_norm, and the compiled graph calls its Python
+    implementation directly: never through the dispatcher, and the direct call returns each time."""
+    import flag_gems.passes.direct_calls as dc
+
     real = direct_impl(ops.add_rms_norm.default)
+    dispatched, direct = [], []
+
+    def counting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        direct.append(1)  # after the kernel returned
+        return out
+
+    def patched_direct_impl(op):
+        return counting if op is ops.add_rms_norm.default else direct_impl(op)
+
+    monkeypatch.setattr(dc, "direct_impl", patched_direct_impl)
 
     def m(x, r, w):
         h = x + r
@@ -52,8 +65,14 @@ def test_compiled_inference_graph_bypasses_the_dispatcher(device, monkeypatch):
     f = torch.compile(m, backend="flag_gems", options={"strict": True}, fullgraph=True)
     with torch.no_grad():
         out = f(x, r, w)  # compiles, runs
-        monkeypatch.setattr(ops.add_rms_norm.default, "_op", lambda *a, **k: calls.append(1) or real(*a, **k))
+        assert direct == [1], "the pattern was not fused into a direct add_rms_norm call"
+        # The op's dispatcher entry must not run once compiled: count any call that reaches it.
+        monkeypatch.setattr(ops.add_rms_norm.default, "_op", lambda *a, **k: dispatched.append(1) or real(*a, **k))
         again = f(x, r, w)
-        assert calls == []
+        assert dispatched == [] and direct == [1, 1]
         ops.add_rms_norm.default(x, r, w, 1e-6)  # the patch does intercept dispatcher calls
-    assert calls == [1] and torch.equal(out[0], again[0]) and torch.equal(out[1], again[1])
+    assert dispatched == [1] and torch.equal(out[0], again[0]) and torch.equal(out[1], again[1])
+    h64 = ref64(x) + ref64(r)
+    y64 = h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-6) * ref64(w)
+    assert_close(out[1], h64, torch.bfloat16, tag("direct add_rms_norm h", x.shape, torch.bfloat16))
+    assert_close(out[0], y64, torch.bfloat16, tag("direct add_rms_norm y", x.shape, torch.bfloat16))

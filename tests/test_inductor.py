@@ -217,6 +217,30 @@ def test_repeated_layers_are_traced_once(traceable_kernels, monkeypatch):
         assert torch.equal(o, r), f"[output {i}] the rewritten graph differs from the published ops"
 
 
+def test_an_op_whose_trace_inductor_cannot_lower_stays_a_call(traceable_kernels, monkeypatch):
+    """Traced without Inductor's decompositions, the HF RoPE launcher's ``transpose`` (a layout
+    view) is an op Inductor decomposes and has no lowering for; spliced in, it failed Inductor's
+    graph lowering. Such an op stays a call, with the reason; the other ops are still rewritten."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.lowering import lowerings
+
+    monkeypatch.setattr(inductor, "_inductor_decompositions", lambda: {})
+    gm = _graph(_block, *BLOCK_SHAPES)
+    report = GraphReport(0)
+    assert inductor.inline_triton_kernels(gm, report) == 2, report.table()
+    assert "flag_gems.rotary_embedding_hf.default" in [str(p.target) for p in published_nodes(gm)]
+    assert any("aten.transpose.int" in r and "no lowering" in r for r in report.kept["flag_gems.rotary_embedding_hf"]), \
+        report.table()
+    decomps = select_decomp_table()
+    left = [n.target for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+            and n.target not in lowerings and n.target in decomps]
+    assert not left, f"the rewritten graph has ops Inductor cannot lower: {left}"
+    traceable_kernels(gm)
+    inputs = [rand(*s) for s in BLOCK_SHAPES]
+    for i, (o, r) in enumerate(zip(gm(*inputs), _block(*inputs))):
+        assert torch.equal(o, r), f"[output {i}] the rewritten graph differs from the published ops"
+
+
 _PRECISE = textwrap.dedent('''
     import json, os, types
     os.environ["TRITON_INTERPRET"] = "0"
@@ -227,51 +251,77 @@ _PRECISE = textwrap.dedent('''
     import flag_gems
     from flag_gems import inductor
 
-    class Driver:  # Triton's code generator needs a target, not a device
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-        def get_current_device(self):
-            return 0
-    triton.runtime.driver.set_active(Driver())
-    torch._C._cuda_getDevice = lambda: 0
-    torch.cuda.get_device_properties = lambda index=None: types.SimpleNamespace(multi_processor_count=8, name="stub")
+    if not torch.cuda.is_available():  # no device: stub what Triton's code generator and torch ask of one
+        class Driver:  # Triton's code generator needs a target, not a device
+            def get_current_target(self):
+                return GPUTarget("cuda", 90, 32)
+            def get_current_device(self):
+                return 0
+        triton.runtime.driver.set_active(Driver())
+        torch._C._cuda_getDevice = lambda: 0
+        torch.cuda.get_device_properties = lambda index=None: types.SimpleNamespace(
+            multi_processor_count=8, name="stub", major=9, minor=0)
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.lowering import lowerings
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional as functional
+    decomps = select_decomp_table()
+
+    def unlowerable(gm):  # nodes Inductor's GraphLowering would fail on: decomposed ops without a lowering
+        return sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"
+                       and n.target is not functional and isinstance(n.target, torch._ops.OpOverload)
+                       and n.target not in lowerings and n.target in decomps})
+
     ops = torch.ops.flag_gems
+    B, L = torch.bfloat16, torch.int64
     cases = {
+        "rms_norm": (lambda x, w: ops.rms_norm(x, w, 1e-6), [(2, 5, 64), (64,)]),
         "add_rms_norm": (lambda x, r, w: ops.add_rms_norm(x, r, w, 1e-6), [(2, 5, 64), (2, 5, 64), (64,)]),
         "rms_norm_backward": (lambda g, x, w: ops.rms_norm_backward(g, x, w, 1e-6, 0.0, False, None, True),
                               [(2, 5, 64), (2, 5, 64), (64,)]),
         "silu_and_mul": (lambda a, b: ops.silu_and_mul(a, b), [(2, 5, 96), (2, 5, 96)]),
+        "silu_and_mul_backward": (lambda g, a, b: ops.silu_and_mul_backward(g, a, b), [(2, 5, 96)] * 3),
         "gelu_and_mul_fused": (lambda x: ops.gelu_and_mul_fused(x, "tanh"), [(2, 5, 192)]),
         "rotary_embedding_hf": (lambda q, k, c, s: ops.rotary_embedding_hf(q, k, c, s, False),
                                 [(2, 4, 5, 16), (2, 2, 5, 16), (1, 5, 16), (1, 5, 16)]),
+        "rotary_embedding_hf_backward": (lambda q, k, c, s: ops.rotary_embedding_hf_backward(q, k, c, s, False),
+                                         [(2, 4, 5, 16), (2, 2, 5, 16), (1, 5, 16), (1, 5, 16)]),
+        "rotary_embedding": (lambda q, k, c, s, p: ops.rotary_embedding(q, k, c, s, p, False),
+                             [(2, 5, 4, 16), (2, 5, 2, 16), (9, 8), (9, 8), ((2, 5), L)]),
     }
     out = {}
-    for name, (fn, shapes) in cases.items():
+    for name, (fn, specs) in cases.items():
+        specs = [s if isinstance(s[-1], torch.dtype) else (s, B) for s in specs]
         with FakeTensorMode():
-            gm = make_fx(fn, tracing_mode="real")(*[torch.empty(s, device="cuda", dtype=torch.bfloat16) for s in shapes])
+            gm = make_fx(fn, tracing_mode="real")(*[torch.empty(s, device="cuda", dtype=d) for s, d in specs])
         n = inductor.inline_triton_kernels(gm)
         out[name] = [n, [list(k.kwargs["tensors_to_clone"]) for k in gm.graph.nodes if "triton_kernel_wrapper" in str(k.target)],
-                     [str(k.target) for k in gm.graph.nodes if str(k.target).startswith("flag_gems.")]]
+                     [str(k.target) for k in gm.graph.nodes if str(k.target).startswith("flag_gems.")], unlowerable(gm)]
     print("RESULT " + json.dumps(out))
 ''')
 
 
 def test_compiled_triton_analysis_names_only_the_written_outputs(tmp_path):
-    """In a compiled-Triton process (fake CUDA tensors; Triton generates the kernels' IR for an
-    sm_90 target without a device), Inductor's analysis of our kernels names only the outputs
-    they store to, so each op becomes one kernel node that copies no input. The autotuner is on
-    and must not tune inside the trace (it would launch under the tracer)."""
+    """In a compiled-Triton process (fake CUDA tensors; without a GPU, Triton generates the kernels'
+    IR for an sm_90 target; with one, for the device), Inductor's analysis of our kernels names only
+    the outputs they store to, so each op becomes one kernel node that copies no input, and every
+    other node of the rewrite is one Inductor lowers (the launchers' views and casts come out
+    decomposed: a ``transpose`` left in fails Inductor's graph lowering). The autotuner is on and
+    must not tune inside the trace (it would launch under the tracer)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "GEMS_AUTOTUNE": "on", "GEMS_CACHE_DIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", _PRECISE], capture_output=True, text=True, env=env, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     got = json.loads(lines[-1][len("RESULT "):])
     assert got == {
-        "add_rms_norm": [1, [["y_ptr", "h_ptr"]], []],
-        "rms_norm_backward": [1, [["dx_ptr", "dw_ptr"]], []],
-        "silu_and_mul": [1, [["out_ptr"]], []],
-        "gelu_and_mul_fused": [1, [["out_ptr"]], []],
-        "rotary_embedding_hf": [1, [["q_out_ptr", "k_out_ptr"]], []],
+        "rms_norm": [1, [["y_ptr"]], [], []],
+        "add_rms_norm": [1, [["y_ptr", "h_ptr"]], [], []],
+        "rms_norm_backward": [1, [["dx_ptr", "dw_ptr"]], [], []],
+        "silu_and_mul": [1, [["out_ptr"]], [], []],
+        "silu_and_mul_backward": [1, [["da_ptr", "db_ptr"]], [], []],
+        "gelu_and_mul_fused": [1, [["out_ptr"]], [], []],
+        "rotary_embedding_hf": [1, [["q_out_ptr", "k_out_ptr"]], [], []],
+        "rotary_embedding_hf_backward": [1, [["q_out_ptr", "k_out_ptr"]], [], []],
+        "rotary_embedding": [1, [["q_out_ptr", "k_out_ptr"]], [], []],
     }, got
 
 
