@@ -172,10 +172,6 @@ def _tma_tiles(a_desc, b_desc, c_desc, bias_ptr, M, N, K, stride_xm, stride_xn, 
                GROUP_M: tl.constexpr):
     """The output tiles of this program (one, or with ``PERSISTENT`` every ``n_programs``-th in the
     grouped order), through the descriptors."""
-    # Float scalars to fp32 once: Triton's launcher passes Python floats as fp32, Inductor's wrapper
-    # as fp64 (the math would turn fp64); so both launchers compile this kernel alike.
-    alpha = tl.cast(alpha, tl.float32)
-    beta = tl.cast(beta, tl.float32)
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
@@ -220,6 +216,10 @@ def _matmul_tma_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # Float scalars to fp32 once: Triton's launcher passes Python floats as fp32, Inductor's wrapper
+    # as fp64 (the math would turn fp64); so both launchers compile this kernel alike.
+    alpha = tl.cast(alpha, tl.float32)
+    beta = tl.cast(beta, tl.float32)
     _tma_tiles(a_desc, b_desc, c_desc, bias_ptr, M, N, K, stride_xm, stride_xn, alpha, beta, n_programs,
                HAS_BIAS, B_KMAJOR, UPCAST, PERSISTENT, False, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
@@ -250,6 +250,8 @@ def _matmul_ws_kernel(
     # the stored tile whole ("'tt.descriptor_store' op tensor descriptor block and tensor types
     # must match"), 3.8/3.9 the loaded one (triton-lang/triton#11587). An in-kernel descriptor is
     # split with the tile. (Needs a scratch allocator: the launcher provides one.)
+    alpha = tl.cast(alpha, tl.float32)  # fp64 from Inductor's wrapper (see _matmul_tma_kernel)
+    beta = tl.cast(beta, tl.float32)
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     if B_KMAJOR:
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
