@@ -74,6 +74,7 @@ __all__ = [
     "config_for",
     "device_name",
     "export_entries",
+    "max_shared_memory",
     "mode",
     "near_first",
     "on_change",
@@ -165,6 +166,28 @@ def current_device() -> int:
 
 def torch_device(dev: int) -> torch.device:
     return torch.device("cuda", dev) if dev >= 0 else torch.device("cpu")
+
+
+_SMEM: dict = {}
+
+
+def max_shared_memory(dev: int) -> int | None:
+    """Bytes of shared memory one program may use on CUDA device ``dev``: the opt-in per-block limit
+    that Triton checks before a launch (``OutOfResources`` above it; 232448 on H100 and H200). None
+    (no limit) for the interpreter (-1) and without CUDA. Candidate lists drop configs whose estimate
+    exceeds it."""
+    limit = _SMEM.get(dev)
+    if limit is None and (dev < 0 or not torch.cuda.is_available()):
+        return None
+    if limit is None:
+        props = torch.cuda.get_device_properties(dev)
+        limit = getattr(props, "shared_memory_per_block_optin", 0)
+        if not limit:  # an older torch: ask Triton's driver
+            from triton.runtime import driver
+
+            limit = driver.active.utils.get_device_properties(dev)["max_shared_mem"]
+        _SMEM[dev] = limit = int(limit)
+    return limit
 
 
 def _device_guard(dev: int):
@@ -596,8 +619,11 @@ class Tunable:
                     except Exception as exc:  # noqa: BLE001 - a candidate that does not compile or run is skipped
                         if _is_oom(exc):
                             raise
-                        logger.debug("autotune %s %s: candidate %s failed: %s", self.name, key, cfg, exc)
-                        trials.append((cfg, None, f"{type(exc).__name__}: {str(exc)[:200]}"))
+                        error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                        trials.append((cfg, None, error))
+                        _warn_once(("candidate", self.name, self.as_tuple(cfg)),
+                                   f"flag_gems autotune {self.name}: config {cfg} failed on {device_name(dev)} "
+                                   f"({error.splitlines()[0]}); skipped, never chosen")
                         continue
                     trials.append((cfg, us, None))
                     if cfg is default:

@@ -413,16 +413,57 @@ def tune_key(seq_q, seq_k, heads, block_d, dtype, is_causal, mask_kind) -> tuple
             block_d, dtype, bool(is_causal), mask_kind)
 
 
+def smem_estimate(bm: int, bn: int, warps: int, stages: int, block_d: int, elem_bytes: int, mask_kind: int) -> int:
+    """An upper bound of one program's shared memory, in bytes: per pipeline stage a K, a V and a mask
+    tile (bool 1 byte, float masks counted at 4); Q twice; two more K/V tiles (three with 8 warps) and
+    half a mask tile when the tiles take wgmma (64+ query rows), else 1.5 (2 with 8 warps) K/V tiles.
+    Fitted to the compiled size of every candidate (Triton 3.6, sm_90, head blocks 64 and 128, each
+    mask kind, causal or not: 288 compiles): never below it. Being an upper bound, it also leaves out
+    a few configs that would just fit (128 x 128 with 2 stages at D = 128 takes 229376 of the 232448
+    bytes of an H100 or H200)."""
+    q = bm * block_d * elem_bytes
+    kv = bn * block_d * elem_bytes
+    mask = (0, 1, 4)[mask_kind] * bm * bn
+    if bm >= 64:
+        extra = (3 if warps >= 8 else 2) * kv + mask // 2
+    else:
+        extra = (4 if warps >= 8 else 3) * kv // 2
+    return stages * (2 * kv + mask) + 2 * q + extra
+
+
+def _fits(cfg: dict, key, dev) -> bool:
+    """Whether ``cfg`` fits in device ``dev``'s shared memory (:func:`smem_estimate`; always under the interpreter)."""
+    limit = at.max_shared_memory(dev)
+    if limit is None:
+        return True
+    _, _, _, block_d, dtype, _, mask_kind = key
+    need = smem_estimate(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"], block_d,
+                         dtype.itemsize, mask_kind)
+    return need <= limit
+
+
 def _tune_default(key, dev) -> dict:
+    """The heuristic (:func:`attention_config`), with fewer stages, then narrower key tiles, where its
+    tiles do not fit in the device's shared memory (a float mask's tiles at D = 128 on H100)."""
     seq_q, _, _, block_d, dtype, _, _ = key
     bm, bn, warps, stages = attention_config(seq_q, block_d, dtype.itemsize)
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+    while not _fits(cfg, key, dev):
+        if cfg["num_stages"] > 2:
+            cfg["num_stages"] -= 1
+        elif cfg["BLOCK_N"] > 16:
+            cfg["BLOCK_N"] //= 2
+        else:
+            break
+    return cfg
 
 
 def _tune_candidates(key, dev) -> list:
     """16-bit inputs with head blocks up to 128: query tiles 16-128 (not above the bucket's rows but
     at least 16), key tiles 32-128, 4 or 8 warps, 2 or 3 stages (the H100 sweep's space, plus 32-row
-    and 32-column tiles). fp32 and wider heads keep the heuristic (larger tiles spilled)."""
+    and 32-column tiles), less those whose shared memory does not fit the device (:func:`smem_estimate`:
+    such a launch raises ``OutOfResources``). fp32 and wider heads keep the heuristic (larger tiles
+    spilled)."""
     seq_q, seq_k, _, block_d, dtype, _, _ = key
     default = _tune_default(key, dev)
     if dev < 0:
@@ -434,7 +475,7 @@ def _tune_candidates(key, dev) -> list:
            for bm in (16, 32, 64, 128) if bm <= top_m
            for bn in (32, 64, 128) if bn <= max(32, seq_k)
            for w in (4, 8) for st in (2, 3)]
-    return at.near_first(default, out)
+    return at.near_first(default, [c for c in out if _fits(c, key, dev)])
 
 
 def _tune_bench(key, dev, dims):
@@ -463,5 +504,5 @@ TUNABLE = at.register(at.Tunable(
     default=_tune_default,
     candidates=_tune_candidates,
     make_bench=_tune_bench,
-    sources=(_attn_fwd_kernel, _attn_block),
+    sources=(_attn_fwd_kernel, _attn_block, smem_estimate, _fits),
 ))

@@ -15,9 +15,14 @@ Three kernel classes, chosen per shape by the autotuner (``kernels/_autotune.py`
   output tile per program.
 * ``persistent``: the ``tma`` kernel with one program per SM walking the output tiles in the
   grouped order (fewer, longer programs: no tail effect, the next tile's loads overlap the
-  epilogue). ``WARP_SPEC`` adds Triton's warp specialization of that loop where the installed
-  Triton has it (``tl.range(warp_specialize=...)``); a candidate that does not compile on a
-  given GPU / Triton is skipped by the tuner.
+  epilogue). ``WARP_SPEC`` adds Triton's warp specialization of that loop (of the K loop for
+  ``tma``) where the installed Triton has it (``tl.range(warp_specialize=...)``). That form
+  makes its descriptors in the kernel (``_matmul_ws_kernel``): Triton's Hopper pass splits a
+  128-row tile between two consumer warp groups and re-types the descriptors to the half tile,
+  which a host descriptor's fixed box does not follow (3.6 fails on the store: ``'tt.descriptor_store'
+  op tensor descriptor block and tensor types must match``; 3.8 and 3.9 on the loads). The
+  candidates are the tiles that lower (:func:`_ws_tiles`); one that still does not compile on
+  some GPU / Triton is dropped by the tuner with a warning.
 
 Tensor-descriptor classes need fp16/bf16 operands, a GPU of compute capability >= 9 (Hopper)
 or the interpreter, unit stride on ``a``'s and ``out``'s rows and on ``b``'s rows or columns,
@@ -34,6 +39,7 @@ records whether it was faster. This module always runs a Triton kernel; the op l
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -49,6 +55,10 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # Triton without host tensor descriptors: the plain class only
     TensorDescriptor = None
+try:
+    from triton.runtime import _allocation  # the scratch allocator of in-kernel descriptors (Triton 3.4+)
+except ImportError:
+    _allocation = None
 
 __all__ = ["HAS_TMA", "HAS_WARP_SPEC", "TUNABLE", "matmul", "matmul_config", "shape_key", "tile_config", "tma_eligible",
            "tma_possible", "tune_key"]
@@ -56,7 +66,8 @@ __all__ = ["HAS_TMA", "HAS_WARP_SPEC", "TUNABLE", "matmul", "matmul_config", "sh
 MAX_BATCH = 65535  # grid axis 1
 _RANGE_ARGS = inspect.signature(tl.range.__init__).parameters
 HAS_TMA = TensorDescriptor is not None and "flatten" in _RANGE_ARGS
-HAS_WARP_SPEC = HAS_TMA and "warp_specialize" in _RANGE_ARGS
+HAS_WARP_SPEC = (HAS_TMA and "warp_specialize" in _RANGE_ARGS and hasattr(tl, "make_tensor_descriptor")
+                 and _allocation is not None)
 KINDS = ("plain", "tma", "persistent")
 
 
@@ -155,29 +166,12 @@ def _tile_store(c_desc, acc, bias_ptr, off_m, off_n, M, N, stride_xm, stride_xn,
 
 
 @triton.jit
-def _matmul_tma_kernel(
-    a_desc,  # [M, K] block [BLOCK_M, BLOCK_K]
-    b_desc,  # [K, N] block [BLOCK_K, BLOCK_N], or (B_KMAJOR) [N, K] block [BLOCK_N, BLOCK_K]
-    c_desc,  # [M, N] block [BLOCK_M, BLOCK_N]
-    bias_ptr,  # broadcast to [M, N] through its strides (unused without HAS_BIAS)
-    M, N, K,
-    stride_xm, stride_xn,
-    alpha, beta,
-    n_programs,  # the grid (persistent: programs walk tiles with this step)
-    HAS_BIAS: tl.constexpr,
-    B_KMAJOR: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PERSISTENT: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    # Float scalars to fp32 once: Triton's launcher passes Python floats as fp32, Inductor's wrapper
-    # as fp64 (the math would turn fp64); so both launchers compile this kernel alike.
-    alpha = tl.cast(alpha, tl.float32)
-    beta = tl.cast(beta, tl.float32)
+def _tma_tiles(a_desc, b_desc, c_desc, bias_ptr, M, N, K, stride_xm, stride_xn, alpha, beta, n_programs,
+               HAS_BIAS: tl.constexpr, B_KMAJOR: tl.constexpr, UPCAST: tl.constexpr, PERSISTENT: tl.constexpr,
+               WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               GROUP_M: tl.constexpr):
+    """The output tiles of this program (one, or with ``PERSISTENT`` every ``n_programs``-th in the
+    grouped order), through the descriptors."""
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
@@ -201,6 +195,73 @@ def _matmul_tma_kernel(
         acc = _tile_acc(a_desc, b_desc, off_m, off_n, k_tiles, B_KMAJOR, UPCAST, WARP_SPEC, BLOCK_M, BLOCK_N, BLOCK_K)
         _tile_store(c_desc, acc, bias_ptr, off_m, off_n, M, N, stride_xm, stride_xn, alpha, beta,
                     HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _matmul_tma_kernel(
+    a_desc,  # [M, K] block [BLOCK_M, BLOCK_K]
+    b_desc,  # [K, N] block [BLOCK_K, BLOCK_N], or (B_KMAJOR) [N, K] block [BLOCK_N, BLOCK_K]
+    c_desc,  # [M, N] block [BLOCK_M, BLOCK_N]
+    bias_ptr,  # broadcast to [M, N] through its strides (unused without HAS_BIAS)
+    M, N, K,
+    stride_xm, stride_xn,
+    alpha, beta,
+    n_programs,  # the grid (persistent: programs walk tiles with this step)
+    HAS_BIAS: tl.constexpr,
+    B_KMAJOR: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Float scalars to fp32 once: Triton's launcher passes Python floats as fp32, Inductor's wrapper
+    # as fp64 (the math would turn fp64); so both launchers compile this kernel alike.
+    alpha = tl.cast(alpha, tl.float32)
+    beta = tl.cast(beta, tl.float32)
+    _tma_tiles(a_desc, b_desc, c_desc, bias_ptr, M, N, K, stride_xm, stride_xn, alpha, beta, n_programs,
+               HAS_BIAS, B_KMAJOR, UPCAST, PERSISTENT, False, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+@triton.jit
+def _matmul_ws_kernel(
+    a_ptr,  # [M, K], unit column stride
+    b_ptr,  # [K, N], or (B_KMAJOR) its [N, K] transpose, unit stride along the last dim
+    c_ptr,  # [M, N], unit column stride
+    bias_ptr,  # broadcast to [M, N] through its strides (unused without HAS_BIAS)
+    M, N, K,
+    stride_am, stride_b, stride_cm,  # row strides (elements)
+    stride_xm, stride_xn,
+    alpha, beta,
+    n_programs,
+    HAS_BIAS: tl.constexpr,
+    B_KMAJOR: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # The warp-specialized form: descriptors made here, not on the host. Triton's Hopper warp
+    # specialization splits a 128-row tile between two consumer warp groups and re-types the
+    # descriptors to the half tile; a host descriptor's box is fixed when it is made, and 3.6 leaves
+    # the stored tile whole ("'tt.descriptor_store' op tensor descriptor block and tensor types
+    # must match"), 3.8/3.9 the loaded one (triton-lang/triton#11587). An in-kernel descriptor is
+    # split with the tile. (Needs a scratch allocator: the launcher provides one.)
+    alpha = tl.cast(alpha, tl.float32)  # fp64 from Inductor's wrapper (see _matmul_tma_kernel)
+    beta = tl.cast(beta, tl.float32)
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if B_KMAJOR:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+    _tma_tiles(a_desc, b_desc, c_desc, bias_ptr, M, N, K, stride_xm, stride_xn, alpha, beta, n_programs,
+               HAS_BIAS, B_KMAJOR, UPCAST, PERSISTENT, True, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 def tile_config(m: int, elem_bytes: int) -> tuple[int, int, int, int, int]:
@@ -422,16 +483,51 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
     return out
 
 
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for in-kernel tensor descriptors (Triton's allocator protocol), on the current device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@contextlib.contextmanager
+def _scratch_allocator():
+    """Inside, a launch that needs global scratch gets it from :func:`_scratch`, unless the process
+    set an allocator of its own (``triton.set_allocator``); the setting is restored afterwards."""
+    var = getattr(_allocation, "_allocator", None)
+    if var is None or not isinstance(var.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = var.set(_scratch)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 def _launch_tma(a, b, out, bias_v, xs, m, n, k, alpha, beta, has_bias, persistent, warp_spec,
                 bm, bn, bk, group_m, warps, stages, interp):
     if a.dim() == 3:  # batch 1
         a, b, out = a[0], b[0], out[0]
     kmajor = _b_kmajor(b)
-    a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
-    b_desc = TensorDescriptor.from_tensor(b.t(), [bn, bk]) if kmajor else TensorDescriptor.from_tensor(b, [bk, bn])
-    c_desc = TensorDescriptor.from_tensor(out, [bm, bn])
+    b_rows = b.t() if kmajor else b  # unit stride along its last dim
     tiles = cdiv(m, bm) * cdiv(n, bn)
     programs = min(tiles, num_sms(a.device)) if persistent else tiles
+    options = dict(HAS_BIAS=has_bias, B_KMAJOR=kmajor, UPCAST=interp, PERSISTENT=persistent, BLOCK_M=bm, BLOCK_N=bn,
+                   BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+    if warp_spec:  # descriptors made in the kernel (see _matmul_ws_kernel)
+        with device_guard(a), _scratch_allocator():
+            _matmul_ws_kernel[(programs,)](
+                a, b_rows, out, bias_v,
+                m, n, k,
+                a.stride(0), b_rows.stride(0), out.stride(0),
+                xs[1], xs[2],
+                float(alpha), float(beta),
+                programs,
+                **options,
+            )
+        return
+    a_desc = TensorDescriptor.from_tensor(a, [bm, bk])
+    b_desc = TensorDescriptor.from_tensor(b_rows, [bn, bk] if kmajor else [bk, bn])
+    c_desc = TensorDescriptor.from_tensor(out, [bm, bn])
     with device_guard(a):
         _matmul_tma_kernel[(programs,)](
             a_desc, b_desc, c_desc, bias_v,
@@ -439,13 +535,7 @@ def _launch_tma(a, b, out, bias_v, xs, m, n, k, alpha, beta, has_bias, persisten
             xs[1], xs[2],
             float(alpha), float(beta),
             programs,
-            HAS_BIAS=has_bias,
-            B_KMAJOR=kmajor,
-            UPCAST=interp,
-            PERSISTENT=persistent,
-            WARP_SPEC=warp_spec,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
-            num_warps=warps, num_stages=stages,
+            **options,
         )
 
 
@@ -475,6 +565,42 @@ _TILES_LARGE = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4)
                 (128, 128, 128, 8, 3), (64, 256, 64, 4, 4))
 
 
+def _ws_tiles(tiles) -> list:
+    """``tiles`` as warp-specialized variants. Triton's Hopper warp specialization (3.6) runs only at 4
+    warps (one producer and up to two 4-warp consumer groups; at other counts the loop is left as it
+    is: a duplicate candidate), on a pipelined loop (2+ stages) and on wgmma tiles (64+ rows; smaller
+    ones compile unspecialized). It splits a 128-row tile between the two consumers along M (hence
+    the in-kernel descriptors of ``_matmul_ws_kernel``); a narrower tile 256 or more wide it splits
+    along N, which neither 3.6 nor 3.9 lowers (a wgmma operand layout assertion). Checked by
+    compiling every candidate offline for sm_90 with Triton 3.6 and 3.9."""
+    out = []
+    for bm, bn, bk, _, stages in tiles:
+        tile = (bm, bn, bk, 4, max(stages, 2))
+        if bm >= 64 and (bm >= 128 or bn < 256) and tile not in out:
+            out.append(tile)
+    return out
+
+
+def smem_estimate(cfg: dict, elem_bytes: int) -> int:
+    """An upper bound of a config's shared memory, in bytes: the A and B tiles of each pipeline stage,
+    and for the descriptor classes the output tile staged for the bulk store (at least 16 KiB: layout
+    conversions; warp-specialized, two 64-row tiles: one per consumer group, or a double-buffered
+    one) and 2 KiB of barriers. Not below the compiled size of any candidate (Triton 3.6 and 3.9,
+    sm_90: every class, tile, layout, bias); the plain class's figure is an Ampere-style cp.async
+    pipeline (Hopper's compile of it uses less)."""
+    bm, bn, bk, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"]
+    need = stages * (bm * bk + bk * bn) * elem_bytes
+    if cfg["KIND"] != "plain":
+        out_tile = max(2 * 64 * bn, bm * bn) if cfg["WARP_SPEC"] else bm * bn
+        need += max(out_tile * elem_bytes, 16384) + 2048
+    return need
+
+
+def _fits(cfg: dict, elem_bytes: int, dev: int) -> bool:
+    limit = at.max_shared_memory(dev)
+    return limit is None or smem_estimate(cfg, elem_bytes) <= limit
+
+
 def _tune_candidates(key, dev) -> list:
     """Per M bucket a few tiles (above) in each class the call can use: ``tma`` first on Hopper,
     ``persistent`` (and its warp-specialized form) where there are more tiles than SMs, ``plain``
@@ -486,11 +612,13 @@ def _tune_candidates(key, dev) -> list:
         if tma_ok:
             out += [_cfg("tma", 16, 16, 16, 1, 1), _cfg("persistent", 16, 16, 16, 1, 1, group_m=2)]
             if HAS_WARP_SPEC:
-                out.append(_cfg("persistent", 16, 16, 16, 1, 1, warp_spec=1, group_m=2))
+                out += [_cfg("persistent", 16, 16, 16, 1, 1, warp_spec=1, group_m=2),
+                        _cfg("tma", 16, 32, 16, 1, 1, warp_spec=1)]
         return out
     tiles = _TILES_SMALL if m <= 16 else _TILES_MID if m <= 128 else _TILES_LARGE
     if dtype.itemsize == 4:
-        return [_cfg("plain", bm, bn, max(16, bk // 2), w, st) for bm, bn, bk, w, st in tiles]
+        out = [_cfg("plain", bm, bn, max(16, bk // 2), w, st) for bm, bn, bk, w, st in tiles]
+        return [c for c in out if _fits(c, 4, dev)]
     out = []
     if tma_ok:
         out += [_cfg("tma", *t) for t in tiles]
@@ -498,10 +626,10 @@ def _tune_candidates(key, dev) -> list:
         many = [t for t in tiles if cdiv(m, t[0]) * cdiv(n, t[1]) * batch > sms]
         out += [_cfg("persistent", *t) for t in many[:3]]
         if HAS_WARP_SPEC:
-            out += [_cfg("persistent", *t, warp_spec=1) for t in many[:2]]
-            out += [_cfg("tma", *t, warp_spec=1) for t in tiles[:2]]
+            out += [_cfg("persistent", *t, warp_spec=1) for t in _ws_tiles(many)[:2]]
+            out += [_cfg("tma", *t, warp_spec=1) for t in _ws_tiles(tiles)[:2]]
     out += [_cfg("plain", *t) for t in tiles]
-    return out
+    return [c for c in out if _fits(c, dtype.itemsize, dev)]  # what a launch can have (smaller GPUs than Hopper)
 
 
 def _bench_operands(key, dev, dims):
@@ -544,5 +672,6 @@ TUNABLE = at.register(at.Tunable(
     candidates=_tune_candidates,
     make_bench=_tune_bench,
     baseline=_tune_baseline,
-    sources=(_matmul_kernel, _matmul_tma_kernel, _tile_acc, _tile_store, tma_eligible),
+    sources=(_matmul_kernel, _matmul_tma_kernel, _matmul_ws_kernel, _tma_tiles, _tile_acc, _tile_store,
+             tma_eligible, _ws_tiles, smem_estimate, _fits),
 ))

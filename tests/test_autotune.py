@@ -1,9 +1,11 @@
-"""The autotuner (kernels/_autotune.py) and its cache (kernels/_tune_cache.py), on the CPU.
+"""The autotuner (kernels/_autotune.py) and its cache (kernels/_tune_cache.py).
 
 A stand-in family (``_fake``) whose bench is plain Python and whose timer is a deterministic
 function of the config exercises the policy, the cache files and the key; the real families
-are tuned through Triton's interpreter with the same fake timer, and each of their
-interpreter candidates is checked against a float64 reference.
+are tuned on the test device (Triton's interpreter on the CPU, else the current GPU) with the
+same fake timer, and each of their candidates is checked against a float64 reference. Every
+test sets the tuning policy it relies on (``GEMS_AUTOTUNE``), so an outer setting does not
+change what it checks.
 """
 
 import json
@@ -19,6 +21,7 @@ from flag_gems.kernels import _tune_cache as cache
 
 FAKE_DEV = 0  # the stand-in family "runs" on device 0, named below, even without a GPU
 FAKE_GPU = "Fake GPU 9000"
+DEV = torch.cuda.current_device() if DEVICE == "cuda" else -1  # where the real families' kernels run
 
 
 def _bench_factory(log):
@@ -78,10 +81,12 @@ class Timer:
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    """A private cache folder, the default policy, no shipped tables, a fake GPU name for device 0."""
+    """A private cache folder, the ``on`` policy, no shipped tables, a fake GPU name for device 0 (CPU),
+    no warning given yet."""
     monkeypatch.setenv("GEMS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("GEMS_AUTOTUNE", raising=False)
+    monkeypatch.setenv("GEMS_AUTOTUNE", "on")
     monkeypatch.delenv("GEMS_AUTOTUNE_MARGIN", raising=False)
+    monkeypatch.setattr(at, "_WARNED", set())
     monkeypatch.setattr(cache, "_SHIPPED", {})
     monkeypatch.setattr(at, "_SHIPPED_DIR", str(tmp_path / "shipped"))
     names = dict(at._DEVICE_NAMES)
@@ -246,25 +251,35 @@ def test_margin_keeps_the_heuristic(env, monkeypatch):
 
 
 def test_failing_candidates_are_skipped(env):
-    t = make_fake()
+    t = make_fake(name="fake_flaky")
 
     def flaky(cfg):
         if cfg["num_warps"] == 8:
             raise RuntimeError("out of resources: shared memory")
         return score(cfg)
 
-    with at.use_timer(Timer(flaky)):
+    with at.use_timer(Timer(flaky)), pytest.warns(UserWarning, match="skipped, never chosen") as caught:
         res = t.tune(KEY, FAKE_DEV)
-    assert res.config == {"BLOCK": 2048, "num_warps": 4}
+    assert res.config == {"BLOCK": 2048, "num_warps": 4}  # the best of those that ran
     errors = [e for _, us, e in res.trials if us is None]
     assert len(errors) == 3 and all("out of resources" in e for e in errors)
+    mine = [str(w.message) for w in caught if "fake_flaky" in str(w.message)]
+    assert len(mine) == 3 and all("'num_warps': 8" in m and "out of resources" in m for m in mine)
+    # One warning per (kernel, config): tuning another key with the same failures says nothing new.
+    import warnings
+
+    with at.use_timer(Timer(flaky)), warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert t.tune((8, torch.bfloat16), FAKE_DEV).config["num_warps"] != 8
+    assert not [w for w in again if "fake_flaky" in str(w.message)]
 
 
 def test_every_candidate_failing_gives_the_heuristic_and_no_file(env):
     t = make_fake()
-    with at.use_timer(Timer(lambda c: 1 / 0)):
+    with at.use_timer(Timer(lambda c: 1 / 0)), pytest.warns(UserWarning, match="never chosen") as caught:
         res = t.tune(KEY, FAKE_DEV)
     assert res.origin == "default" and res.config == {"BLOCK": 1024, "num_warps": 4}
+    assert len([w for w in caught if "ZeroDivisionError" in str(w.message)]) == 9  # one per config
     assert not os.path.exists(cache.entry_path(t, KEY, t_name()))
 
 
@@ -350,24 +365,28 @@ def test_config_for(env):
 def test_export_entries(env):
     from flag_gems.kernels import act_and_mul as am
 
-    default = am.TUNABLE.default((4, 24, torch.float32), -1)
+    key = am.tune_key(3, 24, torch.float32)
+    assert key == (4, 24, torch.float32)  # rows bucketed to a power of two
+    default = am.TUNABLE.default(key, DEV)
     with at.use_timer(Timer(lambda c: 2.0 if c == default else 1.0 + c["BLOCK_N"] / 1e3)):
-        am.TUNABLE.tune(am.tune_key(3, 24, torch.float32), -1)
+        assert am.TUNABLE.tune(key, DEV).origin == "tuned"
     at.clear_memory()  # the export reads the files, not this process's table
-    entries = [e for e in at.export_entries(-1) if e["kernel"] == "act_and_mul"]
+    entries = [e for e in at.export_entries(DEV) if e["kernel"] == "act_and_mul"]
     assert len(entries) == 1 and entries[0]["key"] == [4, 24, "float32"]
     assert entries[0]["source"] == am.TUNABLE.source_hash and set(entries[0]["config"]) == set(am.TUNABLE.fields)
     # Round trip: the exported entry, as a shipped table, is what a user without a cache gets.
+    name = at.device_name(DEV)
     folder = env / "shipped"
     folder.mkdir()
-    (folder / "cpu.json").write_text(json.dumps(dict(format=at.FORMAT, device="cpu", entries=entries)))
+    (folder / f"{at.device_slug(name)}.json").write_text(json.dumps(dict(format=at.FORMAT, device=name,
+                                                                          entries=entries)))
     cache._SHIPPED.clear()  # the tables are read once per process
     import shutil
 
     shutil.rmtree(env / "cache")
     assert entries[0]["config"] != default
-    assert am.TUNABLE.lookup((4, 24, torch.float32), -1) == am.TUNABLE.as_tuple(entries[0]["config"])
-    assert am.TUNABLE.origin((4, 24, torch.float32), -1).origin == "shipped"
+    assert am.TUNABLE.lookup(key, DEV) == am.TUNABLE.as_tuple(entries[0]["config"])
+    assert am.TUNABLE.origin(key, DEV).origin == "shipped"
 
 
 # --------------------------------------------------------------------------- real families, interpreter
@@ -383,13 +402,14 @@ def test_tuned_act_and_mul_is_used_and_correct(env, dtype):
     from flag_gems.kernels import act_and_mul as am
 
     key = am.tune_key(5, 40, dtype)
-    with at.use_timer(Timer(lambda c: 1.0 if c["num_warps"] != am._tune_default(key, -1)["num_warps"] else 2.0)):
-        res = am.TUNABLE.tune(key, -1)
-    assert res.config != am._tune_default(key, -1)
+    default = am._tune_default(key, DEV)
+    with at.use_timer(Timer(lambda c: 1.0 if c["num_warps"] != default["num_warps"] else 2.0)):
+        res = am.TUNABLE.tune(key, DEV)
+    assert res.origin == "tuned" and res.config != default and res.config["num_warps"] != default["num_warps"]
     a, b = rand(5, 40, dtype=dtype, device=DEVICE), rand(5, 40, dtype=dtype, device=DEVICE)
     out = poison(torch.empty_like(a))
     am.act_and_mul_fwd(a, b, "silu", out=out)
-    assert am.TUNABLE.origin(key, -1).origin == "tuned"  # the launcher looked up the tuned key
+    assert am.TUNABLE.origin(key, DEV).origin == "tuned"  # the launcher looked up the tuned key
     ref = torch.nn.functional.silu(ref64(a)) * ref64(b)
     assert_close(out, ref, dtype, tag("silu_and_mul tuned", a.shape, dtype))
 
@@ -478,30 +498,64 @@ def test_every_interpreter_candidate_is_correct(family):
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", sorted(_family_cases()))
 def test_every_gpu_candidate_is_correct_gpu(family):
-    """Every config the tuner may pick on this GPU, at Llama-3-8B-like sizes, bf16, vs float64."""
+    """Every config the tuner may pick on this GPU (all of them: each must compile, fit the device and be
+    right), at Llama-3-8B-like sizes, bf16, vs float64."""
     tunable, key, call, ref = _family_cases(big=True, dtype=torch.bfloat16)[family]()
     dev = torch.cuda.current_device()
     configs = [tunable.default(key, dev)] + tunable.candidates(key, dev)
     assert len(configs) >= 4, configs
-    configs = configs[:12] + configs[12::4]  # the nearest (what a time budget reaches), then a sample: compile time
     for cfg in configs:
         with tunable.forcing(cfg):
             out = call()
         assert_close(out, ref, torch.bfloat16, tag(f"{family} {cfg}", tuple(out.shape), torch.bfloat16))
 
 
+ATTN_COMPILED = [  # (BLOCK_M, BLOCK_N, warps, stages, head block, mask kind, shared bytes): Triton 3.6, sm_90
+    (128, 64, 8, 3, 128, 0, 196608), (128, 128, 8, 3, 128, 0, 294912), (128, 128, 8, 2, 128, 0, 229376),
+    (64, 128, 4, 3, 128, 0, 245760), (16, 128, 8, 3, 128, 0, 200704), (64, 64, 8, 3, 128, 0, 180224),
+    (128, 128, 4, 2, 128, 1, 294912), (128, 64, 8, 3, 128, 2, 262144), (128, 128, 8, 3, 64, 2, 376832),
+    (32, 128, 8, 3, 128, 2, 237568), (64, 32, 4, 2, 64, 0, 40960), (16, 32, 4, 2, 64, 0, 26624),
+]
+
+
+def test_attention_candidates_fit_shared_memory(monkeypatch):
+    """The attention family offers no config whose shared memory exceeds the device's (an H100/H200 here):
+    the estimate bounds the compiled sizes from above, and pruning drops exactly the configs it rules out."""
+    from flag_gems.kernels import attention as ka
+
+    for bm, bn, w, st, d, mask, compiled in ATTN_COMPILED:
+        assert ka.smem_estimate(bm, bn, w, st, d, 2, mask) >= compiled, (bm, bn, w, st, d, mask)
+    limit = 232448
+    monkeypatch.setitem(at._SMEM, 7, limit)  # a fake device 7 with the H100's limit
+    monkeypatch.setitem(at._DEVICE_NAMES, 7, "NVIDIA H100 80GB HBM3")
+    for mask in (0, 1, 2):
+        key = ka.tune_key(128, 200, 2, 128, torch.bfloat16, False, mask)
+        cands = ka.TUNABLE.candidates(key, 7)
+        assert len(cands) >= 4
+        assert all(ka.smem_estimate(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"], 128, 2, mask) <= limit
+                   for c in cands)
+        default = ka.TUNABLE.default(key, 7)
+        assert ka.smem_estimate(default["BLOCK_M"], default["BLOCK_N"], default["num_warps"], default["num_stages"],
+                                128, 2, mask) <= limit
+    key = ka.tune_key(128, 200, 2, 128, torch.bfloat16, False, 0)
+    assert {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3} not in ka.TUNABLE.candidates(key, 7)
+    assert {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3} in ka.TUNABLE.candidates(key, 7)
+    monkeypatch.setitem(at._SMEM, 7, 1 << 30)  # no limit: the whole space
+    assert {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3} in ka.TUNABLE.candidates(key, 7)
+
+
 def test_tuning_a_real_family_end_to_end(env):
-    """Through the interpreter: tune, file written, a fresh table reads it, the launch uses it."""
+    """On the test device: tune, file written, a fresh table reads it, the launch uses it."""
     from flag_gems.kernels import rms_norm as rn
 
     key = rn.tune_key(3, 40, torch.float32, False)
     with at.use_timer(_cpu_timer()):
-        res = rn.TUNABLE.tune(key, -1)
+        res = rn.TUNABLE.tune(key, DEV)
     assert res.origin == "tuned" and os.path.exists(res.path)
     at.clear_memory()
     x, w = rand(3, 40, device=DEVICE), rand(40, device=DEVICE)
     y, _ = rn.rms_norm_fwd(x, w, 1e-6)
-    assert rn.TUNABLE.origin(key, -1).origin == "cache"
+    assert rn.TUNABLE.origin(key, DEV).origin == "cache"
     ref = ref64(x) * torch.rsqrt(ref64(x).pow(2).mean(-1, keepdim=True) + 1e-6) * ref64(w)
     assert_close(y, ref, torch.float32, tag("rms_norm from cache", x.shape, torch.float32))
 

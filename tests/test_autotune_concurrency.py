@@ -1,6 +1,10 @@
 """The autotune cache under concurrency: 8 processes tune the same keys at once (tensor-parallel
 ranks starting together), on the CPU, with a deterministic fake timer.
 
+The workers are fresh interpreters (the ``spawn`` start method, as with CUDA: a process that has
+initialized CUDA, such as a pytest worker on a GPU machine, cannot fork workers that use it) that
+see no GPU (``CUDA_VISIBLE_DEVICES`` empty): the stand-in family runs on a named fake device.
+
 Each worker waits at a barrier, tunes every key (forcing a measurement, so all 8 write every
 file) and after each key parses every file that exists (never a partial one), then drops its in-memory table and reads every key back from the files. Nothing may
 raise; every file must be one complete, valid record; every process must read the config the
@@ -20,6 +24,7 @@ from flag_gems.kernels import _autotune as at
 from flag_gems.kernels import _tune_cache as cache
 
 N_PROCS = 8
+BARRIER_S = 300  # fresh interpreters import torch at once: slow on a small shared machine
 KEYS = [(1 << i, torch.bfloat16) for i in range(6)]
 DEV = 0
 GPU = "Fake GPU 9000"
@@ -44,7 +49,7 @@ def _best(key):
 def _worker(rank, barrier, queue, cache_root):
     try:
         os.environ["GEMS_CACHE_DIR"] = cache_root
-        os.environ.pop("GEMS_AUTOTUNE", None)
+        os.environ["GEMS_AUTOTUNE"] = "on"
         at._DEVICE_NAMES[DEV] = GPU
         rng = random.Random(rank)
         fam = _family()
@@ -56,7 +61,7 @@ def _worker(rank, barrier, queue, cache_root):
             return 1.0 if cfg == best else 2.0 + rng.random()
 
         current = [None]
-        barrier.wait(timeout=60)
+        barrier.wait(timeout=BARRIER_S)  # every worker has imported torch and flag_gems: start together
         paths = [cache.entry_path(fam, key, GPU) for key in KEYS]
         with at.use_timer(timer):
             for key in KEYS:
@@ -69,7 +74,7 @@ def _worker(rank, barrier, queue, cache_root):
                     except FileNotFoundError:
                         continue
                     assert rec["kernel"] == "concurrency_fake" and "config" in rec, path
-        barrier.wait(timeout=60)  # every process has written every key
+        barrier.wait(timeout=BARRIER_S)  # every process has written every key
         fam._table.clear()
         with at.use_timer(lambda run, cfg: (_ for _ in ()).throw(AssertionError("tuned again"))):
             read = [fam.as_dict(fam.lookup(key, DEV)) for key in KEYS]
@@ -79,18 +84,24 @@ def _worker(rank, barrier, queue, cache_root):
         queue.put((rank, None, None, f"{type(exc).__name__}: {exc}"))
 
 
-@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs fork (workers inherit the imported package)")
 def test_eight_processes_tune_the_same_keys(tmp_path, monkeypatch):
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(N_PROCS)
     queue = ctx.Queue()
     root = str(tmp_path / "cache")
     procs = [ctx.Process(target=_worker, args=(r, barrier, queue, root)) for r in range(N_PROCS)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
+    with monkeypatch.context() as m:  # what the workers inherit: no GPU, Triton's interpreter
+        m.setenv("CUDA_VISIBLE_DEVICES", "")
+        m.setenv("TRITON_INTERPRET", "1")
+        for p in procs:
+            p.start()
+    try:
+        results = [queue.get(timeout=2 * BARRIER_S) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
     errors = [(r, e) for r, _, _, e in results if e is not None]
     assert not errors, errors
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]

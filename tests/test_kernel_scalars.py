@@ -23,7 +23,7 @@ FLOATS = {
     "rms_norm_fwd[one_pass]": 2, "rms_norm_fwd[two_pass]": 2,
     "rms_norm_bwd[one_pass]": 2, "rms_norm_bwd[two_pass]": 2,
     "layer_norm_fwd[one_pass]": 1, "layer_norm_fwd[two_pass]": 1,
-    "matmul": 2, "matmul_tma": 2, "attention": 1, "reduce_sum": 1, "arange": 2,
+    "matmul": 2, "matmul_tma": 2, "matmul_ws": 2, "attention": 1, "reduce_sum": 1, "arange": 2,
 }
 
 

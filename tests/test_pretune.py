@@ -1,5 +1,6 @@
 """``python -m flag_gems.pretune`` and ``flag_gems.warmup``: the model shape tables, shapes files, and
-tuning end to end at tiny shapes on the CPU (Triton's interpreter)."""
+tuning end to end at tiny shapes on the test device (Triton's interpreter on the CPU, else the current
+GPU). Each test sets the tuning policy it relies on (``GEMS_AUTOTUNE``)."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from flag_gems.kernels import _autotune as at
 from flag_gems.kernels import _tune_cache as cache
 from flag_gems.kernels import matmul as km
 
+DEV = torch.cuda.current_device() if DEVICE == "cuda" else -1  # where the kernels run (-1: the interpreter)
 LLAMA_NK = {(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)}
 
 
@@ -34,8 +36,9 @@ class CountingTimer:
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
+    """A private cache folder, the ``on`` policy, no shipped tables."""
     monkeypatch.setenv("GEMS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("GEMS_AUTOTUNE", raising=False)
+    monkeypatch.setenv("GEMS_AUTOTUNE", "on")
     monkeypatch.setattr(cache, "_SHIPPED", {})
     at.clear_memory()
     yield tmp_path
@@ -140,16 +143,17 @@ def test_shape_key_matches_the_launchers_key():
 def test_pretune_end_to_end_in_process(env, capsys):
     timer = CountingTimer()
     argv = ["--model", "tiny", "--max_tokens", "4", "--max_reqs", "2", "--dtype", "float32", "--quiet",
-            "--json", str(env / "res.json"), "--export", str(env / "table.json")]
+            "--device", str(DEV), "--json", str(env / "res.json"), "--export", str(env / "table.json")]
     with at.use_timer(timer):
         assert pretune.main(argv) == 0
     out = capsys.readouterr().out
-    n = len(pretune.plan("tiny", dtype=torch.float32, max_tokens=4, max_reqs=2, dev=-1))
-    assert f"{n} keys on cpu: {n} tuned, 0 already cached" in out and "cache: " in out
-    folder = env / "cache" / "autotune" / "cpu"
+    n = len(pretune.plan("tiny", dtype=torch.float32, max_tokens=4, max_reqs=2, dev=DEV))
+    name = at.device_name(DEV)
+    assert f"{n} keys on {name}: {n} tuned, 0 already cached" in out and "cache: " in out
+    folder = env / "cache" / "autotune" / at.device_slug(name)
     assert len(list(folder.glob("*.json"))) == n and timer.calls >= 2 * n
     table = json.loads((env / "table.json").read_text())
-    assert len(table["entries"]) == n and table["device"] == "cpu"
+    assert len(table["entries"]) == n and table["device"] == name
     # A second run (a new process: empty table) reads everything, tunes nothing.
     at.clear_memory()
     timer2 = CountingTimer()
@@ -162,7 +166,7 @@ def test_pretune_end_to_end_in_process(env, capsys):
 
     out_t = poison(torch.empty_like(a))
     am.act_and_mul_fwd(a, b, "silu", out=out_t)
-    assert am.TUNABLE.origin(am.tune_key(3, 96, torch.float32), -1).origin == "cache"
+    assert am.TUNABLE.origin(am.tune_key(3, 96, torch.float32), DEV).origin == "cache"
     assert_close(out_t, torch.nn.functional.silu(ref64(a)) * ref64(b), torch.float32, tag("silu cached", a.shape,
                                                                                          torch.float32))
 
@@ -187,34 +191,34 @@ def test_pretune_module_entry_point(tmp_path):
 def test_warmup(env):
     timer = CountingTimer()
     with at.use_timer(timer):
-        summary = flag_gems.warmup("tiny", tokens=[1, 3], dtype=torch.float32, device=-1, ops=("act_and_mul", "rope"))
+        summary = flag_gems.warmup("tiny", tokens=[1, 3], dtype=torch.float32, device=DEV, ops=("act_and_mul", "rope"))
     assert summary.items == 6 and summary.tuned == 6 and summary.failed == 0 and timer.calls > 0
     from flag_gems.kernels import act_and_mul as am
 
     key = am.tune_key(3, 96, torch.float32)
-    assert am.TUNABLE.origin(key, -1).origin == "tuned"
+    assert am.TUNABLE.origin(key, DEV).origin == "tuned"
     # Again: nothing tuned, every kernel still launched once (compiled).
     at.clear_memory()
     with at.use_timer(CountingTimer()) as t2:
-        again = flag_gems.warmup("tiny", tokens=[1, 3], dtype=torch.float32, device=-1, ops=("act_and_mul", "rope"))
-    assert again.cached == 6 and t2.calls == 0
+        again = flag_gems.warmup("tiny", tokens=[1, 3], dtype=torch.float32, device=DEV, ops=("act_and_mul", "rope"))
+    assert again.cached == 6 and again.failed == 0 and t2.calls == 0
 
 
 def test_warmup_without_tuning_and_under_capture(env, monkeypatch):
     with at.use_timer(CountingTimer()) as timer:
-        summary = flag_gems.warmup("tiny", tokens=[2], dtype=torch.float32, device=-1, ops=("rms_norm",), tune=False)
-    assert summary.items == 2 and summary.tuned == 0 and timer.calls == 0
+        summary = flag_gems.warmup("tiny", tokens=[2], dtype=torch.float32, device=DEV, ops=("rms_norm",), tune=False)
+    assert summary.items == 2 and summary.tuned == 0 and summary.failed == 0 and timer.calls == 0
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="outside CUDA-graph capture"):
-        flag_gems.warmup("tiny", tokens=[2], device=-1)
+        flag_gems.warmup("tiny", tokens=[2], device=DEV)
 
 
 def test_warmup_respects_off_pretune_does_not(env, monkeypatch, capsys):
     monkeypatch.setenv("GEMS_AUTOTUNE", "off")
     with at.use_timer(CountingTimer()) as timer:
-        s = flag_gems.warmup("tiny", tokens=[2], dtype=torch.float32, device=-1, ops=("act_and_mul",))
-    assert s.items == 1 and s.tuned == 0 and timer.calls == 0
+        s = flag_gems.warmup("tiny", tokens=[2], dtype=torch.float32, device=DEV, ops=("act_and_mul",))
+    assert s.items == 1 and s.tuned == 0 and s.failed == 0 and timer.calls == 0
     with at.use_timer(CountingTimer()) as timer:
         assert pretune.main(["--model", "tiny", "--tokens", "2", "--dtype", "float32", "--ops", "act_and_mul",
-                             "--quiet"]) == 0
+                             "--device", str(DEV), "--quiet"]) == 0
     assert timer.calls > 0 and "1 tuned" in capsys.readouterr().out
