@@ -373,8 +373,9 @@ def describe() -> str:
     lines = [fmt(head), *map(fmt, sorted(rows))]
     off = sorted((str(t), e) for t, e in REGISTRY.items() if not e.eager.on)
     lines += [f"  {t}: eager {e.eager}" for t, e in off]
-    lines += ["", f"eager: every entry unless excluded; fast / graph: >= {FAST_MIN_SPEEDUP:.2f}x native device time "
-                  "at every measured shape (graph: in a compiled graph, or the eager data of graph_proxy entries)", ""]
+    lines += ["", f"eager: every entry unless excluded; fast: >= {FAST_MIN_SPEEDUP:.2f}x native per call, max(host, device) "
+                  f"time, at every measured shape; graph: >= {FAST_MIN_SPEEDUP:.2f}x native device time at every measured "
+                  "shape in a compiled graph (or the eager data of graph_proxy entries)", ""]
     frows = [(f.op, f.kernel, f.fused_by or "-", _figures(f.data)) for f in FUSED.values()]
     fhead = ("flag_gems op", "kernel", "fused by", "measured (ratio vs baseline)")
     fw = [max(len(r[i]) for r in [fhead, *frows]) for i in range(3)]
