@@ -5,10 +5,25 @@ at collection, before any test module imports flag_gems.
 """
 
 import os
+import sys
 import zlib
 
 import pytest
 import torch
+
+# The checkout's root holds the folders kernels/ and lowerings/ (installed as flag_gems.kernels and
+# flag_gems.lowerings). `python -m pytest` puts the working directory on sys.path, where kernels/
+# then shadows the PyPI package `kernels` that transformers imports when it is installed (a
+# dependency of recent huggingface releases): every HF model test failed with "cannot import name
+# 'CUDAProperties' from 'kernels'". The tests import the package as flag_gems only, so the root
+# leaves sys.path, here and (PYTHONSAFEPATH, Python >= 3.11) in the subprocesses tests start.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
+for _name in ("kernels", "lowerings"):
+    _mod = sys.modules.get(_name)
+    if _mod is not None and os.path.dirname(os.path.dirname(os.path.abspath(getattr(_mod, "__file__", None) or os.sep))) == _ROOT:
+        del sys.modules[_name]
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -51,6 +66,4 @@ def _fresh_seed(request):
 
 
 # Test modules import the shared helpers (tests/accuracy.py) by name.
-import sys  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(__file__))
