@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from flag_gems.lowerings.registry import REGISTRY
+
 BENCH_DIR = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 if BENCH_DIR not in sys.path:
     sys.path.insert(0, BENCH_DIR)
@@ -23,9 +25,11 @@ def test_bench_eager_cpu_smoke(tmp_path):
         for mode in bench_eager.MODES:
             assert cell[("llama_4layer", mode, shape, "ms")] > 0
             assert cell[("llama_4layer", mode, shape, "cosine_vs_eager")] > 0.999
-        # every entry vs the fast preset: more ops registered, and the forward really ran our kernels
-        assert cell[("llama_4layer", "use_gems", shape, "ops_registered")] > cell[
-            ("llama_4layer", "use_gems_fast", shape, "ops_registered")] > 0
+        # every entry vs the fast preset (the entries measured faster per call: possibly none), and the
+        # forward really ran our kernels
+        fast = sum(e.fast.on for e in REGISTRY.values())
+        assert cell[("llama_4layer", "use_gems", shape, "ops_registered")] > fast
+        assert cell[("llama_4layer", "use_gems_fast", shape, "ops_registered")] == fast
         assert cell[("llama_4layer", "use_gems", shape, "gems_calls")] > 0
         per_op = [k for k in cell if k[2] == shape and k[3] == "host_us_per_call" and k[1] == "use_gems"]
         assert len(per_op) == 5 and all(k[0].startswith("aten::") for k in per_op)
