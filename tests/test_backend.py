@@ -11,7 +11,7 @@ import torch._dynamo.testing
 import flag_gems
 from flag_gems.backend import GemsCompiler
 from flag_gems.options import CompileOptions
-from accuracy import DTYPE_IDS, DTYPES, assert_close, rand, ref64, tag
+from accuracy import DTYPE_IDS, DTYPES, TOLERANCES, assert_close, rand, ref64, tag
 
 STRICT = {"strict": True}
 
@@ -356,18 +356,62 @@ def test_explain_report_prints_a_table(device):
 # ----------------------------------------------------------------- Inductor as a partner
 
 
+def _check_residual_block_by_result(m, x, r, out, res, what):
+    """ResidualBlock (llama norms) from its outputs alone, for code where the fused calls cannot be
+    recorded (Inductor launches the kernels itself): ``res`` is call 2's h, the sum of
+    ``p = proj(y1)`` (``y1`` = call 1's y of ``(x, r)``, rounded to the dtype as the kernel stores it)
+    and call 1's rounded h, two roundings from float64 (``p`` by the GEMM, the sum by the kernel):
+    within the forward tolerance of each; ``out`` is call 2's y, the norm of ``res`` with norm2's
+    weight (forward tolerance)."""
+    dtype = x.dtype
+    atol, rtol = TOLERANCES[dtype]
+    n1, n2 = m.norm1, m.norm2
+    y1, h1 = _add_rms_norm_ref((x, r, n1.weight, n1.variance_epsilon, 0.0, True))
+    p = y1.to(dtype).double() @ ref64(m.proj.weight).T
+    ref_res = p + h1.to(dtype).double()
+    bound = (atol + rtol * p.abs()) + (atol + rtol * ref_res.abs())
+    excess = (ref64(res) - ref_res).abs() - bound
+    assert not torch.isnan(excess).any() and bool((excess <= 0).all()), (
+        f"{what} residual (call 2's h) off by {excess.max().item():.3g} beyond the bound")
+    h = ref64(res)
+    n = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + n2.variance_epsilon)).to(dtype).double()
+    assert_close(out, n * ref64(n2.weight), dtype, f"{what} output (norm2 of the residual)")
+
+
 def test_inductor_custom_pass_fuses_and_has_stable_uuid(device, monkeypatch):
+    """The partner pass fuses both norms of the block. Proven by the result: with the Triton
+    interpreter (the CPU) the fused op stays a call, recorded and checked per call; with compiled
+    Triton the pass inlines our kernels into Inductor's code (``flag_gems.inductor``), so the op
+    is never called: Inductor's code must define our kernel and call no flag_gems op, and the
+    outputs must be the two fused calls' math."""
+    from flag_gems.lowerings.inductor_ops import kernels_traceable
+
     m = ResidualBlock(32, "llama").to(device=device, dtype=torch.bfloat16)
     x, r = rand(2, 5, 32, dtype=torch.bfloat16, device=device), rand(2, 5, 32, dtype=torch.bfloat16, device=device)
     p = flag_gems.GemsFusionPass()
     assert p.uuid() == flag_gems.GemsFusionPass().uuid() == flag_gems.inductor_pass.uuid()
     assert p.uuid() != flag_gems.GemsFusionPass(fusions=("rms_norm",)).uuid()
+    compiled = torch.compile(m, options={"post_grad_custom_post_pass": p, "fx_graph_cache": False})
+    what = tag("inductor_pass", x.shape, torch.bfloat16)
+    if kernels_traceable():
+        from torch._inductor.utils import run_and_get_code
+
+        with torch.no_grad():
+            (out, res), code = run_and_get_code(compiled, x, r)
+            out2, res2 = compiled(x, r)  # the compiled code again, without compiling
+        code = "\n".join(code)
+        assert sum(rep.fused["add_rms_norm[llama]"] for rep in p.reports) == 2
+        assert "_rms_norm_fwd_kernel" in code, f"{what} Inductor's code does not define our kernel"
+        assert "torch.ops.flag_gems." not in code, f"{what} a fused op is still an opaque call"
+        for o, rs in ((out, res), (out2, res2)):
+            _check_residual_block_by_result(m, x, r, o, rs, what)
+        return
     calls = AddRmsNormCalls(monkeypatch)
     with torch.no_grad():
-        out, res = calls.second_run(torch.compile(m, options={"post_grad_custom_post_pass": p, "fx_graph_cache": False}),
-                                    x, r)
+        out, res = calls.second_run(compiled, x, r)
     assert sum(rep.fused["add_rms_norm[llama]"] for rep in p.reports) == 2
-    calls.check_residual_block(m, x, r, out, res, tag("inductor_pass", out.shape, torch.bfloat16))
+    calls.check_residual_block(m, x, r, out, res, what)
+    _check_residual_block_by_result(m, x, r, out, res, what)  # the GPU's check holds here too
 
 
 def test_backend_hands_rewritten_graph_to_inductor(device, monkeypatch):

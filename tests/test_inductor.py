@@ -22,7 +22,7 @@ from flag_gems.backend import trace_pre_dispatch
 from flag_gems.kernels import _launch
 from flag_gems.lowerings import inductor_ops
 from flag_gems.report import GraphReport
-from accuracy import assert_close, rand, ref64, tag
+from accuracy import DEVICE, assert_close, rand, ref64, tag
 from test_backend import ResidualBlock, _reference
 
 BF16, F32 = torch.bfloat16, torch.float32
@@ -465,22 +465,89 @@ def test_backend_inductor_training_launches_our_backward_kernels():
         assert_close(g / s, rg / s, F32, tag("inductor.train.grad", g.shape, F32), grad=True)
 
 
-@pytest.mark.gpu
-def test_inductor_cudagraphs_replay_reads_weights_in_place():
+# Greedy generation of a tiny F32 Llama with a static KV cache, eager then compiled (argv[1]: the
+# device, the compile arguments, the config), before and after an in-place weight update; prints
+# the tokens and Inductor's counters as one RESULT line. Run in a child process: a crash there
+# (see the test) fails the test with the child's stderr instead of killing the pytest worker.
+_GENERATE_REPLAY = textwrap.dedent('''
+    import json, sys
+    import torch, transformers
+    import flag_gems  # noqa: F401  (registers the backend)
     from torch._dynamo.utils import counters
 
-    model = tiny_llama(F32)
-    ids = torch.randint(3, 128, (2, 5), device="cuda")
-    kw = dict(max_new_tokens=6, do_sample=False, disable_compile=True, cache_implementation="static")
+    spec = json.loads(sys.argv[1])
+    device, f32 = spec["device"], torch.float32
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model("llama", tie_word_embeddings=False, **spec["llama"])
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=f32).eval()
+    ids = torch.randint(3, cfg.vocab_size, (2, 5), device=device)
+    new, length = 6, 16
+    try:
+        cache = transformers.StaticCache(config=cfg, max_cache_len=length)
+    except TypeError:  # older transformers: allocated (and its addresses marked static) here
+        cache = transformers.StaticCache(config=cfg, max_batch_size=2, max_cache_len=length, device=device, dtype=f32)
+    eager = model.forward
+    compiled = torch.compile(model.forward, backend=spec["backend"], **spec["compile"])
+
+    def generate(forward):
+        cache.reset()  # same tensors, zeroed
+        model.forward = forward
+        return model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False,
+                              disable_compile=True).tolist()
+
     with torch.no_grad():
-        ref = model.generate(ids, **kw)
+        ref = generate(eager)  # the cache's tensors are made here, outside the compiled code
         counters.clear()
-        model.forward = torch.compile(model.forward, backend="flag_gems",
-                                      options={"inductor": True, "cudagraphs": True, "strict": True})
-        out = model.generate(ids, **kw)
-    assert torch.equal(out, ref), f"tokens {out.tolist()} vs eager {ref.tolist()}"
-    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-    n_params = len(list(model.parameters()))
-    recorded = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+        out = generate(compiled)
+        first = dict(counters["inductor"])  # one generation: prefill warm-up, decode recorded and replayed
+        model.lm_head.weight.neg_()  # in place: the logits become exactly -2x (argmax -> argmin)
+        model.model.norm.weight.mul_(2.0)
+        ref2 = generate(eager)
+        out2 = generate(compiled)  # the decode steps replay graphs recorded before the update
+    print("RESULT " + json.dumps(dict(ref=ref, out=out, ref2=ref2, out2=out2, first=first,
+                                      inductor=dict(counters["inductor"]), n_params=len(list(model.parameters())))))
+''')
+
+
+def run_generate_replay(device, backend, compile_kwargs, cwd):
+    """The child's RESULT (``_GENERATE_REPLAY``); fails with its exit status and stderr when it dies.
+    ``cwd``: an empty folder (``python -c`` imports from its working directory, and the repository
+    root's ``kernels`` folder would shadow the optional ``kernels`` package transformers probes)."""
+    spec = dict(device=device, backend=backend, compile=compile_kwargs, llama=LLAMA)
+    proc = subprocess.run([sys.executable, "-c", _GENERATE_REPLAY, json.dumps(spec)], capture_output=True, text=True,
+                          timeout=540, cwd=cwd)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (
+        f"the generating process failed (exit status {proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.gpu
+def test_inductor_cudagraphs_replay_reads_weights_in_place(tmp_path):
+    """``options={"inductor": True, "cudagraphs": True}`` through ``generate`` with a static KV cache:
+    the tokens are eager's; no graph is skipped; only the per-step inputs are copied into the
+    graphs (the weights and the cache are static inputs, read in place); after an in-place weight
+    update the replays generate what eager generates with the new weights.
+
+    The cache is made by an eager run first, as transformers requires when the prefill is compiled
+    (its lazy allocation marks the tensors static only outside Dynamo): allocated inside the compiled
+    prefill, the cache would be outputs of a CUDA graph, which cudagraph trees free at the next
+    call; the decode step then writes them as non-static inputs, the graph is skipped and its
+    kernels get freed tensors (torch 2.11's static launcher crashed the process there)."""
+    got = run_generate_replay("cuda", "flag_gems", {"options": {"inductor": True, "cudagraphs": True, "strict": True}},
+                              tmp_path)
+    assert got["out"] == got["ref"], f"tokens {got['out']} vs eager {got['ref']}"
+    assert got["ref2"] != got["ref"], "the weight update does not change eager's tokens: the check below proves nothing"
+    assert got["out2"] == got["ref2"], f"after the weight update: tokens {got['out2']} vs eager {got['ref2']}"
+    assert got["inductor"].get("cudagraph_skips", 0) == 0, got["inductor"]
+    recorded = got["first"].get("cudagraph_recorded_non_static_inputs", 0)
     # Before the fix every weight was a non-static input, copied into the graph before each replay.
-    assert 0 < recorded < n_params, f"{recorded} non-static inputs recorded for a model of {n_params} weights"
+    assert 0 < recorded < got["n_params"], (
+        f"{recorded} non-static inputs recorded for a model of {got['n_params']} weights")
+
+
+def test_generate_replay_child_runs_eagerly(tmp_path):
+    """The child process of the test above, with Dynamo's eager backend on the test device (no
+    CUDA graphs): the script itself cannot rot on a machine without a GPU."""
+    got = run_generate_replay(DEVICE, "eager", {}, tmp_path)
+    assert got["out"] == got["ref"] and got["out2"] == got["ref2"] and got["ref2"] != got["ref"], got
