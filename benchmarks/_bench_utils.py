@@ -183,6 +183,25 @@ def wall_time_us(fn: Callable[[], object], *, iters: int = 3, warmup: int = 1) -
     return statistics.median(samples)
 
 
+def median_call_ms(fn: Callable[[], object], iters: int, device: str) -> float:
+    """Median ms of ``iters`` calls of ``fn``, each timed alone: CUDA events around the call on
+    the GPU (a model forward, a graph replay), the wall clock on the CPU."""
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def gbps(nbytes: int, us: float) -> float:
     """GB/s (1e9 bytes per second) for ``nbytes`` moved in ``us`` microseconds."""
     return nbytes / (us * 1e-6) / 1e9

@@ -49,7 +49,7 @@ if "--cpu-smoke" in sys.argv:
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_utils import file_tag, run_meta, write_rows  # noqa: E402
+from _bench_utils import file_tag, median_call_ms, run_meta, write_rows  # noqa: E402
 
 LLAMA3_8B_4L = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
@@ -95,20 +95,7 @@ def time_ms(fn, device: str, warmup: int, iters: int) -> float:
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_call_ms(fn, iters, device)
 
 
 def cosine(a, b) -> float:

@@ -45,26 +45,11 @@ import torch  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]
 import vllm_harness as H  # noqa: E402
-from _bench_utils import copy_bandwidth, file_tag, run_meta, write_rows  # noqa: E402
+from _bench_utils import copy_bandwidth, file_tag, median_call_ms, run_meta, write_rows  # noqa: E402
 
 CONTENDERS = ("inductor", "flag_gems_pass")
 
 
-def _median_ms(fn, iters: int, device: str) -> float:
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 class Contender:
@@ -156,7 +141,7 @@ def run(args) -> list[dict]:
                     batch = next(it)
                     return c.decode(batch) if kind == "decode" else c.prefill(batch)
 
-                times[(name, inp)].append(_median_ms(step, args.iters, device))
+                times[(name, inp)].append(median_call_ms(step, args.iters, device))
     for (name, inp), ms in times.items():
         value = statistics.median(ms)
         add(name, inp, "ms", value)
