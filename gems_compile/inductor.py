@@ -17,7 +17,8 @@ opaque custom op. Before / after, in the post-grad graph::
             tkw = triton_kernel_wrapper_functional(kernel_idx=.., grid=[(n, 1, 1)], kwargs={..})
 
 With the Triton interpreter (no GPU) kernels cannot be traced and the fused ops stay calls.
-An op also stays a call, with its reason in the report, when tracing its launcher fails, when
+An op also stays a call, with its reason in the report, when tracing its launcher fails (the
+reason names the error and the innermost frame it came from, ``file:line in function``), when
 the trace holds an op Inductor cannot lower, or when its kernel may write two arguments that
 share memory: slower, still right, and Inductor's compilation goes on.
 The ``flag_gems`` backend's ``options={"inductor": True}`` fuses *before* autograd and hands
@@ -40,6 +41,7 @@ import importlib
 import logging
 import operator
 import os
+import traceback
 
 import torch
 from torch import fx
@@ -271,6 +273,34 @@ def _splice(gm: fx.GraphModule, node: fx.Node, sub: fx.GraphModule, inputs: list
     graph.erase_node(node)
 
 
+def _short_path(path: str) -> str:
+    """A source path from its package on (``torch/_ops.py``, ``gems_compile/inductor.py``)."""
+    parts = os.path.normpath(path).split(os.sep)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] in ("site-packages", "dist-packages"):
+            return "/".join(parts[i + 1:])
+    return "/".join(parts[-2:])
+
+
+def _one_line(e: BaseException) -> str:
+    message = str(e).strip()
+    return f"{type(e).__name__}: {message.splitlines()[0]}" if message else type(e).__name__
+
+
+def _failure(e: BaseException) -> str:
+    """One line naming an exception and where it came from: the innermost frame of the original
+    error (the end of its ``raise ... from`` chain) as ``file:line in function``."""
+    root, seen = e, {id(e)}
+    while root.__cause__ is not None and id(root.__cause__) not in seen:
+        root = root.__cause__
+        seen.add(id(root))
+    text = _one_line(e) if root is e else f"{_one_line(e)}; from {_one_line(root)}"
+    frames = traceback.extract_tb(root.__traceback__)
+    if frames:
+        text += f", at {_short_path(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}"
+    return text
+
+
 def inline_triton_kernels(gm: fx.GraphModule, report: GraphReport | None = None) -> int:
     """Replace each fused flag_gems op of a post-grad graph by its kernels' wrapper nodes.
 
@@ -283,7 +313,7 @@ def inline_triton_kernels(gm: fx.GraphModule, report: GraphReport | None = None)
         The number of ops rewritten. 0, with a note, when our kernels cannot be traced
         (the Triton interpreter).
     """
-    from .lowerings.inductor_ops import has_twin, kernels_traceable, twin_of
+    from .lowerings.inductor_ops import NAMESPACE, has_twin, kernels_traceable, twin_of
 
     ops = [n for n in gm.graph.nodes if n.op == "call_function" and has_twin(n.target)]
     if not ops:
@@ -296,15 +326,18 @@ def inline_triton_kernels(gm: fx.GraphModule, report: GraphReport | None = None)
     for node in ops:
         name = f"flag_gems.{node.target._opname}"
         found = _tensor_slots(node)
+        twin = twin_of(node.target)
         if isinstance(found, str):
             reason = found
+        elif twin is None:  # _make_twin found no implementation (logged then)
+            reason = f"no {NAMESPACE} twin is registered for it"
         else:
             args, slots = found
             values = [args[i].meta["val"] for i in slots]
             try:
                 key = _trace_key(node.target, args, slots, values)
                 if key not in traced:  # decoder layers repeat one call: traced (and analyzed) once
-                    sub = _trace_twin(twin_of(node.target), args, slots, values)
+                    sub = _trace_twin(twin, args, slots, values)
                     traced[key] = (sub, _unlowerable(sub) or _aliased_writes(sub))
                 sub, reason = traced[key]
                 if reason is None:
@@ -312,7 +345,8 @@ def inline_triton_kernels(gm: fx.GraphModule, report: GraphReport | None = None)
             except Exception as e:  # the op stays a call: slower, still right
                 if is_dynamo_signal(e):
                     raise
-                reason = f"tracing its launcher failed ({type(e).__name__}: {e})"
+                logger.debug("flag_gems: tracing the launcher of %s failed", name, exc_info=True)
+                reason = f"tracing its launcher failed ({_failure(e)})"
         if reason is None:
             count += 1
             if report is not None:

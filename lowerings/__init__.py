@@ -16,3 +16,4 @@ from . import act_and_mul, add, fused_rms_norm, indexing, layer_norm, matmul, po
 from . import attention  # noqa: F401  (registers scaled_dot_product_attention)
 from . import loss  # noqa: F401  (registers nll_loss_forward / nll_loss_backward)
 from . import cpp_ops, nonzero  # noqa: F401  (flag_gems::mm / bmm / cat / sum / nonzero: the C++ runtime's op list)
+from . import inductor_ops  # noqa: F401  (torch.ops.flag_gems_inductor: the twins register on first look-up)

@@ -3,7 +3,8 @@
 The published ``torch.ops.flag_gems.*`` ops are ``custom_op``s: inside an Inductor graph each
 one is an opaque call (a ``FallbackKernel``) through the dispatcher into our Python launcher.
 Each functional op listed in ``_TWIN_NAMES`` gets a twin (:func:`twins`) in the graph-only namespace
-``flag_gems_inductor``, with the same schema and the same launcher (the published op's own
+``flag_gems_inductor`` (registered at the first look-up of a twin, by :func:`twin_of` or by name in
+``torch.ops.flag_gems_inductor``), with the same schema and the same launcher (the published op's own
 implementation), run under :func:`~flag_gems.kernels._launch.traced_launches`: its kernel
 launches go through ``torch.library.wrap_triton``. Under functionalization (AOT autograd, or
 ``flag_gems.inductor``'s post-grad rewrite) a twin therefore decomposes into the launcher's
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import torch
 from torch import Tensor  # noqa: F401  (the twins' schemas are inferred from string annotations in this module)
@@ -101,21 +103,42 @@ def _make_twin(name: str):
     return torch.library.triton_op(f"{NAMESPACE}::{name}", launch_traced, mutates_args=())
 
 
-_twins: dict | None = None
+_lock = threading.RLock()
+_by_name: dict | None = None  # published op name ("rms_norm") -> its twin overload, once registered
+_registering = False
+
+
+def _registered() -> dict:
+    """Register the twins once per process; ``{name: twin overload}`` (empty while registering:
+    the namespace hook below asks again from inside the registration)."""
+    global _by_name, _registering
+    if _by_name is not None:
+        return _by_name
+    with _lock:
+        if _by_name is None and not _registering:
+            _registering = True
+            try:
+                made = {}
+                for name in _TWIN_NAMES:
+                    if _make_twin(name) is not None:
+                        made[name] = getattr(getattr(torch.ops, NAMESPACE), name).default
+                _by_name = made
+            finally:
+                _registering = False
+    return _by_name if _by_name is not None else {}
 
 
 def twins() -> dict:
     """Published op overload (``torch.ops.flag_gems.X.default``) -> its twin
-    (``torch.ops.flag_gems_inductor.X.default``). The twins are registered at the first call
-    (about a second: ``triton_op`` reads the implementations' source)."""
-    global _twins
-    if _twins is None:
-        made = {}
-        for name in _TWIN_NAMES:
-            if _make_twin(name) is not None:
-                made[getattr(torch.ops.flag_gems, name).default] = getattr(getattr(torch.ops, NAMESPACE), name).default
-        _twins = made
-    return _twins
+    (``torch.ops.flag_gems_inductor.X.default``), registering the twins at the first call (about
+    a second: ``triton_op`` reads the implementations' source).
+
+    A new dict at each call. To find the twin of an op, use :func:`twin_of`, which looks it up by
+    name: an ``OpOverload`` hashes by its ``_op`` attribute, so a dict keyed by overloads misses
+    whenever ``_op`` is not what it was at insertion (a test that wraps ``op._op`` to record calls).
+    """
+    published = torch.ops.flag_gems
+    return {getattr(published, name).default: twin for name, twin in _registered().items()}
 
 
 def has_twin(target) -> bool:
@@ -129,5 +152,45 @@ def has_twin(target) -> bool:
 
 
 def twin_of(target):
-    """The twin of a published op overload (registering the twins if needed), or None."""
-    return twins().get(target) if has_twin(target) else None
+    """The twin of a published op overload (registering the twins if needed), or None.
+
+    Looked up by the op's name, not by the overload object (see :func:`twins`)."""
+    return _registered().get(target._opname) if has_twin(target) else None
+
+
+# ------------------------------------------------------------------ the namespace, registered on first use
+
+
+class _TwinNamespace(torch._ops._OpNamespace):
+    """``torch.ops.flag_gems_inductor``: the first look-up of a twin's name registers the twins.
+
+    Whoever reads ``torch.ops.flag_gems_inductor.X`` by name (a user, the dispatcher's Python-op
+    cache while tracing, a pickled graph being loaded) gets the op whether or not
+    :func:`twins` ran before in this process; ``import flag_gems`` itself registers nothing
+    (registration costs about a second).
+    """
+
+    def __getattr__(self, op_name: str):
+        if op_name in _TWIN_NAMES:
+            _registered()
+        return super().__getattr__(op_name)
+
+
+def _install_namespace() -> None:
+    """Put :class:`_TwinNamespace` at ``torch.ops.flag_gems_inductor`` (once; an existing plain
+    namespace object, made by an earlier look-up, becomes one and keeps what it cached)."""
+    ops = torch.ops
+    current = vars(ops).get(NAMESPACE)
+    if isinstance(current, _TwinNamespace):
+        return
+    try:
+        if current is None:
+            setattr(ops, NAMESPACE, _TwinNamespace(NAMESPACE))
+            ops._dir.append(NAMESPACE)
+        else:
+            current.__class__ = _TwinNamespace
+    except (AttributeError, TypeError) as exc:  # another torch's internals: twins() still registers them
+        logger.debug("flag_gems: torch.ops.%s registers on first use only through twins() (%s)", NAMESPACE, exc)
+
+
+_install_namespace()

@@ -356,9 +356,19 @@ def test_explain_report_prints_a_table(device):
 # ----------------------------------------------------------------- Inductor as a partner
 
 
+def _norm_args(norm) -> tuple:
+    """(eps, weight_offset, round_before_weight) of the fused op that replaces a norm module of NORMS
+    (Llama's ``weight * hidden.to(dtype)`` rounds before the weight; Gemma's ``1 + weight`` in fp32 does not)."""
+    if isinstance(norm, LlamaRMSNorm):
+        return norm.variance_epsilon, 0.0, True
+    if isinstance(norm, GemmaRMSNorm):
+        return norm.eps, 1.0, False
+    raise TypeError(f"no fused-op arguments known for {type(norm).__name__}")
+
+
 def _check_residual_block_by_result(m, x, r, out, res, what):
-    """ResidualBlock (llama norms) from its outputs alone, for code where the fused calls cannot be
-    recorded (Inductor launches the kernels itself): ``res`` is call 2's h, the sum of
+    """ResidualBlock (llama or gemma norms) from its outputs alone, for code where the fused calls
+    cannot be recorded (Inductor launches the kernels itself): ``res`` is call 2's h, the sum of
     ``p = proj(y1)`` (``y1`` = call 1's y of ``(x, r)``, rounded to the dtype as the kernel stores it)
     and call 1's rounded h, two roundings from float64 (``p`` by the GEMM, the sum by the kernel):
     within the forward tolerance of each; ``out`` is call 2's y, the norm of ``res`` with norm2's
@@ -366,16 +376,16 @@ def _check_residual_block_by_result(m, x, r, out, res, what):
     dtype = x.dtype
     atol, rtol = TOLERANCES[dtype]
     n1, n2 = m.norm1, m.norm2
-    y1, h1 = _add_rms_norm_ref((x, r, n1.weight, n1.variance_epsilon, 0.0, True))
+    y1, h1 = _add_rms_norm_ref((x, r, n1.weight, *_norm_args(n1)))
     p = y1.to(dtype).double() @ ref64(m.proj.weight).T
     ref_res = p + h1.to(dtype).double()
     bound = (atol + rtol * p.abs()) + (atol + rtol * ref_res.abs())
     excess = (ref64(res) - ref_res).abs() - bound
     assert not torch.isnan(excess).any() and bool((excess <= 0).all()), (
         f"{what} residual (call 2's h) off by {excess.max().item():.3g} beyond the bound")
-    h = ref64(res)
-    n = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + n2.variance_epsilon)).to(dtype).double()
-    assert_close(out, n * ref64(n2.weight), dtype, f"{what} output (norm2 of the residual)")
+    # call 2's y from its rounded h (= res): the residual adds an exact zero
+    ref_out, _ = _add_rms_norm_ref((res, torch.zeros_like(res), n2.weight, *_norm_args(n2)))
+    assert_close(out, ref_out, dtype, f"{what} output (norm2 of the residual)")
 
 
 def test_inductor_custom_pass_fuses_and_has_stable_uuid(device, monkeypatch):
@@ -415,13 +425,40 @@ def test_inductor_custom_pass_fuses_and_has_stable_uuid(device, monkeypatch):
 
 
 def test_backend_hands_rewritten_graph_to_inductor(device, monkeypatch):
+    """``options={"inductor": True}``: the backend fuses both norms of the block and hands the graph
+    to Inductor. Proven as the partner pass's test proves it: with compiled Triton our kernels are
+    inlined into Inductor's code (it defines our kernel, calls no flag_gems op, the report lists both
+    ops lowered) and the outputs are the two fused calls' float64 math; with the interpreter the op
+    stays a call, recorded and checked per call."""
+    from flag_gems.backend import _collect
+    from flag_gems.lowerings.inductor_ops import kernels_traceable
+
     m = ResidualBlock(32, "gemma").to(device=device, dtype=torch.bfloat16)
     x, r = rand(2, 5, 32, dtype=torch.bfloat16, device=device), rand(2, 5, 32, dtype=torch.bfloat16, device=device)
+    compiled = torch.compile(m, backend="flag_gems", options={"inductor": True, "strict": True})
+    what = tag("backend[inductor]", x.shape, torch.bfloat16)
+    report = flag_gems.report.CompileReport()
+    if kernels_traceable():
+        from torch._inductor.utils import run_and_get_code
+
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), _collect(report):
+            (out, res), code = run_and_get_code(compiled, x, r)
+            out2, res2 = compiled(x, r)  # the compiled code again, without compiling
+        code = "\n".join(code)
+        assert sum(g.fused["add_rms_norm[gemma]"] for g in report.graphs) == 2, str(report)
+        lowered = sum(g.lowered["flag_gems.add_rms_norm -> inductor triton kernels"] for g in report.graphs)
+        assert lowered == 2, f"{what} both fused calls must be inlined:\n{report}"
+        assert "_rms_norm_fwd_kernel" in code, f"{what} Inductor's code does not define our kernel"
+        assert "torch.ops.flag_gems." not in code, f"{what} a fused op is still an opaque call:\n{report}"
+        for o, rs in ((out, res), (out2, res2)):
+            _check_residual_block_by_result(m, x, r, o, rs, what)
+        return
     calls = AddRmsNormCalls(monkeypatch)
-    with torch.no_grad():
-        out, res = calls.second_run(torch.compile(m, backend="flag_gems", options={"inductor": True, "strict": True}),
-                                    x, r)
-    calls.check_residual_block(m, x, r, out, res, tag("backend[inductor]", out.shape, torch.bfloat16))
+    with torch.no_grad(), _collect(report):
+        out, res = calls.second_run(compiled, x, r)
+    assert sum(g.fused["add_rms_norm[gemma]"] for g in report.graphs) == 2, str(report)
+    calls.check_residual_block(m, x, r, out, res, what)
+    _check_residual_block_by_result(m, x, r, out, res, what)  # the GPU's check holds here too
 
 
 # ----------------------------------------------------------------- graph semantics the backend must keep
