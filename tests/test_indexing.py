@@ -347,7 +347,15 @@ def test_registry_contract():
     for target in OURS:
         entry = REGISTRY[target]
         assert target not in FALLBACKS and entry.eager.on
-        assert entry.graph.on == (target is torch.ops.aten.cumsum.default)  # the row scan: graph proxy
+        # Graph lowering follows the newest graph-mode figures (every shape >= 1.03x native);
+        # cumsum and embedding measured so on the H200 (ops_graph_NVIDIA_H200_2026-12-03).
+        graph = [m for m in entry.data if m.mode == "graph"]
+        if graph:
+            newest = max(m.date for m in graph)
+            expected = all(m.ratio >= 1.03 for m in graph if m.date == newest)
+            assert entry.graph.on == expected, (target, entry.graph)
+    assert REGISTRY[torch.ops.aten.cumsum.default].graph.on
+    assert REGISTRY[torch.ops.aten.embedding.default].graph.on
 
 
 def test_supports_on_fake_tensors():
