@@ -271,12 +271,13 @@ def _make_binder(params):
         else:  # _spec, with a plain tensor's case inline (most arguments)
             key.append(f"(({p.name}.dtype, {p.name}.data_ptr() & 15 == 0) if {p.name}.__class__ is _gems_Tensor "
                        f"else _gems_spec({p.name}))")
+    # Trailing commas throughout: a kernel without parameters binds to ((), (options,)).
     src = (
-        f"def bind({', '.join(signature)}, **_gems_options):\n"
+        f"def bind({''.join(s + ', ' for s in signature)}**_gems_options):\n"
         + "".join(f"    if {p.name} is _GEMS_MISSING: raise TypeError('missing {p.name}')\n" for p in params
                   if p.default is inspect.Parameter.empty)
-        + f"    return ({', '.join(names)},), ({', '.join(key)}, "
-        + "tuple(sorted(_gems_options.items())) if _gems_options else ())\n"
+        + f"    return ({''.join(n + ', ' for n in names)}), ({''.join(k + ', ' for k in key)}"
+        + "tuple(sorted(_gems_options.items())) if _gems_options else (),)\n"
     )
     exec(compile(src, "<flag_gems.kernels._launch binder>", "exec"), namespace)
     return namespace["bind"]

@@ -244,3 +244,24 @@ def test_a_launcher_rejecting_the_direct_call_turns_the_fast_path_off(monkeypatc
     assert [e[0] for e in jit_fn.log] == ["triton"] * 3  # the rejected call was redone by Triton's path
     assert not _launch.fast_launch_enabled()
     assert sum("rejected a direct call" in r.getMessage() for r in caplog.records) == 1
+
+
+def _no_params():
+    pass
+
+
+def _one_param(x_ptr):
+    pass
+
+
+@pytest.mark.parametrize("fn, args", [(_no_params, ()), (_one_param, (3,))], ids=["no parameters", "one parameter"])
+def test_binder_for_kernels_with_few_parameters(fn, args):
+    """The generated binder is valid code for any parameter count (zero gave a SyntaxError)."""
+    bind = _launch._make_binder(triton.runtime.jit.JITFunction(fn).params)
+    values, key = bind(*args, num_warps=4)
+    assert values == args
+    assert key[-1] == (("num_warps", 4),) and len(key) == len(args) + 1
+    values, key = bind(*args)
+    assert values == args and key[-1] == ()
+    with pytest.raises(TypeError):
+        bind(*args, 1)
