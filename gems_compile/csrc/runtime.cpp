@@ -9,6 +9,7 @@
 
 #include <dlfcn.h>
 
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -302,24 +303,36 @@ const char* kernel_name(Kernel k) { return kKernelNames[static_cast<int>(k)]; }
 
 bool interpreter_mode() { return g_interpret; }
 
+#if defined(GEMS_HAVE_CUDA_H)
+namespace {
+
+constexpr int kMaxDevices = 64;
+using AttributeCache = std::array<std::atomic<int>, kMaxDevices>;
+
+// A device attribute (never 0 for those asked here), asked of the driver once per device;
+// threads racing on a first query both ask and store the same value.
+int device_attribute(const at::Device& d, CUdevice_attribute attr, const char* what, AttributeCache& cache) {
+  int index = d.index() >= 0 ? d.index() : 0;
+  TORCH_CHECK(index < kMaxDevices, "flag_gems: device index ", index, " (at most ", kMaxDevices, " devices)");
+  int v = cache[index].load(std::memory_order_acquire);
+  if (v != 0) return v;
+  auto& drv = driver();
+  TORCH_CHECK(drv.error.empty(), "flag_gems: ", drv.error);
+  CUdevice dev;
+  drv.check(drv.device_get(&dev, index), "cuDeviceGet");
+  drv.check(drv.device_get_attribute(&v, attr, dev), what);
+  cache[index].store(v, std::memory_order_release);
+  return v;
+}
+
+}  // namespace
+#endif
+
 int64_t num_sms(const at::Device& d) {
   if (!d.is_cuda()) return 4;  // the interpreter's stand-in (kernels/_common.py:num_sms)
 #if defined(GEMS_HAVE_CUDA_H)
-  static std::mutex m;
-  static std::array<int, 64> cached{};
-  int index = d.index() >= 0 ? d.index() : 0;
-  TORCH_CHECK(index < 64, "flag_gems: device index ", index);
-  if (cached[index] == 0) {
-    auto& drv = driver();
-    TORCH_CHECK(drv.error.empty(), "flag_gems: ", drv.error);
-    std::lock_guard<std::mutex> g(m);
-    CUdevice dev;
-    int v = 0;
-    drv.check(drv.device_get(&dev, index), "cuDeviceGet");
-    drv.check(drv.device_get_attribute(&v, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "cuDeviceGetAttribute");
-    cached[index] = v;
-  }
-  return cached[index];
+  static AttributeCache sms{};
+  return device_attribute(d, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, "cuDeviceGetAttribute(SM count)", sms);
 #else
   TORCH_CHECK(false, "flag_gems was built without cuda.h: no device queries");
 #endif
@@ -663,21 +676,9 @@ bool tma_device(const at::Device& d) {
   if (!g_tma_available.load(std::memory_order_relaxed)) return false;
   if (!d.is_cuda()) return true;  // the interpreter
 #if defined(GEMS_HAVE_CUDA_H)
-  static std::mutex m;
-  static std::array<int, 64> major{};
-  int index = d.index() >= 0 ? d.index() : 0;
-  TORCH_CHECK(index < 64, "flag_gems: device index ", index);
-  if (major[index] == 0) {
-    auto& drv = driver();
-    TORCH_CHECK(drv.error.empty(), "flag_gems: ", drv.error);
-    std::lock_guard<std::mutex> g(m);
-    CUdevice dev;
-    int v = 0;
-    drv.check(drv.device_get(&dev, index), "cuDeviceGet");
-    drv.check(drv.device_get_attribute(&v, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute");
-    major[index] = v;
-  }
-  return major[index] >= 9;
+  static AttributeCache major{};
+  return device_attribute(d, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, "cuDeviceGetAttribute(compute capability)",
+                          major) >= 9;
 #else
   TORCH_CHECK(false, "flag_gems was built without cuda.h: no device queries");
 #endif
