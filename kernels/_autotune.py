@@ -342,6 +342,18 @@ def row_candidates(default: dict, n_cols: int, max_fused: int, dev: int) -> list
     return near_first(default, out)
 
 
+def tile_candidates(default: dict, block_ns, block_ms, rows: int, tile: tuple[int, int]) -> list:
+    """Candidates for the row-block kernels (``{"BLOCK_M", "BLOCK_N", "num_warps"}``): every
+    ``BLOCK_N`` of ``block_ns`` and ``BLOCK_M`` of ``block_ms`` (at most ``rows``) whose tile
+    ``BLOCK_M * BLOCK_N`` lies in ``tile`` (inclusive), at 1-16 warps of 4-64 elements per thread;
+    nearest ``default`` first."""
+    lo, hi = tile
+    out = [{"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w}
+           for bn in block_ns for bm in block_ms if bm <= rows and lo <= bm * bn <= hi
+           for w in (1, 2, 4, 8, 16) if 4 <= bm * bn // (32 * w) <= 64]
+    return near_first(default, out)
+
+
 def _unwrap(obj):
     """The Python function under FastKernel / JITFunction / InterpretedFunction wrappers."""
     for _ in range(4):

@@ -648,18 +648,9 @@ def _tune_candidates(key, dev) -> list:
     if dev < 0:  # the interpreter: two cheap variants, enough to exercise tuning
         return [dict(default, num_warps=2 if default["num_warps"] == 1 else 1),
                 dict(default, BLOCK_N=max(16, default["BLOCK_N"] // 2))]
-    out = []
     top = next_pow2(n_cols)
-    for bn in (128, 256, 512, 1024, 2048, 4096, 8192):
-        if bn > top:
-            continue
-        for bm in (1, 2, 4, 8):
-            if bm > rows or not 256 <= bm * bn <= 16384:
-                continue
-            for w in (1, 2, 4, 8, 16):
-                if 4 <= bm * bn // (32 * w) <= 64:
-                    out.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w})
-    return at.near_first(default, out)
+    block_ns = [bn for bn in (128, 256, 512, 1024, 2048, 4096, 8192) if bn <= top]
+    return at.tile_candidates(default, block_ns, (1, 2, 4, 8), rows, (256, 16384))
 
 
 def _tune_bench(key, dev, dims):

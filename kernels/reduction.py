@@ -531,17 +531,9 @@ def _tune_candidates(key, dev) -> list:
     default = _tune_default(key, dev)
     if dev < 0:
         return [dict(default, num_warps=2 if default["num_warps"] == 1 else 1)]
-    out = []
-    for bn in (256, 512, 1024, 2048, 4096, 8192, 16384):
-        if bn > max(256, next_pow2(cols)):
-            continue
-        for bm in (1, 2, 4, 8, 16, 32, 64):
-            if bm > rows or bm * bn > 32768:
-                continue
-            for w in (1, 2, 4, 8, 16):
-                if 4 <= bm * bn // (32 * w) <= 64:
-                    out.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w})
-    return at.near_first(default, out)
+    top = max(256, next_pow2(cols))
+    block_ns = [bn for bn in (256, 512, 1024, 2048, 4096, 8192, 16384) if bn <= top]
+    return at.tile_candidates(default, block_ns, (1, 2, 4, 8, 16, 32, 64), rows, (0, 32768))
 
 
 def _tune_bench(key, dev, dims):
