@@ -163,6 +163,37 @@ def run(args) -> list[dict]:
     for r in rows:
         if r["metric"] == "ms":
             print(f"{r['shape']:<14}{r['provider']:<16}{r['value']:>10.3f} ms", flush=True)
+    if args.profile:
+        for name, c in contenders.items():
+            rows.extend(profile_prefill(name, c, prefill, device, args))
+    return rows
+
+
+def profile_prefill(name: str, c: Contender, batch, device: str, args) -> list[dict]:
+    """Per-kernel time of ``args.profile`` prefill steps of one contender (``torch.profiler``):
+    rows ``prefill_kernel_us`` (total per step) and ``prefill_kernel_calls`` (per step) by kernel
+    name, and the profiler's table, top 30, printed. Where the prefill gap lives."""
+    from torch.profiler import ProfilerActivity, profile
+
+    c.prefill(batch)  # warm
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile):
+            c.prefill(batch)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    time_of = (lambda e: e.device_time_total) if device == "cuda" else (lambda e: e.self_cpu_time_total)
+    kernels = [e for e in events if time_of(e) > 0 and (device != "cuda" or e.device_type.name == "CUDA")]
+    kernels.sort(key=time_of, reverse=True)
+    print(f"== prefill profile: {name} ({args.profile} steps)")
+    print(events.table(sort_by="device_time_total" if device == "cuda" else "self_cpu_time_total", row_limit=30))
+    rows = []
+    meta = run_meta(device)
+    for e in kernels[:60]:
+        for metric, value in (("prefill_kernel_us", time_of(e) / args.profile), ("prefill_kernel_calls", e.count / args.profile)):
+            rows.append(dict(meta, op="decoder_step", provider=name, shape=f"prefill_{args.prefill}", metric=metric,
+                             value=value, kernel=e.key[:200]))
     return rows
 
 
@@ -191,6 +222,18 @@ def markdown(rows: list[dict]) -> str:
         m = table.get(("all", prov), {})
         fused = ", ".join(f"{k[6:]} {v}" for k, v in m.items() if k.startswith("fused_"))
         lines.append(f"| {prov} | {m.get('compile_s', float('nan')):.1f} | {fused} |")
+    kernels = [r for r in rows if r["metric"] == "prefill_kernel_us"]
+    if kernels:
+        calls = {(r["provider"], r["kernel"]): r["value"] for r in rows if r["metric"] == "prefill_kernel_calls"}
+        lines += ["", "Prefill, per step, by kernel (`--profile`; the 15 longest per contender):", "",
+                  "| contender | kernel | µs | calls |", "| --- | --- | ---: | ---: |"]
+        for prov in dict.fromkeys(r["provider"] for r in kernels):
+            mine = sorted((r for r in kernels if r["provider"] == prov), key=lambda r: -r["value"])
+            lines.append(f"| {prov} | (all kernels) | {sum(r['value'] for r in mine):.1f} | "
+                         f"{sum(calls.get((prov, r['kernel']), 0) for r in mine):.0f} |")
+            for r in mine[:15]:
+                name = r["kernel"].replace("|", "/")[:90]
+                lines.append(f"| {prov} | `{name}` | {r['value']:.1f} | {calls.get((prov, r['kernel']), 0):.0f} |")
     return "\n".join(lines)
 
 
@@ -210,6 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="2 layers, 2 rounds of 10 steps")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script, measures nothing")
     p.add_argument("--keep-caches", action="store_true", help="do not point Inductor/Triton at empty cache folders")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after the timings, profile STEPS prefill steps per contender: per-kernel time rows")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.rounds, args.iters = 2, 2, 10
