@@ -229,6 +229,45 @@ def test_fp32_weight_on_bf16_keeps_the_weight_multiply(device):
     assert_close(out, _reference(m, x), torch.bfloat16, tag("backend[fp32 weight]", out.shape, torch.bfloat16))
 
 
+class PromotedWeightNorm(torch.nn.Module):
+    """``(nrm(x.float()) * w).to(d)`` with a half ``w`` promoted by the multiply (no cast node):
+    ``nn.RMSNorm``'s decomposition; ``offset`` adds ``1 + w`` in the half dtype (rounds)."""
+
+    def __init__(self, n, offset=False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(n))
+        self.offset = offset
+
+    def forward(self, x):
+        xf = x.float()
+        nrm = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        w = 1.0 + self.weight if self.offset else self.weight
+        return (nrm * w).to(x.dtype)
+
+
+@pytest.mark.parametrize("offset", [False, True], ids=["promoted_weight", "half_one_plus_w"])
+def test_half_weight_promoted_by_the_multiply(offset, device, monkeypatch):
+    """A half weight multiplied into the fp32 norm is the fp32 multiply of ``fp32_weight``:
+    fused, checked by result. ``1 + w`` computed in the half dtype rounds before the multiply:
+    left alone, with the reason."""
+    m = PromotedWeightNorm(32, offset).to(device=device, dtype=torch.bfloat16)
+    x = rand(3, 32, dtype=torch.bfloat16, device=device)
+    with torch.no_grad():
+        report = flag_gems.explain(m, x, options=STRICT)
+        out = compile_strict(m)(x)
+    what = tag(f"backend[{'1 + w' if offset else 'promoted w'}]", out.shape, torch.bfloat16)
+    if offset:
+        assert sum(report.fused.values()) == 0, str(report)
+        assert "weight is not a [hidden] tensor" in report.graphs[0].kept["rms_norm pattern"], str(report)
+        assert_close(out, m(x), torch.bfloat16, what)
+        return
+    assert report.graphs[0].fused == {"rms_norm[fp32_weight]": 1}, str(report)
+    x64, w64 = ref64(x), ref64(m.weight)
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref, torch.bfloat16, what)
+
+
 def test_rms_norm_below_fp32_is_left_alone(device):
     def f(x):  # normalizes in bf16: fusing would change numerics
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)

@@ -23,7 +23,7 @@ from flag_gems.kernels import _launch
 from flag_gems.lowerings import inductor_ops
 from flag_gems.report import GraphReport
 from accuracy import DEVICE, assert_close, rand, ref64, tag
-from test_backend import ResidualBlock, _reference
+from test_backend import ResidualBlock, TorchRMSNorm, _add_rms_norm_ref, _reference
 
 BF16, F32 = torch.bfloat16, torch.float32
 HOP = "triton_kernel_wrapper_functional"
@@ -480,6 +480,107 @@ def test_inductor_branch_runs_the_users_pass_and_sees_the_weights_as_static(devi
         assert any("interpreter" in n for n in report.graphs[0].notes), str(report)
     ref_out, ref_res = _reference(m, x, r)
     assert_close(out, ref_out, BF16, tag("backend[inductor].out", out.shape, BF16), grad=True)
+
+
+# ----------------------------------------------------------------- what Inductor decomposed before the pass
+
+
+class GatedMLPBlock(torch.nn.Module):
+    """A residual add, ``nn.RMSNorm``, a SiLU-gated MLP. Inductor's post-grad graph holds the
+    norm's weight multiply in fp32 on a bf16 weight (promoted by the multiply, no cast) and SiLU
+    as ``x / (1 + exp(-x))``: neither matched before the respelling."""
+
+    def __init__(self, n, inter, gated=True):
+        super().__init__()
+        self.norm = TorchRMSNorm(n)
+        self.gate = torch.nn.Linear(n, inter, bias=False)
+        self.up = torch.nn.Linear(n, inter, bias=False) if gated else None
+        self.down = torch.nn.Linear(inter, n, bias=False)
+
+    def forward(self, x, residual):
+        residual = x + residual
+        h = self.norm(residual)
+        a = torch.nn.functional.silu(self.gate(h))
+        return self.down(a * self.up(h) if self.up is not None else a), residual
+
+
+class _OpCalls:
+    """Every call of ``targets`` (flag_gems OpOverloads) a compiled graph makes, recorded with its
+    outputs once it returned (Inductor's code calls the ops: their ``_op`` is wrapped)."""
+
+    def __init__(self, monkeypatch, *targets):
+        # Keyed by name: wrapping ``_op`` changes an OpOverload's hash.
+        self.calls = {t.name(): [] for t in targets}
+        for t in targets:
+            monkeypatch.setattr(t, "_op", self._recorded(t.name(), t._op))
+
+    def _recorded(self, name, fn):
+        def call(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if type(args[0]) is torch.Tensor:  # a run, not tracing
+                self.calls[name].append((args, out))
+            return out
+
+        return call
+
+    def second_run(self, compiled, *inputs):
+        compiled(*inputs)
+        for c in self.calls.values():
+            c.clear()
+        return compiled(*inputs)
+
+
+def test_partner_pass_fuses_torch_rmsnorm_and_inductors_decomposed_silu(device, monkeypatch):
+    from flag_gems.lowerings.inductor_ops import kernels_traceable
+
+    m = GatedMLPBlock(32, 48).to(device=device, dtype=BF16)
+    x, r = rand(3, 5, 32, dtype=BF16, device=device), rand(3, 5, 32, dtype=BF16, device=device)
+    p = flag_gems.GemsFusionPass()
+    compiled = torch.compile(m, options={"post_grad_custom_post_pass": p, "fx_graph_cache": False})
+    what = tag("inductor_pass[nn.RMSNorm + SiLU·mul]", x.shape, BF16)
+    ref_out, ref_res = _reference(m, x, r)
+    if kernels_traceable():  # compiled Triton: our kernels inlined into Inductor's code
+        from torch._inductor.utils import run_and_get_code
+
+        with torch.no_grad():
+            (out, res), code = run_and_get_code(compiled, x, r)
+        code = "\n".join(code)
+        for kernel in (KERNEL_OF["add_rms_norm"], KERNEL_OF["act_and_mul"]):
+            assert kernel in code, f"{what} Inductor's code does not define {kernel}"
+        assert "torch.ops.flag_gems." not in code, f"{what} a fused op is still an opaque call"
+    else:  # the interpreter: the fused ops stay calls, each checked on its own inputs
+        calls = _OpCalls(monkeypatch, ops.add_rms_norm.default, ops.silu_and_mul.default)
+        with torch.no_grad():
+            out, res = calls.second_run(compiled, x, r)
+        ((args, (y, h)),) = calls.calls[ops.add_rms_norm.default.name()]
+        assert args[4:] == (0.0, False), args  # weight multiplied in fp32, as nn.RMSNorm does
+        ref_y, ref_h = _add_rms_norm_ref(args)
+        assert_close(h, ref_h, BF16, f"{what} add_rms_norm h")
+        assert_close(y, ref_y, BF16, f"{what} add_rms_norm y")
+        ((args, a),) = calls.calls[ops.silu_and_mul.default.name()]
+        ref_a = torch.nn.functional.silu(ref64(args[0])) * ref64(args[1])
+        assert_close(a, ref_a, BF16, f"{what} silu_and_mul")
+        assert args[0].shape == (3, 5, 48)
+    fused = sum((rep.fused for rep in p.reports), start=collections.Counter())
+    assert fused == {"add_rms_norm[fp32_weight]": 1, "act_and_mul[silu_sigmoid_fp32]": 1}, fused
+    assert_close(res, ref_res, BF16, f"{what} residual")
+    assert_close(out, ref_out, BF16, f"{what} out", grad=True)  # three matmuls round in between
+
+
+def test_partner_pass_restores_a_silu_it_did_not_fuse(device):
+    """A SiLU with no multiply after it: respelled for the matcher, not fused, put back as Inductor
+    wrote it; the norm still fuses and the result is the module's."""
+    m = GatedMLPBlock(32, 48, gated=False).to(device=device, dtype=BF16)
+    x, r = rand(2, 32, dtype=BF16, device=device), rand(2, 32, dtype=BF16, device=device)
+    p = flag_gems.GemsFusionPass()
+    compiled = torch.compile(m, options={"post_grad_custom_post_pass": p, "fx_graph_cache": False})
+    with torch.no_grad():
+        out, res = compiled(x, r)
+    fused = sum((rep.fused for rep in p.reports), start=collections.Counter())
+    assert fused == {"add_rms_norm[fp32_weight]": 1}, fused
+    ref_out, ref_res = _reference(m, x, r)
+    assert_close(out, ref_out, BF16, tag("inductor_pass[unfused SiLU].out", out.shape, BF16), grad=True)
+    assert_close(res, ref_res, BF16, tag("inductor_pass[unfused SiLU].res", res.shape, BF16))
 
 
 # ----------------------------------------------------------------- GPU: Inductor launches our kernels

@@ -52,9 +52,10 @@ one tensor along a dim other than the last; inputs the op's fake implementation 
 ``[gate | up]`` (gate in the second half, a three-way split) use the two-tensor op.
 Symbolic sizes are compared without adding guards.
 
-Inductor's post-grad graphs (``flag_gems.inductor_pass``) hold SiLU and GELU already
-decomposed into elementwise math, which this pass does not match; the backend's
-``options={"inductor": True}`` fuses before Inductor instead.
+Inductor's post-grad graphs hold SiLU and GELU already decomposed into elementwise math;
+the Inductor-side passes (``flag_gems.inductor_pass``, ``flag_gems.vllm_pass``) respell them
+first (:mod:`flag_gems.passes.canonicalize`), and the backend's ``options={"inductor": True}``
+fuses before Inductor.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Matches, with ``h`` the normalized value of dtype ``d`` and ``nrm(v) = v * rsqrt
 variant             model code                                          numerics kept
 ==================  =================================================  ===========================
 ``llama``           ``w * nrm(h.float()).to(d)`` (Llama, Qwen2, Mistral) round before the weight
-``fp32_weight``     ``(nrm(h.float()) * w).to(d)``                      weight multiply in fp32
+``fp32_weight``     ``(nrm(h.float()) * w).to(d)`` (``nn.RMSNorm``      weight multiply in fp32
+                    decomposed; ``w`` or ``w.float()``)
 ``gemma``           ``(nrm(h.float()) * (1.0 + w.float())).to(d)``      ``weight_offset=1``
 ``no_weight``       ``nrm(h.float()).to(d)``
 ``aten``            ``aten.rms_norm`` / ``aten._fused_rms_norm``         (``F.rms_norm``, ``nn.RMSNorm``)
@@ -125,7 +126,12 @@ def _match_decomposed(rsqrt: fx.Node) -> _Match | str | None:
             offset, variant = 1.0, "gemma"
             w_expr = ops[1] if one[0] == 1.0 else ops[0]
     w, _ = strip_casts(w_expr)
-    if not _weight_ok(w, n) or dtype_of(w_expr) != F32:
+    # The weight enters the multiply in fp32: cast (``w.float()``), or promoted by the multiply
+    # itself (``nn.RMSNorm`` / ``F.rms_norm`` decomposed: fp32 norm * half weight), which is the
+    # same value. Gemma's ``1 + w`` must be computed in fp32 too: a half ``1 + w`` rounds.
+    wd = dtype_of(w_expr)
+    promoted = offset == 0.0 and wd in FLOAT_DTYPES and torch.promote_types(wd, F32) == F32
+    if not _weight_ok(w, n) or not (wd == F32 or promoted):
         return "weight is not a [hidden] tensor"
     if d == F32:
         return _Match(u, h, w, eps, offset, False, variant if offset else "fp32")

@@ -8,7 +8,7 @@ is one of those: per graph it
 1. rewrites vLLM's own kernel calls (IR ops, functionalized ``_C`` ops) into flag_gems ops
    (:mod:`flag_gems.vllm.op_forms`);
 2. respells two of Inductor's decompositions (SiLU, ``stack``) into what the matchers read
-   (:mod:`flag_gems.vllm.canonicalize`; restored where nothing was fused);
+   (:mod:`flag_gems.passes.canonicalize`; restored where nothing was fused);
 3. runs flag_gems' pattern fusions on the decomposed native math (the same matchers as the
    ``flag_gems`` backend and ``flag_gems.inductor_pass``): residual add + RMSNorm,
    SiLU/GELU·mul, rotary embedding of q and k.
@@ -42,7 +42,7 @@ from torch import fx
 from ..options import FUSIONS
 from ..passes import FUSION_PASSES
 from ..report import CompileReport, GraphReport, dump_graph, dump_report
-from .canonicalize import respell
+from ..passes.canonicalize import respell
 from .op_forms import rewrite_vllm_ops
 
 logger = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ def _pass_base():
 def _source_modules():
     """The modules whose code decides what the pass rewrites (hashed into ``uuid()``)."""
     from .. import passes, report
-    from ..passes import matching
-    from . import canonicalize, impls, op_forms
+    from ..passes import canonicalize, matching
+    from . import impls, op_forms
 
     mods = [sys.modules[__name__], canonicalize, impls, op_forms, matching, report]
     pkg = os.path.dirname(passes.__file__)

@@ -1,8 +1,9 @@
 """Respell Inductor's decompositions back into the forms the generic matchers read, and undo it
 where nothing was fused.
 
-Before post-grad passes Inductor has decomposed a few ops that vLLM's native layers use into
-spellings :mod:`flag_gems.passes` does not read:
+Before post-grad passes Inductor has decomposed a few ops that models (vLLM's native layers,
+HF's MLPs) use into spellings :mod:`flag_gems.passes` does not read. Both Inductor-side passes
+respell before matching and restore after: ``flag_gems.vllm_pass`` and ``flag_gems.inductor_pass``.
 
 ==============  ===========================================  ===================================
 respelling      Inductor's post-grad graph                   what the generic matchers read
@@ -33,7 +34,7 @@ from typing import Callable
 
 from torch import fx
 
-from ..passes.matching import (
+from .matching import (
     aten,
     binary_operands,
     cast_target,
