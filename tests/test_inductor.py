@@ -630,7 +630,8 @@ def test_inductor_code_launches_our_kernels(how):
         out, code = compiled_code(compiled, ids, use_cache=False)
     code = "\n".join(code)
     fused = set(report.fused)
-    assert {"add_rms_norm", "rotary_embedding"} <= fused, str(report)
+    # SiLU·mul too: the partner pass respells Inductor's decomposed SiLU (passes/canonicalize.py).
+    assert {"add_rms_norm", "rotary_embedding", "act_and_mul"} <= fused, str(report)
     for family in fused:
         assert KERNEL_OF[family] in code, f"[{how}] {family} fused, but Inductor's code does not define {KERNEL_OF[family]}"
     assert "torch.ops.flag_gems." not in code, f"[{how}] a fused op is still an opaque call:\n{report}"
