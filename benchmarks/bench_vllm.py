@@ -4,8 +4,10 @@ The model is tests/vllm_harness.py's Llama-style decoder (Llama-3-8B layers: hid
 8 kv heads of 128, intermediate 14336, vocab 128256; 4 layers, ``--layers``; bf16), in the forms
 vLLM's layers reach its compiler. Each contender goes through the harness's copy of vLLM's
 pipeline: one Dynamo capture with a symbolic token count, split at attention, every piece
-compiled by Inductor (``--compile-sizes`` below), the post-grad custom pass being ``flag_gems.vllm_pass`` (contender ``flag_gems_pass``) or nothing (``inductor``), piecewise
-CUDA graphs captured per size into one pool.
+compiled by Inductor (``--compile-sizes`` below), the post-grad custom pass being ``flag_gems.vllm_pass``
+(contender ``flag_gems_pass``: fused ops as custom-op calls; ``flag_gems_pass_inline``: their Triton
+kernels inlined into Inductor's code) or nothing (``inductor``), piecewise CUDA graphs captured per
+size into one pool.
 
 Measured per contender, alternating the contenders over ``--rounds`` rounds:
 
@@ -47,7 +49,8 @@ sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]
 import vllm_harness as H  # noqa: E402
 from _bench_utils import copy_bandwidth, file_tag, median_call_ms, run_meta, write_rows  # noqa: E402
 
-CONTENDERS = ("inductor", "flag_gems_pass")
+# flag_gems_pass_inline: the pass with inline_kernels=True (our kernels launched from Inductor's code)
+CONTENDERS = ("inductor", "flag_gems_pass", "flag_gems_pass_inline")
 
 
 
@@ -59,7 +62,7 @@ class Contender:
         from flag_gems.vllm.fusion_pass import GemsVllmPass
 
         self.name = name
-        self.gems = GemsVllmPass() if name == "flag_gems_pass" else None
+        self.gems = GemsVllmPass(inline_kernels=name.endswith("_inline")) if name.startswith("flag_gems_pass") else None
         gpu = device == "cuda"
         self.sizes = args.sizes
         self.runner = H.GraphRunner(model, max_tokens=max(args.prefill, max(args.sizes)), post_pass=self.gems,

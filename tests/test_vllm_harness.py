@@ -72,13 +72,14 @@ def test_split_per_size_compile_and_logits_without_cuda_graphs(name, post_pass, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("inline", [False, True], ids=["calls", "inlined_kernels"])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_piecewise_cuda_graphs_warmup_capture_and_replay(name, fresh_dynamo):
+def test_piecewise_cuda_graphs_warmup_capture_and_replay(name, inline, fresh_dynamo):
     shape = SHAPES[name]
     gen = torch.Generator().manual_seed(2)
     model = H.Decoder(shape, dtype=torch.bfloat16, device="cuda")
     ref = H.fp32_copy(model)
-    gems = GemsVllmPass(strict=True)
+    gems = GemsVllmPass(strict=True, inline_kernels=inline)
     sizes = (1, 4, 8)
     runner = H.GraphRunner(model, max_tokens=64, post_pass=gems, capture_sizes=sizes, codegen=True, n_seqs=16,
                            max_len=64)
@@ -99,6 +100,8 @@ def test_piecewise_cuda_graphs_warmup_capture_and_replay(name, fresh_dynamo):
             assert cos >= H.LOGITS_COSINE, f"[{name} decode {size} replay {replay}] cosine {cos:.6f}"
     fused = {k.split("[")[0] for r in gems.report().graphs for k in r.fused}
     assert {"rms_norm", "add_rms_norm", "act_and_mul", "rotary_embedding"} <= fused, fused
+    inlined = sum(n for r in gems.report().graphs for k, n in r.lowered.items() if "inductor triton kernels" in k)
+    assert (inlined > 0) == inline, gems.report()
 
 
 # ------------------------------------------------------------------ the capture guard

@@ -89,13 +89,22 @@ class GemsVllmPass(_pass_base()):
         strict: raise when a rewrite fails instead of leaving the graph to Inductor with a
             warning (tests use it).
         dump_dir: where to write per-graph dumps (default: ``GEMS_DUMP_DIR``).
+        inline_kernels: turn the fused ops into the Triton kernel nodes Inductor launches from its
+            own code (:func:`flag_gems.inductor.inline_triton_kernels`, as ``flag_gems.inductor_pass``
+            does) instead of opaque custom-op calls. Off by default until measured inside vLLM's
+            piecewise compile (``benchmarks/bench_vllm.py``, contender ``flag_gems_pass_inline``);
+            ``GEMS_VLLM_INLINE=1`` turns it on for ``flag_gems.vllm_pass``.
     """
 
-    def __init__(self, fusions=FUSIONS, vllm_ops: bool = True, strict: bool = False, dump_dir: str | None = None):
+    def __init__(self, fusions=FUSIONS, vllm_ops: bool = True, strict: bool = False, dump_dir: str | None = None,
+                 inline_kernels: bool | None = None):
         self.fusions = tuple(fusions)
         self.vllm_ops = vllm_ops
         self.strict = strict
         self.dump_dir = dump_dir
+        if inline_kernels is None:
+            inline_kernels = os.environ.get("GEMS_VLLM_INLINE", "0").strip().lower() in ("1", "true", "on", "yes")
+        self.inline_kernels = bool(inline_kernels)
         self._init_state()
 
     def _init_state(self):
@@ -106,7 +115,8 @@ class GemsVllmPass(_pass_base()):
 
     # pickled with vLLM's config into worker processes: settings travel, reports do not
     def __getstate__(self):
-        return {"fusions": self.fusions, "vllm_ops": self.vllm_ops, "strict": self.strict, "dump_dir": self.dump_dir}
+        return {"fusions": self.fusions, "vllm_ops": self.vllm_ops, "strict": self.strict, "dump_dir": self.dump_dir,
+                "inline_kernels": self.inline_kernels}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -140,6 +150,10 @@ class GemsVllmPass(_pass_base()):
             if respelled.count:
                 report.notes.append(f"{respelled.count} decomposed op(s) respelled for the matchers, "
                                     f"{restored} unfused one(s) restored")
+            if self.inline_kernels:
+                from ..inductor import inline_triton_kernels
+
+                inline_triton_kernels(gm, report)
             graph.lint()
         except Exception as e:
             if self.strict:
@@ -167,6 +181,10 @@ class GemsVllmPass(_pass_base()):
             if path and os.path.exists(path):
                 with open(path, "rb") as f:
                     h.update(f.read())
+        if self.inline_kernels:  # the kernels' source goes into Inductor's code
+            from ..inductor import source_digest
+
+            h.update(f"inline:{source_digest()}".encode())
         return h.hexdigest()
 
     def is_applicable_for_range(self, compile_range) -> bool:
