@@ -80,7 +80,10 @@ def rope_torch(q, k, cos, sin, pos):
 
 
 def cases(m: int, device: str, small: bool):
-    """(name, inputs, native call, our call, dispatcher call or None, aten overload or None, one-op output)."""
+    """(name, native call, our call or None, dispatcher call or None, aten overload or None, one-op call).
+
+    ``our call`` None: an aten op served only in the eager mode (``mul.Tensor``): its rows are the
+    eager columns."""
     bf = torch.bfloat16
     h, inter, nq, nk, d = (64, 96, 4, 2, 16) if small else (4096, 14336, 32, 8, 128)
     r = lambda *s, dtype=bf: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
@@ -115,6 +118,7 @@ def cases(m: int, device: str, small: bool):
          lambda: torch.add(x, x)),
         ("nonzero", lambda: torch.nonzero(mask), lambda: fg.nonzero(mask), None, aten.nonzero.default,
          lambda: torch.add(x, x)),
+        ("mul.Tensor", lambda: torch.mul(x, res), None, None, aten.mul.Tensor, lambda: torch.mul(x, res)),
     ]
 
 
@@ -142,11 +146,12 @@ def bench_ops(args, meta, device, key) -> list[dict]:
             got["native"] = _host(native, device, args)
             got["one_aten_op"] = _host(one_op, device, args)
             with torch.no_grad():
-                with cpp_off(key):
-                    ours()
-                    got["python"] = _host(ours, device, args)
-                ours()  # the C++ path's first call: compiles or finds the kernel, fills its cache
-                got["cpp"] = _host(ours, device, args)
+                if ours is not None:
+                    with cpp_off(key):
+                        ours()
+                        got["python"] = _host(ours, device, args)
+                    ours()  # the C++ path's first call: compiles or finds the kernel, fills its cache
+                    got["cpp"] = _host(ours, device, args)
                 if dispatcher is not None:
                     got["cpp_dispatcher"] = _host(dispatcher, device, args)
                 if target is not None and target in REGISTRY:
@@ -157,16 +162,18 @@ def bench_ops(args, meta, device, key) -> list[dict]:
                     with flag_gems.use_gems(include=[target]):
                         run()
                         got["eager_cpp"] = _host(run, device, args)
-                dev_native, dev_cpp = _device(native, device, args), _device(ours, device, args)
+                dev_native = _device(native, device, args)
+                dev_cpp = _device(ours, device, args) if ours is not None else None
             for provider, value in got.items():
                 rows.append(dict(meta, op=name, provider=provider, shape=shape, metric="host_us", value=value))
             for provider, value in (("native", dev_native), ("cpp", dev_cpp)):
                 if value is not None:
                     rows.append(dict(meta, op=name, provider=provider, shape=shape, metric="device_us", value=value))
-            ratio = got["cpp"] / got["native"]
+            cpp = got["cpp"] if "cpp" in got else got["eager_cpp"]  # eager-only ops: the eager mode's C++ path
+            ratio = cpp / got["native"]
             rows.append(dict(meta, op=name, provider="cpp", shape=shape, metric="host_vs_native", value=ratio))
             rows.append(dict(meta, op=name, provider="cpp", shape=shape, metric="host_vs_one_aten_op",
-                             value=got["cpp"] / got["one_aten_op"]))
+                             value=cpp / got["one_aten_op"]))
             print(f"{name:<20}{shape:<8}" + "  ".join(f"{p} {v:7.1f}" for p, v in got.items())
                   + f"  us host; cpp/native {ratio:.2f}", flush=True)
     return rows

@@ -82,7 +82,7 @@ _last_launch: dict = {}  # kernel name -> what the last launch through the hook 
 _STRINGS = ("ieee", "tf32")
 # Access classes of the pointwise generator, by id (csrc/ops.cpp: add_launch).
 _CLASSES = ("c", "s", "g")
-_POINTWISE_OPS = ("add",)
+_POINTWISE_OPS = ("add", "mul")  # csrc/ops.cpp: kPointwiseAdd, kPointwiseMul
 
 
 def _pointwise_kernel(variant):

@@ -16,7 +16,7 @@ def test_bench_cpp_cpu_smoke(tmp_path):
     import bench_cpp
 
     keys = c_runtime.installed_keys()
-    assert bench_cpp.main(["--cpu-smoke", "--out", str(tmp_path), "--ops", "add_tensor", "rms_norm"]) == 0
+    assert bench_cpp.main(["--cpu-smoke", "--out", str(tmp_path), "--ops", "add_tensor", "rms_norm", "mul.Tensor"]) == 0
     assert c_runtime.installed_keys() == keys  # the script put the registrations back
     rows = json.load(open(tmp_path / "cpp_cpu-smoke.json"))
     got = {(r["op"], r["provider"], r["metric"], r["shape"]) for r in rows}
@@ -25,6 +25,9 @@ def test_bench_cpp_cpu_smoke(tmp_path):
             for prov in ("native", "python", "cpp", "eager_python", "eager_cpp"):
                 assert (op, prov, "host_us", m) in got, (op, prov, m)
     assert ("rms_norm", "cpp_dispatcher", "host_us", "M=1") in got
+    for prov in ("native", "eager_python", "eager_cpp"):  # mul.Tensor: served in the eager mode only
+        assert ("mul.Tensor", prov, "host_us", "M=1") in got, prov
+    assert ("mul.Tensor", "cpp", "host_us", "M=1") not in got
     speeds = {r["provider"] for r in rows if r["metric"] == "speed_vs_eager"}
     assert speeds == {"use_gems_cpp", "use_gems_python", "use_gems_all_cpp", "use_gems_all_python"}
     cos = [r["value"] for r in rows if r["metric"] == "cosine_vs_eager"]

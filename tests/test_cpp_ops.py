@@ -263,6 +263,42 @@ def test_aten_add_through_the_eager_mode(dev):
     close(number, a.double() + 1.5, "op=add.Tensor number")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shapes", [((3, 40), (3, 40)), ((2, 3, 40), (40,)), ((4, 1, 6), (5, 1)), ((), (7,))],
+                         ids=str)
+def test_aten_mul_through_the_eager_mode(dev, dtype, shapes):
+    """``aten::mul.Tensor``'s C++ wrapper: broadcasting, fp32 compute rounded once (torch's own
+    result, so compared exactly as well as against float64)."""
+    a, b = rand(*shapes[0], dtype=dtype, device=dev), rand(*shapes[1], dtype=dtype, device=dev)
+    native = a * b
+    with flag_gems.use_gems(include=["mul.Tensor"]):
+        with Counted() as c:
+            out = a * b
+    assert c.n == 1
+    assert out.shape == native.shape and out.dtype == dtype
+    close(out, a.double() * b.double(), f"op=mul.Tensor shapes={shapes} dtype={dtype}")
+    torch.testing.assert_close(out, native, rtol=0, atol=0)
+
+
+def test_aten_mul_layouts_and_refusals(dev):
+    a = rand(6, 40, device=dev)
+    with flag_gems.use_gems(include=["mul.Tensor"]):
+        with Counted() as c:
+            t = a.t() * a.t()  # transposed: the output keeps the inputs' layout, as torch
+        assert c.n == 1
+        i = torch.randint(-9, 9, (3, 4), device=dev)
+        with Counted() as c:  # a number, integers, mixed dtypes: the native kernel
+            number = a * 1.5
+            ints = i * i
+            mixed = a.half() * a
+        assert c.n == 0
+    assert t.stride() == (a * a).t().stride()
+    close(t, a.t().double() ** 2, "op=mul.Tensor transposed")
+    close(number, a.double() * 1.5, "op=mul.Tensor number")
+    assert torch.equal(ints, i * i) and mixed.dtype == torch.float32
+    close(mixed, a.half().double() * a.double(), "op=mul.Tensor mixed", torch.float16)
+
+
 # --------------------------------------------------------------------------- mm / bmm
 
 

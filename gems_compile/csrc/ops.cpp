@@ -560,9 +560,14 @@ std::vector<int64_t> iteration_order(IntArrayRef shape, const std::vector<std::v
   return perm;
 }
 
-// a + b for two tensors of one float dtype on one device (the plan of pointwise._build for
-// that case): broadcasting, any strides; the generated kernel's signature is the variant.
-std::optional<at::Tensor> add_launch(const at::Tensor& a, const at::Tensor& b) {
+// Binary ops of the pointwise generator the wrappers launch: the index into
+// flag_gems/c_runtime.py:_POINTWISE_OPS (the op's name in kernels/pointwise.py:OPS).
+constexpr int64_t kPointwiseAdd = 0;
+constexpr int64_t kPointwiseMul = 1;
+
+// a <op> b for two tensors of one float dtype on one device (the plan of pointwise._build for
+// that case): broadcasting, any strides, fp32 compute; the generated kernel's signature is the variant.
+std::optional<at::Tensor> binary_launch(int64_t op, const at::Tensor& a, const at::Tensor& b) {
   if (!float_tensor(a) || !float_tensor(b) || a.scalar_type() != b.scalar_type() || a.device() != b.device())
     return std::nullopt;
   std::vector<int64_t> shape;
@@ -657,7 +662,7 @@ std::optional<at::Tensor> add_launch(const at::Tensor& a, const at::Tensor& b) {
   }
   const bool index64 = extent + block >= (int64_t(1) << 31);
   Launch l(Kernel::Pointwise);
-  l.variant(0 /* add */).variant(cls[1]).variant(cls[2]).variant(cls[0]).variant(rank).variant(index64);
+  l.variant(op).variant(cls[1]).variant(cls[2]).variant(cls[0]).variant(rank).variant(index64);
   l.tensor(a).tensor(b).tensor(out).i(n);
   if (rank) {
     for (int64_t k = 1; k < r; ++k) l.i(sizes[k]);
@@ -685,7 +690,7 @@ bool add_tensor_op(const c10::OperatorHandle&, Stack* s) {
   const auto a = arg(s, 2, 0).toTensor();
   const auto b = arg(s, 2, 1).toTensor();
   if (!broadcastable(a.sizes(), b.sizes())) return false;
-  auto out = add_launch(a, b);
+  auto out = binary_launch(kPointwiseAdd, a, b);
   if (!out) return false;
   return finish(s, 2, std::move(*out));
 }
@@ -700,9 +705,22 @@ bool add_aten(const c10::OperatorHandle&, Stack* s) {
   if (!one) return false;
   const auto a = self.toTensor(), b = other.toTensor();
   if (!broadcastable(a.sizes(), b.sizes())) return false;
-  auto out = add_launch(a, b);
+  auto out = binary_launch(kPointwiseAdd, a, b);
   if (!out) return false;
   return finish(s, 3, std::move(*out));
+}
+
+// aten::mul.Tensor(Tensor self, Tensor other) -> Tensor: two float tensors of one dtype and
+// device (a wrapped number, a 0-dim CPU tensor, integers, mixed dtypes: the native kernel).
+bool mul_aten(const c10::OperatorHandle&, Stack* s) {
+  const auto& self = arg(s, 2, 0);
+  const auto& other = arg(s, 2, 1);
+  if (!self.isTensor() || !other.isTensor()) return false;
+  const auto a = self.toTensor(), b = other.toTensor();
+  if (!broadcastable(a.sizes(), b.sizes())) return false;
+  auto out = binary_launch(kPointwiseMul, a, b);
+  if (!out) return false;
+  return finish(s, 2, std::move(*out));
 }
 
 // ================================================================== mm / bmm (kernels/matmul.py)
@@ -1087,6 +1105,7 @@ const std::unordered_map<std::string, BoxedWrapper>& wrappers() {
       {"flag_gems::sum", sum_dim_op},
       {"flag_gems::nonzero", nonzero_op},
       {"aten::add.Tensor", add_aten},
+      {"aten::mul.Tensor", mul_aten},
       {"aten::_fused_rms_norm", fused_rms_norm_aten},
       {"aten::mm", mm_aten},
       {"aten::bmm", bmm_aten},
