@@ -97,6 +97,7 @@ def cases(m: int, device: str, small: bool):
     bx, bw = r(nq, m, d), r(nq, d, d)
     x2 = r(m, h // 4)
     mask = r(m, h) > 0
+    pos_x = x.abs() + 0.5
     return [
         ("add_tensor", lambda: torch.add(x, res), lambda: fg.add_tensor(x, res), None, aten.add.Tensor,
          lambda: torch.add(x, res)),
@@ -119,6 +120,9 @@ def cases(m: int, device: str, small: bool):
         ("nonzero", lambda: torch.nonzero(mask), lambda: fg.nonzero(mask), None, aten.nonzero.default,
          lambda: torch.add(x, x)),
         ("mul.Tensor", lambda: torch.mul(x, res), None, None, aten.mul.Tensor, lambda: torch.mul(x, res)),
+        ("neg", lambda: torch.neg(x), None, None, aten.neg.default, lambda: torch.neg(x)),
+        ("rsqrt", lambda: torch.rsqrt(pos_x), None, None, aten.rsqrt.default, lambda: torch.rsqrt(pos_x)),
+        ("silu", lambda: F.silu(a), None, None, aten.silu.default, lambda: F.silu(a)),
     ]
 
 

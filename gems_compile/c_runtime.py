@@ -82,16 +82,21 @@ _last_launch: dict = {}  # kernel name -> what the last launch through the hook 
 _STRINGS = ("ieee", "tf32")
 # Access classes of the pointwise generator, by id (csrc/ops.cpp: add_launch).
 _CLASSES = ("c", "s", "g")
-_POINTWISE_OPS = ("add", "mul")  # csrc/ops.cpp: kPointwiseAdd, kPointwiseMul
+# The generator's ops the wrappers launch, by id (csrc/ops.cpp: kPointwiseAdd ...).
+_POINTWISE_OPS = ("add", "mul", "neg", "rsqrt", "silu", "exp", "sigmoid")
 
 
 def _pointwise_kernel(variant):
+    """The generated kernel of a C++ pointwise launch: variant (op id, output class, rank,
+    64-bit indexing, each operand's class), computing in fp32 (csrc/ops.cpp: pointwise_launch)."""
     from .kernels import pointwise
 
-    op_id, d0, d1, out_cls, rank, index64 = variant
+    op_id, out_cls, rank, index64, *classes = variant
     op = pointwise.OPS[_POINTWISE_OPS[op_id]]
-    key = (op.name, op.expr, (_CLASSES[d0], _CLASSES[d1]), op.bool_args, _CLASSES[out_cls], torch.float32, rank,
-           bool(index64))
+    if len(classes) != op.arity:
+        raise ValueError(f"flag_gems C++ pointwise {op.name}: {len(classes)} operand classes for arity {op.arity}")
+    key = (op.name, op.expr, tuple(_CLASSES[c] for c in classes), op.bool_args, _CLASSES[out_cls], torch.float32,
+           rank, bool(index64))
     return pointwise._get_kernel(key)
 
 

@@ -299,6 +299,59 @@ def test_aten_mul_layouts_and_refusals(dev):
     close(mixed, a.half().double() * a.double(), "op=mul.Tensor mixed", torch.float16)
 
 
+UNARY = {  # eager entry -> (torch call, float64 reference)
+    "neg": (torch.neg, torch.neg),
+    "rsqrt": (torch.rsqrt, torch.rsqrt),  # on inputs >= 0.5
+    "silu": (F.silu, F.silu),
+    "exp": (torch.exp, torch.exp),
+    "sigmoid": (torch.sigmoid, torch.sigmoid),
+}
+
+
+def _python_path(dev, fn):
+    """``fn()`` with the C++ wrappers off on ``dev``'s key: the entry's Python implementation."""
+    key = "CUDA" if dev == "cuda" else "CPU"
+    c_runtime.uninstall(key)
+    try:
+        return fn()
+    finally:
+        c_runtime.install(key)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", sorted(UNARY))
+def test_aten_unary_through_the_eager_mode(dev, name, dtype):
+    """The C++ wrappers of neg / rsqrt / silu / exp / sigmoid: contiguous, transposed and broadcast-
+    strided inputs; against float64, and equal to the Python implementation's result (one generated
+    kernel, fp32 compute)."""
+    fn, ref = UNARY[name]
+    base = rand(5, 24, dtype=dtype, device=dev)
+    if name == "rsqrt":
+        base = base.abs() + 0.5
+    inputs = {"contiguous": base, "transposed": base.t(), "expanded": base[:1].expand(3, 24)}
+    native = {layout: fn(x) for layout, x in inputs.items()}
+    with flag_gems.use_gems(include=[f"{name}.default"]):
+        for layout, x in inputs.items():
+            with Counted() as c:
+                out = fn(x)
+            assert c.n == 1, layout
+            python = _python_path(dev, lambda: fn(x))
+            what = f"op={name} {layout} dtype={dtype}"
+            assert out.dtype == dtype and out.shape == x.shape, what
+            assert out.stride() == python.stride() == native[layout].stride(), what  # TensorIterator's layout
+            close(out, ref(x.double()), what)
+            torch.testing.assert_close(out, python, rtol=0, atol=0, msg=lambda m: f"[{what} vs Python path] {m}")
+    if dtype == torch.float32:  # what they refuse: integers, fp64: the native kernel
+        i = torch.randint(-9, 9, (3, 4), device=dev)
+        d = rand(3, 4, dtype=torch.float64, device=dev).abs() + 0.5
+        with flag_gems.use_gems(include=[f"{name}.default"]), Counted() as c:
+            if name == "neg":
+                assert torch.equal(fn(i), -i)
+            got = fn(d)
+        assert c.n == 0, name
+        torch.testing.assert_close(got, fn(d.clone()), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- mm / bmm
 
 

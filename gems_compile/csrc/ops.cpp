@@ -560,30 +560,38 @@ std::vector<int64_t> iteration_order(IntArrayRef shape, const std::vector<std::v
   return perm;
 }
 
-// Binary ops of the pointwise generator the wrappers launch: the index into
+// Ops of the pointwise generator the wrappers launch: the index into
 // flag_gems/c_runtime.py:_POINTWISE_OPS (the op's name in kernels/pointwise.py:OPS).
 constexpr int64_t kPointwiseAdd = 0;
 constexpr int64_t kPointwiseMul = 1;
+constexpr int64_t kPointwiseNeg = 2;
+constexpr int64_t kPointwiseRsqrt = 3;
+constexpr int64_t kPointwiseSilu = 4;
+constexpr int64_t kPointwiseExp = 5;
+constexpr int64_t kPointwiseSigmoid = 6;
 
-// a <op> b for two tensors of one float dtype on one device (the plan of pointwise._build for
-// that case): broadcasting, any strides, fp32 compute; the generated kernel's signature is the variant.
-std::optional<at::Tensor> binary_launch(int64_t op, const at::Tensor& a, const at::Tensor& b) {
-  if (!float_tensor(a) || !float_tensor(b) || a.scalar_type() != b.scalar_type() || a.device() != b.device())
-    return std::nullopt;
-  std::vector<int64_t> shape;
-  {
-    auto s = at::infer_size_dimvector(a.sizes(), b.sizes());  // throws when they do not broadcast
+// op(inputs...) for one or two tensors of one float dtype on one device (the plan of
+// pointwise._build for that case): broadcasting, any strides, fp32 compute, the result in the
+// inputs' dtype; the generated kernel's signature is the variant: (op, output class, rank,
+// 64-bit indexing, each operand's class), classes 0 'c', 1 's', 2 'g' as in the generator.
+std::optional<at::Tensor> pointwise_launch(int64_t op, std::initializer_list<at::Tensor> inputs) {
+  const std::vector<at::Tensor> in(inputs);
+  const size_t k = in.size();
+  for (const auto& t : in) {
+    if (!float_tensor(t) || t.scalar_type() != in[0].scalar_type() || t.device() != in[0].device())
+      return std::nullopt;
+  }
+  std::vector<int64_t> shape(in[0].sizes().begin(), in[0].sizes().end());
+  if (k == 2) {
+    auto s = at::infer_size_dimvector(in[0].sizes(), in[1].sizes());  // throws when they do not broadcast
     shape.assign(s.begin(), s.end());
   }
   const int64_t nd = static_cast<int64_t>(shape.size());
-  const at::Tensor* ops[2] = {&a, &b};
-  std::vector<std::vector<int64_t>> bstrides;
-  for (auto* t : ops) {
-    const int64_t pad = nd - t->dim();
+  std::vector<std::vector<int64_t>> bstrides;  // each operand's strides, broadcast to shape
+  for (const auto& t : in) {
+    const int64_t pad = nd - t.dim();
     std::vector<int64_t> st(pad, 0);
-    for (int64_t k = 0; k < t->dim(); ++k) {
-      st.push_back(t->size(k) == 1 && shape[pad + k] != 1 ? 0 : t->stride(k));
-    }
+    for (int64_t d = 0; d < t.dim(); ++d) st.push_back(t.size(d) == 1 && shape[pad + d] != 1 ? 0 : t.stride(d));
     bstrides.push_back(std::move(st));
   }
   auto dense = [&](const std::vector<int64_t>& order) {  // _dense_strides
@@ -595,47 +603,52 @@ std::optional<at::Tensor> binary_launch(int64_t op, const at::Tensor& a, const a
     }
     return st;
   };
+  bool plain = true;
+  for (const auto& t : in) plain = plain && t.is_contiguous() && t.sizes() == IntArrayRef(shape);
   std::vector<int64_t> natural(nd);
   std::iota(natural.begin(), natural.end(), 0);
-  const bool plain = a.is_contiguous() && b.is_contiguous() && a.sizes() == IntArrayRef(shape) &&
-                     b.sizes() == IntArrayRef(shape);
   std::vector<int64_t> out_strides = plain ? dense(natural) : dense(iteration_order(shape, bstrides));
-  at::Tensor out = plain ? at::empty(shape, a.options()) : at::empty_strided(shape, out_strides, a.options());
+  at::Tensor out = plain ? at::empty(shape, in[0].options()) : at::empty_strided(shape, out_strides, in[0].options());
   const int64_t n = prod(shape);
   if (n == 0) return out;
-  std::vector<std::vector<int64_t>> all{out_strides, bstrides[0], bstrides[1]};
+  std::vector<std::vector<int64_t>> all{out_strides};  // column 0 is the output, then the operands
+  for (auto& st : bstrides) all.push_back(st);
+  const size_t cols = all.size();
   auto order = iteration_order(shape, all);
-  // coalesce, outermost first: column 0 is the output, then the operands
+  // coalesce, outermost first
   std::vector<int64_t> sizes;
-  std::vector<std::array<int64_t, 3>> mst;
+  std::vector<std::vector<int64_t>> mst;
   for (int64_t d : order) {
     if (shape[d] == 1) continue;
-    std::array<int64_t, 3> st{out_strides[d], bstrides[0][d], bstrides[1][d]};
+    std::vector<int64_t> st(cols);
+    for (size_t j = 0; j < cols; ++j) st[j] = all[j][d];
     if (!sizes.empty()) {
       auto& prev = mst.back();
-      if (prev[0] == st[0] * shape[d] && prev[1] == st[1] * shape[d] && prev[2] == st[2] * shape[d]) {
+      bool merge = true;
+      for (size_t j = 0; j < cols; ++j) merge = merge && prev[j] == st[j] * shape[d];
+      if (merge) {
         sizes.back() *= shape[d];
         prev = st;
         continue;
       }
     }
     sizes.push_back(shape[d]);
-    mst.push_back(st);
+    mst.push_back(std::move(st));
   }
   if (sizes.empty()) {
     sizes.push_back(1);
-    mst.push_back({0, 0, 0});
+    mst.emplace_back(cols, 0);
   }
   const int64_t r = static_cast<int64_t>(sizes.size());
   std::vector<int64_t> contig(r);
-  for (int64_t k = 0; k < r; ++k) contig[k] = prod(sizes, k + 1);
-  int cls[3];  // 0 'c', 1 's', 2 'g'
+  for (int64_t d = 0; d < r; ++d) contig[d] = prod(sizes, d + 1);
+  std::vector<int> cls(cols);  // 0 'c', 1 's', 2 'g'
   bool any_g = false;
-  for (int j = 0; j < 3; ++j) {
+  for (size_t j = 0; j < cols; ++j) {
     bool is_contig = true, all_zero = true;
-    for (int64_t k = 0; k < r; ++k) {
-      is_contig = is_contig && mst[k][j] == contig[k];
-      all_zero = all_zero && mst[k][j] == 0;
+    for (int64_t d = 0; d < r; ++d) {
+      is_contig = is_contig && mst[d][j] == contig[d];
+      all_zero = all_zero && mst[d][j] == 0;
     }
     cls[j] = (is_contig || (j == 0 && all_zero)) ? 0 : all_zero ? 1 : 2;
     any_g = any_g || cls[j] == 2;
@@ -654,23 +667,25 @@ std::optional<at::Tensor> binary_launch(int64_t op, const at::Tensor& a, const a
     warps = 1;
   }
   int64_t extent = n;
-  for (int j = 0; j < 3; ++j) {
+  for (size_t j = 0; j < cols; ++j) {
     if (cls[j] != 2) continue;
     int64_t e = 1;
-    for (int64_t k = 0; k < r; ++k) e += (sizes[k] - 1) * mst[k][j];
+    for (int64_t d = 0; d < r; ++d) e += (sizes[d] - 1) * mst[d][j];
     extent = std::max(extent, e);
   }
   const bool index64 = extent + block >= (int64_t(1) << 31);
   Launch l(Kernel::Pointwise);
-  l.variant(op).variant(cls[1]).variant(cls[2]).variant(cls[0]).variant(rank).variant(index64);
-  l.tensor(a).tensor(b).tensor(out).i(n);
+  l.variant(op).variant(cls[0]).variant(rank).variant(index64);
+  for (size_t j = 1; j < cols; ++j) l.variant(cls[j]);
+  for (const auto& t : in) l.tensor(t);
+  l.tensor(out).i(n);
   if (rank) {
-    for (int64_t k = 1; k < r; ++k) l.i(sizes[k]);
-    for (int j = 1; j < 3; ++j)
+    for (int64_t d = 1; d < r; ++d) l.i(sizes[d]);
+    for (size_t j = 1; j < cols; ++j)
       if (cls[j] == 2)
-        for (int64_t k = 0; k < r; ++k) l.i(mst[k][j]);
+        for (int64_t d = 0; d < r; ++d) l.i(mst[d][j]);
     if (cls[0] == 2)
-      for (int64_t k = 0; k < r; ++k) l.i(mst[k][0]);
+      for (int64_t d = 0; d < r; ++d) l.i(mst[d][0]);
   }
   l.c(block);
   l.run(out, cdiv(n, block), 1, 1, warps);
@@ -690,7 +705,7 @@ bool add_tensor_op(const c10::OperatorHandle&, Stack* s) {
   const auto a = arg(s, 2, 0).toTensor();
   const auto b = arg(s, 2, 1).toTensor();
   if (!broadcastable(a.sizes(), b.sizes())) return false;
-  auto out = binary_launch(kPointwiseAdd, a, b);
+  auto out = pointwise_launch(kPointwiseAdd, {a, b});
   if (!out) return false;
   return finish(s, 2, std::move(*out));
 }
@@ -705,7 +720,7 @@ bool add_aten(const c10::OperatorHandle&, Stack* s) {
   if (!one) return false;
   const auto a = self.toTensor(), b = other.toTensor();
   if (!broadcastable(a.sizes(), b.sizes())) return false;
-  auto out = binary_launch(kPointwiseAdd, a, b);
+  auto out = pointwise_launch(kPointwiseAdd, {a, b});
   if (!out) return false;
   return finish(s, 3, std::move(*out));
 }
@@ -718,9 +733,19 @@ bool mul_aten(const c10::OperatorHandle&, Stack* s) {
   if (!self.isTensor() || !other.isTensor()) return false;
   const auto a = self.toTensor(), b = other.toTensor();
   if (!broadcastable(a.sizes(), b.sizes())) return false;
-  auto out = binary_launch(kPointwiseMul, a, b);
+  auto out = pointwise_launch(kPointwiseMul, {a, b});
   if (!out) return false;
   return finish(s, 2, std::move(*out));
+}
+
+// aten::neg / rsqrt / silu / exp / sigmoid (Tensor self) -> Tensor on one float tensor.
+template <int64_t Op>
+bool unary_aten(const c10::OperatorHandle&, Stack* s) {
+  const auto& self = arg(s, 1, 0);
+  if (!self.isTensor()) return false;
+  auto out = pointwise_launch(Op, {self.toTensor()});
+  if (!out) return false;
+  return finish(s, 1, std::move(*out));
 }
 
 // ================================================================== mm / bmm (kernels/matmul.py)
@@ -1106,6 +1131,11 @@ const std::unordered_map<std::string, BoxedWrapper>& wrappers() {
       {"flag_gems::nonzero", nonzero_op},
       {"aten::add.Tensor", add_aten},
       {"aten::mul.Tensor", mul_aten},
+      {"aten::neg", unary_aten<kPointwiseNeg>},
+      {"aten::rsqrt", unary_aten<kPointwiseRsqrt>},
+      {"aten::silu", unary_aten<kPointwiseSilu>},
+      {"aten::exp", unary_aten<kPointwiseExp>},
+      {"aten::sigmoid", unary_aten<kPointwiseSigmoid>},
       {"aten::_fused_rms_norm", fused_rms_norm_aten},
       {"aten::mm", mm_aten},
       {"aten::bmm", bmm_aten},
