@@ -98,6 +98,7 @@ def cases(m: int, device: str, small: bool):
     x2 = r(m, h // 4)
     mask = r(m, h) > 0
     pos_x = x.abs() + 0.5
+    xf = x.float()  # HF RMSNorm's variance: the mean of an fp32 row
     return [
         ("add_tensor", lambda: torch.add(x, res), lambda: fg.add_tensor(x, res), None, aten.add.Tensor,
          lambda: torch.add(x, res)),
@@ -123,6 +124,7 @@ def cases(m: int, device: str, small: bool):
         ("neg", lambda: torch.neg(x), None, None, aten.neg.default, lambda: torch.neg(x)),
         ("rsqrt", lambda: torch.rsqrt(pos_x), None, None, aten.rsqrt.default, lambda: torch.rsqrt(pos_x)),
         ("silu", lambda: F.silu(a), None, None, aten.silu.default, lambda: F.silu(a)),
+        ("mean.dim", lambda: xf.mean(-1, keepdim=True), None, None, aten.mean.dim, lambda: xf.mean(-1, keepdim=True)),
     ]
 
 

@@ -352,6 +352,43 @@ def test_aten_unary_through_the_eager_mode(dev, name, dtype):
         torch.testing.assert_close(got, fn(d.clone()), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_aten_mean_dim_through_the_eager_mode(dev, dtype):
+    """``aten::mean.dim``'s C++ wrapper (the row-sum kernel with a 1 / n scale): trailing dims,
+    keepdim, an fp32 result dtype; against float64 and bit-equal to the Python path."""
+    x = rand(4, 3, 40, dtype=dtype, device=dev)
+    calls = {
+        "last keepdim": lambda: x.mean(-1, keepdim=True),
+        "last": lambda: x.mean(-1),
+        "two trailing": lambda: x.mean([1, 2]),
+        "all (dim=[])": lambda: torch.ops.aten.mean.dim(x, []),
+        "fp32 result": lambda: x.mean(-1, dtype=torch.float32),
+    }
+    refs = {
+        "last keepdim": x.double().mean(-1, keepdim=True), "last": x.double().mean(-1),
+        "two trailing": x.double().mean([1, 2]), "all (dim=[])": x.double().mean(),
+        "fp32 result": x.double().mean(-1),
+    }
+    with flag_gems.use_gems(include=["mean.dim"]):
+        for what, call in calls.items():
+            with Counted() as c:
+                out = call()
+            assert c.n >= 1, what
+            python = _python_path(dev, call)
+            assert out.shape == refs[what].shape and out.dtype == python.dtype, what
+            close(out, refs[what], f"op=mean.dim {what} dtype={dtype}", dtype)
+            torch.testing.assert_close(out, python, rtol=0, atol=0, msg=lambda m: f"[mean.dim {what}] {m}")
+        empty = rand(3, 0, device=dev)
+        with Counted() as c:  # not the trailing dims, strided, empty rows: the native kernel
+            middle = x.mean(1)
+            strided = x.transpose(1, 2).mean(-1)
+            nan = empty.mean(-1)
+        assert c.n == 0
+    close(middle, x.double().mean(1), "op=mean.dim middle", dtype)
+    close(strided, x.double().transpose(1, 2).mean(-1), "op=mean.dim strided", dtype)
+    assert nan.shape == (3,) and bool(nan.isnan().all())
+
+
 # --------------------------------------------------------------------------- mm / bmm
 
 

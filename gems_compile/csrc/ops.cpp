@@ -984,10 +984,11 @@ std::array<int64_t, 3> reduce_tile(int64_t n_rows, int64_t n_cols, int64_t elem)
 
 constexpr int64_t kReduceBucketCap = 1 << 24;  // kernels/reduction.py:_BUCKET_CAP
 
-// row sums of a contiguous [n_rows, n_cols] x into out [n_rows] (_reduce with OP_SUM). The
+// row sums of a contiguous [n_rows, n_cols] x into out [n_rows] (_reduce with OP_SUM), the
+// final sums multiplied by `scale` in fp32 (1 / n_cols for a mean, as row_sum(mean=True)). The
 // first launch's tile is Tunable "reduction"'s, key (rows bucket, columns bucket, dtype); the
 // second pass over the partial sums keeps the heuristic (as the Python launcher).
-void row_sum_launch(const at::Tensor& x, int64_t n_rows, int64_t n_cols, const at::Tensor& out) {
+void row_sum_launch(const at::Tensor& x, int64_t n_rows, int64_t n_cols, const at::Tensor& out, double scale = 1.0) {
   auto tuned = TuneQuery(Family::Reduction, x.device(), x.scalar_type())
                    .k(pow2_bucket(n_rows, kReduceBucketCap)).k(pow2_bucket(n_cols, kReduceBucketCap))
                    .dim(n_rows).dim(n_cols)
@@ -1005,7 +1006,7 @@ void row_sum_launch(const at::Tensor& x, int64_t n_rows, int64_t n_cols, const a
   n_splits = cdiv(n_cols, span);
   if (n_splits == 1) {
     Launch l(Kernel::Reduce);
-    l.tensor(x).tensor(out).i(n_rows).i(n_cols).i(span).f(1.0).c(0).cb(true).c(bm).c(bn);
+    l.tensor(x).tensor(out).i(n_rows).i(n_cols).i(span).f(scale).c(0).cb(true).c(bm).c(bn);
     l.run(x, cdiv(n_rows, bm), 1, 1, warps);
     return;
   }
@@ -1017,13 +1018,14 @@ void row_sum_launch(const at::Tensor& x, int64_t n_rows, int64_t n_cols, const a
   }
   auto [bm2, bn2, warps2] = reduce_tile(n_rows, n_splits, 4);
   Launch l(Kernel::Reduce);
-  l.tensor(partial).tensor(out).i(n_rows).i(n_splits).i(cdiv(n_splits, bn2) * bn2).f(1.0).c(0).cb(true).c(bm2).c(bn2);
+  l.tensor(partial).tensor(out).i(n_rows).i(n_splits).i(cdiv(n_splits, bn2) * bn2).f(scale).c(0).cb(true).c(bm2).c(bn2);
   l.run(x, cdiv(n_rows, bm2), 1, 1, warps2);
 }
 
-// sum of a contiguous float tensor over its trailing dims `dims` (nullopt / empty: all).
+// sum (or with `mean` the mean) of a contiguous float tensor over its trailing dims `dims`
+// (nullopt / empty: all).
 std::optional<at::Tensor> sum_launch(const at::Tensor& x, const c10::IValue& dim_iv, bool keepdim,
-                                     const c10::IValue& dtype_iv) {
+                                     const c10::IValue& dtype_iv, bool mean = false) {
   if (!float_tensor(x) || !x.is_contiguous()) return std::nullopt;
   at::ScalarType out_dtype = x.scalar_type();
   if (!dtype_iv.isNone()) {
@@ -1058,11 +1060,14 @@ std::optional<at::Tensor> sum_launch(const at::Tensor& x, const c10::IValue& dim
       shape.push_back(1);
   }
   auto opts = x.options().dtype(out_dtype);
-  if (n_cols == 0) return at::full(shape, 0.0, opts);
+  if (n_cols == 0) {
+    if (mean) return std::nullopt;  // NaN, torch's way
+    return at::full(shape, 0.0, opts);
+  }
   const int64_t n_rows = x.numel() / n_cols;
   auto out = at::empty(shape, opts);
   if (n_rows == 0) return out;
-  row_sum_launch(x, n_rows, n_cols, out);
+  row_sum_launch(x, n_rows, n_cols, out, mean ? 1.0 / static_cast<double>(n_cols) : 1.0);
   return out;
 }
 
@@ -1070,6 +1075,13 @@ std::optional<at::Tensor> sum_launch(const at::Tensor& x, const c10::IValue& dim
 // aten::sum.dim_IntList(Tensor self, int[1]? dim, bool keepdim=False, *, ScalarType? dtype=None) -> Tensor
 bool sum_dim_op(const c10::OperatorHandle&, Stack* s) {
   auto out = sum_launch(arg(s, 4, 0).toTensor(), arg(s, 4, 1), arg(s, 4, 2).toBool(), arg(s, 4, 3));
+  if (!out) return false;
+  return finish(s, 4, std::move(*out));
+}
+
+// aten::mean.dim(Tensor self, int[1]? dim, bool keepdim=False, *, ScalarType? dtype=None) -> Tensor
+bool mean_dim_aten(const c10::OperatorHandle&, Stack* s) {
+  auto out = sum_launch(arg(s, 4, 0).toTensor(), arg(s, 4, 1), arg(s, 4, 2).toBool(), arg(s, 4, 3), true);
   if (!out) return false;
   return finish(s, 4, std::move(*out));
 }
@@ -1142,6 +1154,7 @@ const std::unordered_map<std::string, BoxedWrapper>& wrappers() {
       {"aten::cat", cat_op},
       {"aten::sum", sum_aten},
       {"aten::sum.dim_IntList", sum_dim_op},
+      {"aten::mean.dim", mean_dim_aten},
       {"aten::nonzero", nonzero_op},
   };
   return table;
