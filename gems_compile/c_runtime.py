@@ -83,7 +83,7 @@ _STRINGS = ("ieee", "tf32")
 # Access classes of the pointwise generator, by id (csrc/ops.cpp: add_launch).
 _CLASSES = ("c", "s", "g")
 # The generator's ops the wrappers launch, by id (csrc/ops.cpp: kPointwiseAdd ...).
-_POINTWISE_OPS = ("add", "mul", "neg", "rsqrt", "silu", "exp", "sigmoid")
+_POINTWISE_OPS = ("add", "mul", "neg", "rsqrt", "silu", "exp", "sigmoid", "to_copy")
 
 
 def _pointwise_kernel(variant):

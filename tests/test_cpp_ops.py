@@ -389,6 +389,51 @@ def test_aten_mean_dim_through_the_eager_mode(dev, dtype):
     assert nan.shape == (3,) and bool(nan.isnan().all())
 
 
+@pytest.mark.parametrize("src", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dst", DTYPES, ids=DTYPE_IDS)
+def test_aten_to_copy_through_the_eager_mode(dev, src, dst):
+    """``aten::_to_copy``'s C++ wrapper: casts between fp16 / bf16 / fp32 (and same-dtype copies)
+    of dense tensors in their own layout; equal to torch's cast bit for bit (one rounding)."""
+    base = rand(6, 40, dtype=src, device=dev)
+    inputs = {"contiguous": base, "transposed": base.t()}
+    native = {k: torch.ops.aten._to_copy.default(x, dtype=dst) for k, x in inputs.items()}
+    with flag_gems.use_gems(include=["_to_copy.default"]):
+        for layout, x in inputs.items():
+            with Counted() as c:
+                out = torch.ops.aten._to_copy.default(x, dtype=dst)
+                on_its_device = torch.ops.aten._to_copy.default(x, dtype=dst, device=x.device,
+                                                                memory_format=torch.preserve_format)
+            assert c.n == 2, layout
+            what = f"op=_to_copy {src}->{dst} {layout}"
+            assert out.dtype == dst and out.stride() == native[layout].stride(), what
+            assert out.data_ptr() != x.data_ptr(), what  # a copy, also for the same dtype
+            for o in (out, on_its_device):
+                torch.testing.assert_close(o, native[layout], rtol=0, atol=0, msg=lambda m: f"[{what}] {m}")
+
+
+def test_aten_to_copy_refusals(dev):
+    x = rand(6, 40, device=dev)
+    with flag_gems.use_gems(include=["_to_copy.default"]), Counted() as c:
+        got = {
+            "to int": x.to(torch.int32),
+            "to fp64": x.double(),
+            "from fp64": x.double().float(),
+            "sliced (not dense)": x[:, ::2].to(torch.bfloat16),
+            "contiguous_format of a transposed tensor": x.t().to(torch.bfloat16, memory_format=torch.contiguous_format),
+        }
+        if dev == "cuda":  # "cuda" means the current device, whichever that is: native
+            got["device without an index"] = torch.ops.aten._to_copy.default(x, dtype=torch.bfloat16,
+                                                                            device=torch.device("cuda"))
+    assert c.n == 0
+    assert torch.equal(got["to int"], x.to(torch.int32)) and got["to fp64"].dtype == torch.float64
+    assert torch.equal(got["from fp64"], x)
+    assert torch.equal(got["sliced (not dense)"], x[:, ::2].to(torch.bfloat16))
+    t = got["contiguous_format of a transposed tensor"]
+    assert t.is_contiguous() and torch.equal(t, x.t().to(torch.bfloat16))
+    if dev == "cuda":
+        assert torch.equal(got["device without an index"], x.to(torch.bfloat16))
+
+
 # --------------------------------------------------------------------------- mm / bmm
 
 

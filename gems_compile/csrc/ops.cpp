@@ -569,12 +569,15 @@ constexpr int64_t kPointwiseRsqrt = 3;
 constexpr int64_t kPointwiseSilu = 4;
 constexpr int64_t kPointwiseExp = 5;
 constexpr int64_t kPointwiseSigmoid = 6;
+constexpr int64_t kPointwiseToCopy = 7;
 
 // op(inputs...) for one or two tensors of one float dtype on one device (the plan of
 // pointwise._build for that case): broadcasting, any strides, fp32 compute, the result in the
-// inputs' dtype; the generated kernel's signature is the variant: (op, output class, rank,
-// 64-bit indexing, each operand's class), classes 0 'c', 1 's', 2 'g' as in the generator.
-std::optional<at::Tensor> pointwise_launch(int64_t op, std::initializer_list<at::Tensor> inputs) {
+// inputs' dtype (or `out_dtype`, a float dtype: casts); the generated kernel's signature is the
+// variant: (op, output class, rank, 64-bit indexing, each operand's class), classes 0 'c',
+// 1 's', 2 'g' as in the generator. The output is laid out as TensorIterator lays it out.
+std::optional<at::Tensor> pointwise_launch(int64_t op, std::initializer_list<at::Tensor> inputs,
+                                           std::optional<at::ScalarType> out_dtype = std::nullopt) {
   const std::vector<at::Tensor> in(inputs);
   const size_t k = in.size();
   for (const auto& t : in) {
@@ -608,7 +611,8 @@ std::optional<at::Tensor> pointwise_launch(int64_t op, std::initializer_list<at:
   std::vector<int64_t> natural(nd);
   std::iota(natural.begin(), natural.end(), 0);
   std::vector<int64_t> out_strides = plain ? dense(natural) : dense(iteration_order(shape, bstrides));
-  at::Tensor out = plain ? at::empty(shape, in[0].options()) : at::empty_strided(shape, out_strides, in[0].options());
+  const auto opts = in[0].options().dtype(out_dtype.value_or(in[0].scalar_type()));
+  at::Tensor out = plain ? at::empty(shape, opts) : at::empty_strided(shape, out_strides, opts);
   const int64_t n = prod(shape);
   if (n == 0) return out;
   std::vector<std::vector<int64_t>> all{out_strides};  // column 0 is the output, then the operands
@@ -736,6 +740,36 @@ bool mul_aten(const c10::OperatorHandle&, Stack* s) {
   auto out = pointwise_launch(kPointwiseMul, {a, b});
   if (!out) return false;
   return finish(s, 2, std::move(*out));
+}
+
+// aten::_to_copy(Tensor self, *, ScalarType? dtype=None, Layout? layout=None, Device? device=None,
+//                bool? pin_memory=None, bool non_blocking=False, MemoryFormat? memory_format=None)
+// between fp16 / bf16 / fp32 on the tensor's own device, of a non-overlapping and dense tensor
+// in its own layout (preserve_format); anything else (another device, pinned memory, a layout
+// change, other dtypes, overlapping or gapped strides) is the native kernel's.
+bool to_copy_aten(const c10::OperatorHandle&, Stack* s) {
+  const auto& self_iv = arg(s, 7, 0);
+  if (!self_iv.isTensor()) return false;
+  const auto self = self_iv.toTensor();
+  if (!float_tensor(self) || !self.is_non_overlapping_and_dense()) return false;
+  const auto& dtype = arg(s, 7, 1);
+  const auto& layout = arg(s, 7, 2);
+  const auto& device = arg(s, 7, 3);
+  const auto& pin = arg(s, 7, 4);
+  const auto& format = arg(s, 7, 6);
+  const at::ScalarType to = dtype.isNone() ? self.scalar_type() : dtype.toScalarType();
+  if (!is_float(to)) return false;
+  if (!layout.isNone() && layout.toLayout() != at::kStrided) return false;
+  if (!device.isNone()) {
+    const auto d = device.toDevice();  // "cuda" without an index is the current device: not ours to guess
+    if (d.type() != self.device().type()) return false;
+    if (d.is_cuda() && (!d.has_index() || d.index() != self.device().index())) return false;
+  }
+  if (!pin.isNone() && pin.toBool()) return false;
+  if (!format.isNone() && format.toMemoryFormat() != at::MemoryFormat::Preserve) return false;
+  auto out = pointwise_launch(kPointwiseToCopy, {self}, to);
+  if (!out) return false;
+  return finish(s, 7, std::move(*out));
 }
 
 // aten::neg / rsqrt / silu / exp / sigmoid (Tensor self) -> Tensor on one float tensor.
@@ -1148,6 +1182,7 @@ const std::unordered_map<std::string, BoxedWrapper>& wrappers() {
       {"aten::silu", unary_aten<kPointwiseSilu>},
       {"aten::exp", unary_aten<kPointwiseExp>},
       {"aten::sigmoid", unary_aten<kPointwiseSigmoid>},
+      {"aten::_to_copy", to_copy_aten},
       {"aten::_fused_rms_norm", fused_rms_norm_aten},
       {"aten::mm", mm_aten},
       {"aten::bmm", bmm_aten},
