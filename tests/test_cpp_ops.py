@@ -395,7 +395,8 @@ def test_aten_to_copy_through_the_eager_mode(dev, src, dst):
     """``aten::_to_copy``'s C++ wrapper: casts between fp16 / bf16 / fp32 (and same-dtype copies)
     of dense tensors in their own layout; equal to torch's cast bit for bit (one rounding)."""
     base = rand(6, 40, dtype=src, device=dev)
-    inputs = {"contiguous": base, "transposed": base.t()}
+    odd = rand(6, 1, 40, dtype=src, device=dev).as_strided((6, 1, 40), (40, 7, 1))  # a size-1 dim's stride
+    inputs = {"contiguous": base, "transposed": base.t(), "size-1 dim stride": odd}
     native = {k: torch.ops.aten._to_copy.default(x, dtype=dst) for k, x in inputs.items()}
     with flag_gems.use_gems(include=["_to_copy.default"]):
         for layout, x in inputs.items():

@@ -575,9 +575,12 @@ constexpr int64_t kPointwiseToCopy = 7;
 // pointwise._build for that case): broadcasting, any strides, fp32 compute, the result in the
 // inputs' dtype (or `out_dtype`, a float dtype: casts); the generated kernel's signature is the
 // variant: (op, output class, rank, 64-bit indexing, each operand's class), classes 0 'c',
-// 1 's', 2 'g' as in the generator. The output is laid out as TensorIterator lays it out.
+// 1 's', 2 'g' as in the generator. The output is laid out as TensorIterator lays it out, or
+// with `keep_strides` (one non-overlapping and dense input) with the input's exact strides, as
+// _to_copy's preserve_format.
 std::optional<at::Tensor> pointwise_launch(int64_t op, std::initializer_list<at::Tensor> inputs,
-                                           std::optional<at::ScalarType> out_dtype = std::nullopt) {
+                                           std::optional<at::ScalarType> out_dtype = std::nullopt,
+                                           bool keep_strides = false) {
   const std::vector<at::Tensor> in(inputs);
   const size_t k = in.size();
   for (const auto& t : in) {
@@ -611,8 +614,12 @@ std::optional<at::Tensor> pointwise_launch(int64_t op, std::initializer_list<at:
   std::vector<int64_t> natural(nd);
   std::iota(natural.begin(), natural.end(), 0);
   std::vector<int64_t> out_strides = plain ? dense(natural) : dense(iteration_order(shape, bstrides));
+  if (keep_strides) {
+    TORCH_CHECK(k == 1 && in[0].is_non_overlapping_and_dense(), "flag_gems: keep_strides needs one dense input");
+    out_strides.assign(in[0].strides().begin(), in[0].strides().end());
+  }
   const auto opts = in[0].options().dtype(out_dtype.value_or(in[0].scalar_type()));
-  at::Tensor out = plain ? at::empty(shape, opts) : at::empty_strided(shape, out_strides, opts);
+  at::Tensor out = plain && !keep_strides ? at::empty(shape, opts) : at::empty_strided(shape, out_strides, opts);
   const int64_t n = prod(shape);
   if (n == 0) return out;
   std::vector<std::vector<int64_t>> all{out_strides};  // column 0 is the output, then the operands
@@ -767,7 +774,7 @@ bool to_copy_aten(const c10::OperatorHandle&, Stack* s) {
   }
   if (!pin.isNone() && pin.toBool()) return false;
   if (!format.isNone() && format.toMemoryFormat() != at::MemoryFormat::Preserve) return false;
-  auto out = pointwise_launch(kPointwiseToCopy, {self}, to);
+  auto out = pointwise_launch(kPointwiseToCopy, {self}, to, /*keep_strides=*/true);
   if (!out) return false;
   return finish(s, 7, std::move(*out));
 }
