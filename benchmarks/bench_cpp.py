@@ -126,6 +126,7 @@ def cases(m: int, device: str, small: bool):
         ("silu", lambda: F.silu(a), None, None, aten.silu.default, lambda: F.silu(a)),
         ("mean.dim", lambda: xf.mean(-1, keepdim=True), None, None, aten.mean.dim, lambda: xf.mean(-1, keepdim=True)),
         ("_to_copy", lambda: x.float(), None, None, aten._to_copy.default, lambda: x.float()),
+        ("pow.Tensor_Scalar", lambda: xf.pow(2), None, None, aten.pow.Tensor_Scalar, lambda: xf.pow(2)),
     ]
 
 

@@ -81,9 +81,10 @@ _last_launch: dict = {}  # kernel name -> what the last launch through the hook 
 # Constexpr strings the wrappers pass, by id (csrc/runtime.h: ConstStr).
 _STRINGS = ("ieee", "tf32")
 # Access classes of the pointwise generator, by id (csrc/ops.cpp: add_launch).
-_CLASSES = ("c", "s", "g")
+_CLASSES = ("c", "s", "g", "scalar")
 # The generator's ops the wrappers launch, by id (csrc/ops.cpp: kPointwiseAdd ...).
-_POINTWISE_OPS = ("add", "mul", "neg", "rsqrt", "silu", "exp", "sigmoid", "to_copy")
+_POINTWISE_OPS = ("add", "mul", "neg", "rsqrt", "silu", "exp", "sigmoid", "to_copy", "pow", "pow_zero", "pow_one",
+                  "pow_square", "pow_cube", "pow_sqrt", "pow_rsqrt", "pow_reciprocal", "pow_inv_square")
 
 
 def _pointwise_kernel(variant):

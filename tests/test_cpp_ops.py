@@ -435,6 +435,33 @@ def test_aten_to_copy_refusals(dev):
         assert torch.equal(got["device without an index"], x.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_aten_pow_scalar_through_the_eager_mode(dev, dtype):
+    """``aten::pow.Tensor_Scalar``'s C++ wrapper: torch's exact forms (0, 1, 2, 3, +-0.5, -1, -2, as
+    ints and floats) and the general pow; against float64, bit-equal to the Python path."""
+    x = rand(5, 24, dtype=dtype, device=dev).abs() + 0.25  # fractional exponents need x > 0
+    exponents = [2, 2.0, 3, 0, 1, 0.5, -0.5, -1, -2, 2.5, -1.75]
+    native = {e: x.pow(e) for e in exponents}
+    with flag_gems.use_gems(include=["pow.Tensor_Scalar"]):
+        for e in exponents:
+            with Counted() as c:
+                out = x.pow(e)
+            assert c.n == 1, e
+            python = _python_path(dev, lambda: x.pow(e))
+            what = f"op=pow.Tensor_Scalar e={e!r} dtype={dtype}"
+            assert out.dtype == dtype and out.shape == x.shape, what
+            close(out, x.double().pow(e), what)
+            torch.testing.assert_close(out, python, rtol=0, atol=0, msg=lambda m: f"[{what} vs Python path] {m}")
+            if e in (0, 1, 2):  # one rounding of an exact fp32 value, in torch too: the same bits
+                torch.testing.assert_close(out, native[e], rtol=0, atol=0, msg=lambda m: f"[{what} vs torch] {m}")
+        i = torch.randint(1, 9, (3, 4), device=dev)
+        with Counted() as c:  # integer tensors, a bool exponent: the native kernel
+            ints = i.pow(2)
+            boolean = x.pow(True)
+        assert c.n == 0
+    assert torch.equal(ints, i * i) and torch.equal(boolean, x)
+
+
 # --------------------------------------------------------------------------- mm / bmm
 
 

@@ -27,7 +27,8 @@ needs_cpp = pytest.mark.skipif(not c_runtime.available, reason=f"C++ runtime una
 FLAG_GEMS_OPS = ["add_tensor", "rms_norm", "fused_add_rms_norm", "add_rms_norm", "rotary_embedding",
                  "rotary_embedding_", "silu_and_mul", "mm", "bmm", "cat", "sum", "nonzero"]
 ATEN_OPS = [aten.add.Tensor, aten.mul.Tensor, aten.neg.default, aten.rsqrt.default, aten.silu.default,
-            aten.exp.default, aten.sigmoid.default, aten.mean.dim, aten._to_copy.default, aten.mm.default, aten.bmm.default, aten.cat.default, aten.sum.default,
+            aten.exp.default, aten.sigmoid.default, aten.mean.dim, aten._to_copy.default,
+            aten.pow.Tensor_Scalar, aten.mm.default, aten.bmm.default, aten.cat.default, aten.sum.default,
             aten.sum.dim_IntList, aten.nonzero.default, aten._fused_rms_norm.default]
 
 

@@ -23,6 +23,7 @@
 #include <ATen/ops/full.h>
 
 #include <algorithm>
+#include <array>
 #include <numeric>
 #include <optional>
 #include <unordered_map>
@@ -570,17 +571,23 @@ constexpr int64_t kPointwiseSilu = 4;
 constexpr int64_t kPointwiseExp = 5;
 constexpr int64_t kPointwiseSigmoid = 6;
 constexpr int64_t kPointwiseToCopy = 7;
+// pow(x, e): the general form, then the exponents torch computes without pow (pointwise._POW_FORMS)
+constexpr int64_t kPointwisePow = 8;
+constexpr std::array<std::pair<double, int64_t>, 8> kPowForms{{
+    {0.0, 9}, {1.0, 10}, {2.0, 11}, {3.0, 12}, {0.5, 13}, {-0.5, 14}, {-1.0, 15}, {-2.0, 16}}};
 
 // op(inputs...) for one or two tensors of one float dtype on one device (the plan of
 // pointwise._build for that case): broadcasting, any strides, fp32 compute, the result in the
 // inputs' dtype (or `out_dtype`, a float dtype: casts); the generated kernel's signature is the
 // variant: (op, output class, rank, 64-bit indexing, each operand's class), classes 0 'c',
-// 1 's', 2 'g' as in the generator. The output is laid out as TensorIterator lays it out, or
-// with `keep_strides` (one non-overlapping and dense input) with the input's exact strides, as
-// _to_copy's preserve_format.
+// 1 's', 2 'g' as in the generator, 3 a scalar argument (`scalar`: the last operand, an int or
+// a float as Python would pass it; it takes no part in the result dtype, as for a float tensor
+// in torch). The output is laid out as TensorIterator lays it out, or with `keep_strides` (one
+// non-overlapping and dense input) with the input's exact strides, as _to_copy's preserve_format.
 std::optional<at::Tensor> pointwise_launch(int64_t op, std::initializer_list<at::Tensor> inputs,
                                            std::optional<at::ScalarType> out_dtype = std::nullopt,
-                                           bool keep_strides = false) {
+                                           bool keep_strides = false,
+                                           const std::optional<c10::Scalar>& scalar = std::nullopt) {
   const std::vector<at::Tensor> in(inputs);
   const size_t k = in.size();
   for (const auto& t : in) {
@@ -688,7 +695,14 @@ std::optional<at::Tensor> pointwise_launch(int64_t op, std::initializer_list<at:
   Launch l(Kernel::Pointwise);
   l.variant(op).variant(cls[0]).variant(rank).variant(index64);
   for (size_t j = 1; j < cols; ++j) l.variant(cls[j]);
+  if (scalar) l.variant(3);
   for (const auto& t : in) l.tensor(t);
+  if (scalar) {
+    if (scalar->isIntegral(/*includeBool=*/false))
+      l.i(scalar->toLong());
+    else
+      l.f(scalar->toDouble());
+  }
   l.tensor(out).i(n);
   if (rank) {
     for (int64_t d = 1; d < r; ++d) l.i(sizes[d]);
@@ -777,6 +791,23 @@ bool to_copy_aten(const c10::OperatorHandle&, Stack* s) {
   auto out = pointwise_launch(kPointwiseToCopy, {self}, to, /*keep_strides=*/true);
   if (!out) return false;
   return finish(s, 7, std::move(*out));
+}
+
+// aten::pow.Tensor_Scalar(Tensor self, Scalar exponent) -> Tensor for a float tensor and a real
+// exponent: the exact forms for 0, +-1, 2, 3, +-0.5, -2 (as torch), the general pow otherwise.
+bool pow_scalar_aten(const c10::OperatorHandle&, Stack* s) {
+  const auto& self = arg(s, 2, 0);
+  const auto& e_iv = arg(s, 2, 1);
+  if (!self.isTensor() || !e_iv.isScalar()) return false;
+  const auto e = e_iv.toScalar();
+  if (e.isBoolean() || e.isComplex() || e.isSymbolic()) return false;
+  const double v = e.toDouble();
+  int64_t op = kPointwisePow;
+  for (const auto& [value, id] : kPowForms)
+    if (v == value) op = id;
+  auto out = pointwise_launch(op, {self.toTensor()}, std::nullopt, false, e);
+  if (!out) return false;
+  return finish(s, 2, std::move(*out));
 }
 
 // aten::neg / rsqrt / silu / exp / sigmoid (Tensor self) -> Tensor on one float tensor.
@@ -1190,6 +1221,7 @@ const std::unordered_map<std::string, BoxedWrapper>& wrappers() {
       {"aten::exp", unary_aten<kPointwiseExp>},
       {"aten::sigmoid", unary_aten<kPointwiseSigmoid>},
       {"aten::_to_copy", to_copy_aten},
+      {"aten::pow.Tensor_Scalar", pow_scalar_aten},
       {"aten::_fused_rms_norm", fused_rms_norm_aten},
       {"aten::mm", mm_aten},
       {"aten::bmm", bmm_aten},
