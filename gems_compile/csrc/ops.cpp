@@ -725,43 +725,33 @@ bool broadcastable(IntArrayRef a, IntArrayRef b) {
   return true;
 }
 
-// flag_gems::add_tensor(Tensor self, Tensor other) -> Tensor
-bool add_tensor_op(const c10::OperatorHandle&, Stack* s) {
-  const auto a = arg(s, 2, 0).toTensor();
-  const auto b = arg(s, 2, 1).toTensor();
+// A call of `n_args` arguments whose first two are tensors: op(self, other) when both are float
+// tensors of one dtype and device that broadcast (a wrapped number, a 0-dim CPU tensor,
+// integers, mixed dtypes: false, the kernel registered before).
+bool binary_tensors(Stack* s, size_t n_args, int64_t op) {
+  const auto& self = arg(s, n_args, 0);
+  const auto& other = arg(s, n_args, 1);
+  if (!self.isTensor() || !other.isTensor()) return false;
+  const auto a = self.toTensor(), b = other.toTensor();
   if (!broadcastable(a.sizes(), b.sizes())) return false;
-  auto out = pointwise_launch(kPointwiseAdd, {a, b});
+  auto out = pointwise_launch(op, {a, b});
   if (!out) return false;
-  return finish(s, 2, std::move(*out));
+  return finish(s, n_args, std::move(*out));
 }
+
+// flag_gems::add_tensor(Tensor self, Tensor other) -> Tensor
+bool add_tensor_op(const c10::OperatorHandle&, Stack* s) { return binary_tensors(s, 2, kPointwiseAdd); }
 
 // aten::add.Tensor(Tensor self, Tensor other, *, Scalar alpha=1) -> Tensor
 bool add_aten(const c10::OperatorHandle&, Stack* s) {
-  const auto& self = arg(s, 3, 0);
-  const auto& other = arg(s, 3, 1);
-  if (!self.isTensor() || !other.isTensor()) return false;
   const auto alpha = arg(s, 3, 2).toScalar();
   const bool one = alpha.isIntegral(false) ? alpha.toLong() == 1 : alpha.isFloatingPoint() && alpha.toDouble() == 1.0;
   if (!one) return false;
-  const auto a = self.toTensor(), b = other.toTensor();
-  if (!broadcastable(a.sizes(), b.sizes())) return false;
-  auto out = pointwise_launch(kPointwiseAdd, {a, b});
-  if (!out) return false;
-  return finish(s, 3, std::move(*out));
+  return binary_tensors(s, 3, kPointwiseAdd);
 }
 
-// aten::mul.Tensor(Tensor self, Tensor other) -> Tensor: two float tensors of one dtype and
-// device (a wrapped number, a 0-dim CPU tensor, integers, mixed dtypes: the native kernel).
-bool mul_aten(const c10::OperatorHandle&, Stack* s) {
-  const auto& self = arg(s, 2, 0);
-  const auto& other = arg(s, 2, 1);
-  if (!self.isTensor() || !other.isTensor()) return false;
-  const auto a = self.toTensor(), b = other.toTensor();
-  if (!broadcastable(a.sizes(), b.sizes())) return false;
-  auto out = pointwise_launch(kPointwiseMul, {a, b});
-  if (!out) return false;
-  return finish(s, 2, std::move(*out));
-}
+// aten::mul.Tensor(Tensor self, Tensor other) -> Tensor
+bool mul_aten(const c10::OperatorHandle&, Stack* s) { return binary_tensors(s, 2, kPointwiseMul); }
 
 // aten::_to_copy(Tensor self, *, ScalarType? dtype=None, Layout? layout=None, Device? device=None,
 //                bool? pin_memory=None, bool non_blocking=False, MemoryFormat? memory_format=None)
