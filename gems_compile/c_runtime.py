@@ -84,7 +84,8 @@ _STRINGS = ("ieee", "tf32")
 _CLASSES = ("c", "s", "g", "scalar")
 # The generator's ops the wrappers launch, by id (csrc/ops.cpp: kPointwiseAdd ...).
 _POINTWISE_OPS = ("add", "mul", "neg", "rsqrt", "silu", "exp", "sigmoid", "to_copy", "pow", "pow_zero", "pow_one",
-                  "pow_square", "pow_cube", "pow_sqrt", "pow_rsqrt", "pow_reciprocal", "pow_inv_square")
+                  "pow_square", "pow_cube", "pow_sqrt", "pow_rsqrt", "pow_reciprocal", "pow_inv_square", "cos", "sin",
+                  "tanh", "sqrt", "log", "abs", "reciprocal", "gelu", "gelu_tanh", "sub")
 
 
 def _pointwise_kernel(variant):

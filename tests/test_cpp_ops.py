@@ -280,6 +280,20 @@ def test_aten_mul_through_the_eager_mode(dev, dtype, shapes):
     torch.testing.assert_close(out, native, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_aten_sub_through_the_eager_mode(dev, dtype):
+    a, b = rand(2, 3, 40, dtype=dtype, device=dev), rand(40, dtype=dtype, device=dev)
+    native = a - b
+    with flag_gems.use_gems(include=["sub.Tensor"]):
+        with Counted() as c:
+            out = a - b
+            scaled = torch.sub(a, b, alpha=2)  # alpha: native
+        assert c.n == 1
+    close(out, a.double() - b.double(), f"op=sub.Tensor dtype={dtype}")
+    torch.testing.assert_close(out, native, rtol=0, atol=0)
+    close(scaled, a.double() - 2 * b.double(), "op=sub.Tensor alpha", dtype)
+
+
 def test_aten_mul_layouts_and_refusals(dev):
     a = rand(6, 40, device=dev)
     with flag_gems.use_gems(include=["mul.Tensor"]):
@@ -299,12 +313,22 @@ def test_aten_mul_layouts_and_refusals(dev):
     close(mixed, a.half().double() * a.double(), "op=mul.Tensor mixed", torch.float16)
 
 
-UNARY = {  # eager entry -> (torch call, float64 reference)
-    "neg": (torch.neg, torch.neg),
-    "rsqrt": (torch.rsqrt, torch.rsqrt),  # on inputs >= 0.5
-    "silu": (F.silu, F.silu),
-    "exp": (torch.exp, torch.exp),
-    "sigmoid": (torch.sigmoid, torch.sigmoid),
+POSITIVE = {"rsqrt", "sqrt", "log", "reciprocal"}  # inputs >= 0.5 for these
+UNARY = {  # test id -> (eager entry, torch call, float64 reference)
+    "neg": ("neg.default", torch.neg, torch.neg),
+    "rsqrt": ("rsqrt.default", torch.rsqrt, torch.rsqrt),
+    "silu": ("silu.default", F.silu, F.silu),
+    "exp": ("exp.default", torch.exp, torch.exp),
+    "sigmoid": ("sigmoid.default", torch.sigmoid, torch.sigmoid),
+    "cos": ("cos.default", torch.cos, torch.cos),
+    "sin": ("sin.default", torch.sin, torch.sin),
+    "tanh": ("tanh.default", torch.tanh, torch.tanh),
+    "sqrt": ("sqrt.default", torch.sqrt, torch.sqrt),
+    "log": ("log.default", torch.log, torch.log),
+    "abs": ("abs.default", torch.abs, torch.abs),
+    "reciprocal": ("reciprocal.default", torch.reciprocal, torch.reciprocal),
+    "gelu": ("gelu.default", F.gelu, F.gelu),
+    "gelu_tanh": ("gelu.default", lambda x: F.gelu(x, approximate="tanh"), lambda x: F.gelu(x, approximate="tanh")),
 }
 
 
@@ -321,16 +345,16 @@ def _python_path(dev, fn):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", sorted(UNARY))
 def test_aten_unary_through_the_eager_mode(dev, name, dtype):
-    """The C++ wrappers of neg / rsqrt / silu / exp / sigmoid: contiguous, transposed and broadcast-
+    """The C++ wrappers of the one-tensor ops (neg, rsqrt, silu, exp, ..., gelu in both forms): contiguous, transposed and broadcast-
     strided inputs; against float64, and equal to the Python implementation's result (one generated
     kernel, fp32 compute)."""
-    fn, ref = UNARY[name]
+    entry, fn, ref = UNARY[name]
     base = rand(5, 24, dtype=dtype, device=dev)
-    if name == "rsqrt":
+    if name in POSITIVE:
         base = base.abs() + 0.5
     inputs = {"contiguous": base, "transposed": base.t(), "expanded": base[:1].expand(3, 24)}
     native = {layout: fn(x) for layout, x in inputs.items()}
-    with flag_gems.use_gems(include=[f"{name}.default"]):
+    with flag_gems.use_gems(include=[entry]):
         for layout, x in inputs.items():
             with Counted() as c:
                 out = fn(x)
@@ -344,7 +368,7 @@ def test_aten_unary_through_the_eager_mode(dev, name, dtype):
     if dtype == torch.float32:  # what they refuse: integers, fp64: the native kernel
         i = torch.randint(-9, 9, (3, 4), device=dev)
         d = rand(3, 4, dtype=torch.float64, device=dev).abs() + 0.5
-        with flag_gems.use_gems(include=[f"{name}.default"]), Counted() as c:
+        with flag_gems.use_gems(include=[entry]), Counted() as c:
             if name == "neg":
                 assert torch.equal(fn(i), -i)
             got = fn(d)

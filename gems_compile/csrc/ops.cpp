@@ -575,6 +575,16 @@ constexpr int64_t kPointwiseToCopy = 7;
 constexpr int64_t kPointwisePow = 8;
 constexpr std::array<std::pair<double, int64_t>, 8> kPowForms{{
     {0.0, 9}, {1.0, 10}, {2.0, 11}, {3.0, 12}, {0.5, 13}, {-0.5, 14}, {-1.0, 15}, {-2.0, 16}}};
+constexpr int64_t kPointwiseCos = 17;
+constexpr int64_t kPointwiseSin = 18;
+constexpr int64_t kPointwiseTanh = 19;
+constexpr int64_t kPointwiseSqrt = 20;
+constexpr int64_t kPointwiseLog = 21;
+constexpr int64_t kPointwiseAbs = 22;
+constexpr int64_t kPointwiseReciprocal = 23;
+constexpr int64_t kPointwiseGelu = 24;
+constexpr int64_t kPointwiseGeluTanh = 25;
+constexpr int64_t kPointwiseSub = 26;
 
 // op(inputs...) for one or two tensors of one float dtype on one device (the plan of
 // pointwise._build for that case): broadcasting, any strides, fp32 compute, the result in the
@@ -753,6 +763,14 @@ bool add_aten(const c10::OperatorHandle&, Stack* s) {
 // aten::mul.Tensor(Tensor self, Tensor other) -> Tensor
 bool mul_aten(const c10::OperatorHandle&, Stack* s) { return binary_tensors(s, 2, kPointwiseMul); }
 
+// aten::sub.Tensor(Tensor self, Tensor other, *, Scalar alpha=1) -> Tensor (alpha 1 only)
+bool sub_aten(const c10::OperatorHandle&, Stack* s) {
+  const auto alpha = arg(s, 3, 2).toScalar();
+  const bool one = alpha.isIntegral(false) ? alpha.toLong() == 1 : alpha.isFloatingPoint() && alpha.toDouble() == 1.0;
+  if (!one) return false;
+  return binary_tensors(s, 3, kPointwiseSub);
+}
+
 // aten::_to_copy(Tensor self, *, ScalarType? dtype=None, Layout? layout=None, Device? device=None,
 //                bool? pin_memory=None, bool non_blocking=False, MemoryFormat? memory_format=None)
 // between fp16 / bf16 / fp32 on the tensor's own device, of a non-overlapping and dense tensor
@@ -800,7 +818,19 @@ bool pow_scalar_aten(const c10::OperatorHandle&, Stack* s) {
   return finish(s, 2, std::move(*out));
 }
 
-// aten::neg / rsqrt / silu / exp / sigmoid (Tensor self) -> Tensor on one float tensor.
+// aten::gelu(Tensor self, *, str approximate='none') -> Tensor: erf or tanh form.
+bool gelu_aten(const c10::OperatorHandle&, Stack* s) {
+  const auto& self = arg(s, 2, 0);
+  const auto& approximate = arg(s, 2, 1);
+  if (!self.isTensor() || !approximate.isString()) return false;
+  const auto form = approximate.toStringRef();
+  if (form != "none" && form != "tanh") return false;
+  auto out = pointwise_launch(form == "none" ? kPointwiseGelu : kPointwiseGeluTanh, {self.toTensor()});
+  if (!out) return false;
+  return finish(s, 2, std::move(*out));
+}
+
+// aten::neg / rsqrt / silu / exp / sigmoid / cos / ... (Tensor self) -> Tensor on one float tensor.
 template <int64_t Op>
 bool unary_aten(const c10::OperatorHandle&, Stack* s) {
   const auto& self = arg(s, 1, 0);
@@ -1212,6 +1242,15 @@ const std::unordered_map<std::string, BoxedWrapper>& wrappers() {
       {"aten::sigmoid", unary_aten<kPointwiseSigmoid>},
       {"aten::_to_copy", to_copy_aten},
       {"aten::pow.Tensor_Scalar", pow_scalar_aten},
+      {"aten::sub.Tensor", sub_aten},
+      {"aten::cos", unary_aten<kPointwiseCos>},
+      {"aten::sin", unary_aten<kPointwiseSin>},
+      {"aten::tanh", unary_aten<kPointwiseTanh>},
+      {"aten::sqrt", unary_aten<kPointwiseSqrt>},
+      {"aten::log", unary_aten<kPointwiseLog>},
+      {"aten::abs", unary_aten<kPointwiseAbs>},
+      {"aten::reciprocal", unary_aten<kPointwiseReciprocal>},
+      {"aten::gelu", gelu_aten},
       {"aten::_fused_rms_norm", fused_rms_norm_aten},
       {"aten::mm", mm_aten},
       {"aten::bmm", bmm_aten},
