@@ -675,3 +675,65 @@ def test_tiny_llama_under_use_gems_runs_its_layers_through_the_wrappers(dev):
     # per layer at least: 2 x (_to_copy x2, pow, mean, rsqrt, mul x2) for the norms, rope's muls,
     # negs and adds, silu and mul for the MLP, the projections' mm
     assert c.n >= 2 * 20, c.n
+
+
+# --------------------------------------------------------------------------- random layouts
+
+
+def _random_view(rng, shape, dtype, dev):
+    """A view of ``shape`` into a larger tensor: strided slices, an offset, sometimes permuted storage."""
+    big = [s * rng.choice([1, 1, 2]) + rng.choice([0, 1]) for s in shape]
+    base = rand(*big, dtype=dtype, device=dev) if big else rand(dtype=dtype, device=dev)
+    idx = []
+    for s, b in zip(shape, big):
+        step = b // s if s and b >= 2 * s else 1
+        start = rng.randint(0, b - ((s - 1) * step + 1)) if s else 0
+        idx.append(slice(start, start + (s - 1) * step + 1 if s else start, step))
+    t = base[tuple(idx)]
+    if t.dim() > 1 and rng.random() < 0.5:
+        p = list(range(t.dim()))
+        rng.shuffle(p)
+        t = t.permute(p).contiguous().permute([p.index(i) for i in range(t.dim())])
+    assert tuple(t.shape) == tuple(shape)
+    return t
+
+
+def test_random_layouts_match_torch(dev):
+    """Random ranks (0-4), sizes (0 and 1 included), strides, offsets and dtypes through the
+    pointwise, cast, pow and mean wrappers: torch's values (tolerance table), shape, dtype and
+    strides, whichever path each call took; the wrappers ran for most of them."""
+    import random
+
+    rng = random.Random(0)
+    unary = {"neg": torch.neg, "exp": torch.exp, "silu": F.silu, "gelu": F.gelu, "tanh": torch.tanh,
+             "sigmoid": torch.sigmoid}
+    with Counted() as c:
+        for trial in range(80):
+            nd = rng.randint(0, 4)
+            shape = [rng.choice([0, 1, 1, 2, 3, 5, 7]) for _ in range(nd)]
+            dtype = rng.choice(DTYPES)
+            x = _random_view(rng, shape, dtype, dev)
+            name = rng.choice(list(unary) + ["mul", "add", "sub", "to_copy", "pow", "mean"])
+            if name in ("mul", "add", "sub"):
+                y = _random_view(rng, shape[rng.randint(0, nd):], dtype, dev)
+                call = lambda f=getattr(torch, name), y=y: f(x, y)  # noqa: E731
+            elif name == "to_copy":
+                call = lambda to=rng.choice(DTYPES): x.to(to)  # noqa: E731
+            elif name == "pow":
+                call = lambda e=rng.choice([2, 3, 0.5, -1, 2.5]): (x.abs() + 0.5).pow(e)  # noqa: E731
+            elif name == "mean":
+                if nd == 0:
+                    continue
+                call = lambda kd=rng.random() < 0.5: x.mean(-1, keepdim=kd)  # noqa: E731
+            else:
+                call = lambda f=unary[name]: f(x)  # noqa: E731
+            ref = call()
+            with flag_gems.use_gems():
+                out = call()
+            what = f"trial {trial}: {name} shape={shape} strides={x.stride()} dtype={dtype}"
+            assert out.shape == ref.shape and out.dtype == ref.dtype, what
+            if out.numel() > 1:
+                assert out.stride() == ref.stride(), f"{what}: strides {out.stride()} vs torch {ref.stride()}"
+            atol, rtol = TOLERANCES[ref.dtype]
+            torch.testing.assert_close(out, ref, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"[{what}] {m}")
+    assert c.n >= 40, c.n
