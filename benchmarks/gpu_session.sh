@@ -6,8 +6,10 @@
 # sweep (launch-heuristic sweep), bench (kernel table, issue 2), model (model table, issue 3),
 # ops (op + model table, issue 4), eager (model under eager / use_gems() / preset fast, issue 10), graph (each
 # op alone in a compiled graph, aten vs lowered), profile (where the model's time goes), hostprof (host time of eager
-# op calls, with a cProfile), retest (pytest on $RETEST), multigpu (tests marked multigpu, the 2-process
-# tensor-parallel decoder over NCCL writing its results to $OUT; needs 2 GPUs, NVLink multicast off). Each part runs under its own time limit (seconds, overridable
+# op calls, with a cProfile), retest (pytest on $RETEST), vllm (vLLM mode-3 harness: three contenders and
+# the prefill kernel profile), cpp (C++ runtime host times, incl. the eager-only wrappers), multigpu (tests
+# marked multigpu, the 2-process tensor-parallel decoder over NCCL writing its results to $OUT; needs 2 GPUs,
+# NVLink multicast off). Each part runs under its own time limit (seconds, overridable
 # with e.g. TESTS_S=200) so that the parts chosen for one call end inside the call's 10 minutes.
 set -uo pipefail
 PROFILE_ARGS=${PROFILE_ARGS:-}  # also SWEEP_ARGS, MODEL_ARGS: extra arguments of those parts
@@ -64,6 +66,10 @@ for part in "${list[@]}"; do
             grep -E "^== " "$OUT/hostprof.log" ;;
     retest) run_part retest "${RETEST_S:-120}" python3 -m pytest -q -n 8 -p no:cacheprovider --runslow -rfE $RETEST
             tail -15 "$OUT/retest.log" ;;
+    vllm)  run_part vllm "${VLLM_S:-240}" python3 benchmarks/bench_vllm.py --quick --profile 3 --out "$OUT" ${VLLM_ARGS:-}
+           grep -vE "^\s*$" "$OUT/vllm.log" | tail -60 ;;
+    cpp)   run_part cpp "${CPP_S:-180}" python3 benchmarks/bench_cpp.py --out "$OUT" ${CPP_ARGS:-}
+           tail -45 "$OUT/cpp.log" ;;
     multigpu) NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 GEMS_MULTIGPU_OUT="$OUT" \
               run_part multigpu "${MULTIGPU_S:-400}" python3 -m pytest -q -p no:cacheprovider -rfEs -m multigpu \
               tests/test_multigpu.py tests/test_cpp_gpu.py
