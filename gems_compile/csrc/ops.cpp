@@ -46,6 +46,11 @@ bool finish(Stack* s, size_t n, T&&... outs) {
   return true;
 }
 
+// finish() with the one output a launch gave, or false (the wrapper refused: the kernel before it runs).
+bool finish_or_refuse(Stack* s, size_t n, std::optional<at::Tensor> out) {
+  return out ? finish(s, n, std::move(*out)) : false;
+}
+
 bool is_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat; }
 
 // A dense tensor our kernels can read on this key's device (CUDA, or the CPU in interpreter mode).
@@ -598,9 +603,10 @@ std::optional<at::Tensor> pointwise_launch(int64_t op, std::initializer_list<at:
                                            std::optional<at::ScalarType> out_dtype = std::nullopt,
                                            bool keep_strides = false,
                                            const std::optional<c10::Scalar>& scalar = std::nullopt) {
-  const std::vector<at::Tensor> in(inputs);
-  const size_t k = in.size();
-  for (const auto& t : in) {
+  const at::Tensor* in = inputs.begin();  // the caller's tensors, alive for the call (Launch keeps pointers)
+  const size_t k = inputs.size();
+  TORCH_CHECK(k >= 1 && k <= 2, "flag_gems: pointwise_launch takes one or two tensors");
+  for (const auto& t : inputs) {
     if (!float_tensor(t) || t.scalar_type() != in[0].scalar_type() || t.device() != in[0].device())
       return std::nullopt;
   }
@@ -611,7 +617,7 @@ std::optional<at::Tensor> pointwise_launch(int64_t op, std::initializer_list<at:
   }
   const int64_t nd = static_cast<int64_t>(shape.size());
   std::vector<std::vector<int64_t>> bstrides;  // each operand's strides, broadcast to shape
-  for (const auto& t : in) {
+  for (const auto& t : inputs) {
     const int64_t pad = nd - t.dim();
     std::vector<int64_t> st(pad, 0);
     for (int64_t d = 0; d < t.dim(); ++d) st.push_back(t.size(d) == 1 && shape[pad + d] != 1 ? 0 : t.stride(d));
@@ -627,7 +633,7 @@ std::optional<at::Tensor> pointwise_launch(int64_t op, std::initializer_list<at:
     return st;
   };
   bool plain = true;
-  for (const auto& t : in) plain = plain && t.is_contiguous() && t.sizes() == IntArrayRef(shape);
+  for (const auto& t : inputs) plain = plain && t.is_contiguous() && t.sizes() == IntArrayRef(shape);
   std::vector<int64_t> natural(nd);
   std::iota(natural.begin(), natural.end(), 0);
   std::vector<int64_t> out_strides = plain ? dense(natural) : dense(iteration_order(shape, bstrides));
@@ -640,15 +646,16 @@ std::optional<at::Tensor> pointwise_launch(int64_t op, std::initializer_list<at:
   const int64_t n = prod(shape);
   if (n == 0) return out;
   std::vector<std::vector<int64_t>> all{out_strides};  // column 0 is the output, then the operands
-  for (auto& st : bstrides) all.push_back(st);
+  for (auto& st : bstrides) all.push_back(std::move(st));
   const size_t cols = all.size();
   auto order = iteration_order(shape, all);
-  // coalesce, outermost first
+  // coalesce, outermost first; per dim the strides of the output and the operands
+  using Col = std::array<int64_t, 3>;
   std::vector<int64_t> sizes;
-  std::vector<std::vector<int64_t>> mst;
+  std::vector<Col> mst;
   for (int64_t d : order) {
     if (shape[d] == 1) continue;
-    std::vector<int64_t> st(cols);
+    Col st{};
     for (size_t j = 0; j < cols; ++j) st[j] = all[j][d];
     if (!sizes.empty()) {
       auto& prev = mst.back();
@@ -661,11 +668,11 @@ std::optional<at::Tensor> pointwise_launch(int64_t op, std::initializer_list<at:
       }
     }
     sizes.push_back(shape[d]);
-    mst.push_back(std::move(st));
+    mst.push_back(st);
   }
   if (sizes.empty()) {
     sizes.push_back(1);
-    mst.emplace_back(cols, 0);
+    mst.push_back(Col{});
   }
   const int64_t r = static_cast<int64_t>(sizes.size());
   std::vector<int64_t> contig(r);
@@ -706,7 +713,7 @@ std::optional<at::Tensor> pointwise_launch(int64_t op, std::initializer_list<at:
   l.variant(op).variant(cls[0]).variant(rank).variant(index64);
   for (size_t j = 1; j < cols; ++j) l.variant(cls[j]);
   if (scalar) l.variant(3);
-  for (const auto& t : in) l.tensor(t);
+  for (const auto& t : inputs) l.tensor(t);
   if (scalar) {
     if (scalar->isIntegral(/*includeBool=*/false))
       l.i(scalar->toLong());
@@ -744,9 +751,7 @@ bool binary_tensors(Stack* s, size_t n_args, int64_t op) {
   if (!self.isTensor() || !other.isTensor()) return false;
   const auto a = self.toTensor(), b = other.toTensor();
   if (!broadcastable(a.sizes(), b.sizes())) return false;
-  auto out = pointwise_launch(op, {a, b});
-  if (!out) return false;
-  return finish(s, n_args, std::move(*out));
+  return finish_or_refuse(s, n_args, pointwise_launch(op, {a, b}));
 }
 
 // flag_gems::add_tensor(Tensor self, Tensor other) -> Tensor
@@ -796,9 +801,7 @@ bool to_copy_aten(const c10::OperatorHandle&, Stack* s) {
   }
   if (!pin.isNone() && pin.toBool()) return false;
   if (!format.isNone() && format.toMemoryFormat() != at::MemoryFormat::Preserve) return false;
-  auto out = pointwise_launch(kPointwiseToCopy, {self}, to, /*keep_strides=*/true);
-  if (!out) return false;
-  return finish(s, 7, std::move(*out));
+  return finish_or_refuse(s, 7, pointwise_launch(kPointwiseToCopy, {self}, to, /*keep_strides=*/true));
 }
 
 // aten::pow.Tensor_Scalar(Tensor self, Scalar exponent) -> Tensor for a float tensor and a real
@@ -813,9 +816,7 @@ bool pow_scalar_aten(const c10::OperatorHandle&, Stack* s) {
   int64_t op = kPointwisePow;
   for (const auto& [value, id] : kPowForms)
     if (v == value) op = id;
-  auto out = pointwise_launch(op, {self.toTensor()}, std::nullopt, false, e);
-  if (!out) return false;
-  return finish(s, 2, std::move(*out));
+  return finish_or_refuse(s, 2, pointwise_launch(op, {self.toTensor()}, std::nullopt, false, e));
 }
 
 // aten::gelu(Tensor self, *, str approximate='none') -> Tensor: erf or tanh form.
@@ -825,9 +826,8 @@ bool gelu_aten(const c10::OperatorHandle&, Stack* s) {
   if (!self.isTensor() || !approximate.isString()) return false;
   const auto form = approximate.toStringRef();
   if (form != "none" && form != "tanh") return false;
-  auto out = pointwise_launch(form == "none" ? kPointwiseGelu : kPointwiseGeluTanh, {self.toTensor()});
-  if (!out) return false;
-  return finish(s, 2, std::move(*out));
+  const int64_t op = form == "none" ? kPointwiseGelu : kPointwiseGeluTanh;
+  return finish_or_refuse(s, 2, pointwise_launch(op, {self.toTensor()}));
 }
 
 // aten::neg / rsqrt / silu / exp / sigmoid / cos / ... (Tensor self) -> Tensor on one float tensor.
@@ -835,9 +835,7 @@ template <int64_t Op>
 bool unary_aten(const c10::OperatorHandle&, Stack* s) {
   const auto& self = arg(s, 1, 0);
   if (!self.isTensor()) return false;
-  auto out = pointwise_launch(Op, {self.toTensor()});
-  if (!out) return false;
-  return finish(s, 1, std::move(*out));
+  return finish_or_refuse(s, 1, pointwise_launch(Op, {self.toTensor()}));
 }
 
 // ================================================================== mm / bmm (kernels/matmul.py)
@@ -1166,23 +1164,18 @@ std::optional<at::Tensor> sum_launch(const at::Tensor& x, const c10::IValue& dim
 // flag_gems::sum(Tensor self, int[]? dim=None, bool keepdim=False, *, ScalarType? dtype=None) -> Tensor
 // aten::sum.dim_IntList(Tensor self, int[1]? dim, bool keepdim=False, *, ScalarType? dtype=None) -> Tensor
 bool sum_dim_op(const c10::OperatorHandle&, Stack* s) {
-  auto out = sum_launch(arg(s, 4, 0).toTensor(), arg(s, 4, 1), arg(s, 4, 2).toBool(), arg(s, 4, 3));
-  if (!out) return false;
-  return finish(s, 4, std::move(*out));
+  return finish_or_refuse(s, 4, sum_launch(arg(s, 4, 0).toTensor(), arg(s, 4, 1), arg(s, 4, 2).toBool(), arg(s, 4, 3)));
 }
 
 // aten::mean.dim(Tensor self, int[1]? dim, bool keepdim=False, *, ScalarType? dtype=None) -> Tensor
 bool mean_dim_aten(const c10::OperatorHandle&, Stack* s) {
-  auto out = sum_launch(arg(s, 4, 0).toTensor(), arg(s, 4, 1), arg(s, 4, 2).toBool(), arg(s, 4, 3), true);
-  if (!out) return false;
-  return finish(s, 4, std::move(*out));
+  auto out = sum_launch(arg(s, 4, 0).toTensor(), arg(s, 4, 1), arg(s, 4, 2).toBool(), arg(s, 4, 3), /*mean=*/true);
+  return finish_or_refuse(s, 4, std::move(out));
 }
 
 // aten::sum(Tensor self, *, ScalarType? dtype=None) -> Tensor
 bool sum_aten(const c10::OperatorHandle&, Stack* s) {
-  auto out = sum_launch(arg(s, 2, 0).toTensor(), c10::IValue(), false, arg(s, 2, 1));
-  if (!out) return false;
-  return finish(s, 2, std::move(*out));
+  return finish_or_refuse(s, 2, sum_launch(arg(s, 2, 0).toTensor(), c10::IValue(), false, arg(s, 2, 1)));
 }
 
 // ================================================================== nonzero (kernels/nonzero.py)
