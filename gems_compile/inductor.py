@@ -47,8 +47,7 @@ import torch
 from torch import fx
 
 from .options import FUSIONS
-from .passes import FUSION_PASSES
-from .passes.canonicalize import respell
+from .passes import fuse_post_grad
 from .report import GraphReport
 from .signals import is_dynamo_signal
 
@@ -389,17 +388,7 @@ class GemsFusionPass(CustomGraphPass):
         gm = graph.owning_module
         report = GraphReport(len(self.reports), kind="inductor post-grad")
         self.reports.append(report)
-        # Inductor has decomposed SiLU (x / (1 + exp(-x))), GELU and stack by now: respelled
-        # into what the matchers read, put back where nothing was fused.
-        respelled = respell(gm)
-        for name in self.fusions:
-            fn = FUSION_PASSES.get(name)
-            if fn is not None:
-                fn(gm, report)
-        restored = respelled.restore()
-        if respelled.count:
-            report.notes.append(f"{respelled.count} decomposed op(s) respelled for the matchers, "
-                                f"{restored} unfused one(s) restored")
+        fuse_post_grad(gm, report, self.fusions)
         if self.inline_kernels:
             inline_triton_kernels(gm, report)
         logger.info("flag_gems inductor pass: %s", dict(report.fused) or "nothing fused")

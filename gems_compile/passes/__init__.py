@@ -20,4 +20,26 @@ FUSION_PASSES = {
     "rotary_embedding": fuse_rotary_embedding,
 }
 
-__all__ = ["FUSION_PASSES"]
+
+
+def fuse_post_grad(gm, report, fusions) -> None:
+    """Run the pattern fusions ``fusions`` on an Inductor post-grad graph (``flag_gems.inductor_pass``,
+    ``flag_gems.vllm_pass``): Inductor's decompositions the matchers do not read (SiLU, GELU,
+    stack) are respelled first and put back after where nothing fused; the report notes both,
+    and any fusion name this build does not have."""
+    from .canonicalize import respell
+
+    respelled = respell(gm)
+    for name in fusions:
+        fn = FUSION_PASSES.get(name)
+        if fn is None:
+            report.notes.append(f"fusion {name!r} is not available in this build")
+            continue
+        fn(gm, report)
+    restored = respelled.restore()
+    if respelled.count:
+        report.notes.append(f"{respelled.count} decomposed op(s) respelled for the matchers, "
+                            f"{restored} unfused one(s) restored")
+
+
+__all__ = ["FUSION_PASSES", "fuse_post_grad"]

@@ -40,9 +40,8 @@ import threading
 from torch import fx
 
 from ..options import FUSIONS
-from ..passes import FUSION_PASSES
+from ..passes import fuse_post_grad
 from ..report import CompileReport, GraphReport, dump_graph, dump_report
-from ..passes.canonicalize import respell
 from .op_forms import rewrite_vllm_ops
 
 logger = logging.getLogger(__name__)
@@ -139,17 +138,7 @@ class GemsVllmPass(_pass_base()):
         try:
             if self.vllm_ops:
                 rewrite_vllm_ops(gm, report)
-            respelled = respell(gm)
-            for name in self.fusions:
-                fn = FUSION_PASSES.get(name)
-                if fn is None:
-                    report.notes.append(f"fusion {name!r} is not available in this build")
-                    continue
-                fn(gm, report)
-            restored = respelled.restore()
-            if respelled.count:
-                report.notes.append(f"{respelled.count} decomposed op(s) respelled for the matchers, "
-                                    f"{restored} unfused one(s) restored")
+            fuse_post_grad(gm, report, self.fusions)
             if self.inline_kernels:
                 from ..inductor import inline_triton_kernels
 
