@@ -62,15 +62,11 @@ class DeviceTime(float):
 
 
 def _events_ms(fn: Callable[[], object], reps: int) -> list[float]:
-    """Event-timed ms of ``fn()`` for each of ``reps`` runs (``fn`` may be a graph replay)."""
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    """Event-timed ms of ``fn()`` for each of ``reps`` runs (``fn`` may be a graph replay): the
+    autotuner's timer (imported here, so that importing this module leaves flag_gems alone)."""
+    from flag_gems.kernels._autotune import _events_us
+
+    return [us / 1e3 for us in _events_us(fn, reps)]
 
 
 def _repeat(fn: Callable[[], object], n: int) -> Callable[[], None]:
@@ -138,6 +134,23 @@ def device_time_us(
         body()
         times = _events_ms(body, replays)
         return DeviceTime(statistics.median(times) / n * 1e3, "cuda_events", n)
+
+
+def profile_calls(fn: Callable[[], object], calls: int, *, warmup: int = 1, cuda: bool = True):
+    """``torch.profiler``'s ``key_averages()`` over ``calls`` calls of ``fn`` after ``warmup`` ones
+    (CPU activity, and CUDA's with ``cuda``; synchronized before and after)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    return prof.key_averages()
 
 
 def host_time_us(fn: Callable[[], object], *, calls: int = 200, batches: int = 5, warmup: int = 3) -> float:

@@ -49,7 +49,7 @@ if "--cpu-smoke" in sys.argv:
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_utils import file_tag, median_call_ms, run_meta, write_rows  # noqa: E402
+from _bench_utils import file_tag, median_call_ms, profile_calls, run_meta, write_rows  # noqa: E402
 
 LLAMA3_8B_4L = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
@@ -105,15 +105,7 @@ def cosine(a, b) -> float:
 def count_cuda_kernels(fn, calls: int = 3) -> float:
     """CUDA kernels launched per call of ``fn`` (torch.profiler, as ``profile_model.py`` counts them;
     memcpy and memset excluded)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    n = sum(e.count for e in prof.key_averages()
+    n = sum(e.count for e in profile_calls(fn, calls)
             if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith(("Memcpy", "Memset")))
     return n / calls
 

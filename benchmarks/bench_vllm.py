@@ -47,7 +47,8 @@ import torch  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]
 import vllm_harness as H  # noqa: E402
-from _bench_utils import copy_bandwidth, file_tag, median_call_ms, run_meta, write_rows  # noqa: E402
+from _bench_utils import (copy_bandwidth, file_tag, median_call_ms, profile_calls, run_meta,  # noqa: E402
+                          write_rows)
 
 # flag_gems_pass_inline: the pass with inline_kernels=True (our kernels launched from Inductor's code)
 CONTENDERS = ("inductor", "flag_gems_pass", "flag_gems_pass_inline")
@@ -176,16 +177,7 @@ def profile_prefill(name: str, c: Contender, batch, device: str, args) -> list[d
     """Per-kernel time of ``args.profile`` prefill steps of one contender (``torch.profiler``):
     rows ``prefill_kernel_us`` (total per step) and ``prefill_kernel_calls`` (per step) by kernel
     name, and the profiler's table, top 30, printed. Where the prefill gap lives."""
-    from torch.profiler import ProfilerActivity, profile
-
-    c.prefill(batch)  # warm
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(args.profile):
-            c.prefill(batch)
-        if device == "cuda":
-            torch.cuda.synchronize()
-    events = prof.key_averages()
+    events = profile_calls(lambda: c.prefill(batch), args.profile, cuda=device == "cuda")
     time_of = (lambda e: e.device_time_total) if device == "cuda" else (lambda e: e.self_cpu_time_total)
     kernels = [e for e in events if time_of(e) > 0 and (device != "cuda" or e.device_type.name == "CUDA")]
     kernels.sort(key=time_of, reverse=True)

@@ -18,10 +18,10 @@ import os
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_model as bm  # noqa: E402
+from _bench_utils import profile_calls  # noqa: E402
 
 import flag_gems  # noqa: E402
 
@@ -34,14 +34,7 @@ def _device_us(evt) -> float:
 
 
 def profile_one(fn, calls: int, top: int) -> str:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in profile_calls(fn, calls, warmup=3) if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels.sort(key=_device_us, reverse=True)
     total = sum(_device_us(e) for e in kernels)
     launches = sum(e.count for e in kernels)
