@@ -58,6 +58,24 @@ def fresh_dynamo():
     yield
 
 
+@pytest.fixture
+def cpp_dev():
+    """The device whose ops the C++ wrappers serve: CUDA, or the CPU with the wrappers registered
+    for the test (their launches then go through the Python hook to Triton's interpreter)."""
+    from flag_gems import c_runtime
+
+    if not c_runtime.available:
+        pytest.skip(f"C++ runtime unavailable: {c_runtime.reason}")
+    if torch.cuda.is_available():
+        yield "cuda"
+        return
+    had = "CPU" in c_runtime.installed_keys()
+    c_runtime.install("CPU")
+    yield "cpu"
+    if not had:
+        c_runtime.uninstall("CPU")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different but reproducible seed per test: fresh inputs, no flaky reruns.

@@ -23,18 +23,9 @@ fg = torch.ops.flag_gems
 
 
 @pytest.fixture
-def dev():
-    """The device whose flag_gems ops are served by the C++ wrappers for the test."""
-    if not c_runtime.available:
-        pytest.skip(f"C++ runtime unavailable: {c_runtime.reason}")
-    if torch.cuda.is_available():
-        yield "cuda"
-        return
-    had = "CPU" in c_runtime.installed_keys()
-    c_runtime.install("CPU")
-    yield "cpu"
-    if not had:
-        c_runtime.uninstall("CPU")
+def dev(cpp_dev):
+    """The device whose flag_gems ops are served by the C++ wrappers for the test (conftest)."""
+    return cpp_dev
 
 
 def cpp_launches() -> int:

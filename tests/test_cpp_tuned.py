@@ -44,19 +44,12 @@ fg = torch.ops.flag_gems
 
 
 @pytest.fixture
-def dev():
-    """The device whose ops the C++ wrappers serve (the CPU kernels are registered for the test)."""
-    if not c_runtime.available:
-        pytest.skip(f"C++ runtime unavailable: {c_runtime.reason}")
-    if torch.cuda.is_available():
-        torch.ops.flag_gems_cpp.clear_cache()  # every first call below is a miss: its launch is recorded
-        yield "cuda"
-        return
-    had = "CPU" in c_runtime.installed_keys()
-    c_runtime.install("CPU")
-    yield "cpu"
-    if not had:
-        c_runtime.uninstall("CPU")
+def dev(cpp_dev):
+    """The device whose ops the C++ wrappers serve (conftest's ``cpp_dev``), its launch cache empty
+    on a GPU: every first call below is a miss, so its launch is recorded."""
+    if cpp_dev == "cuda":
+        torch.ops.flag_gems_cpp.clear_cache()
+    return cpp_dev
 
 
 @pytest.fixture
