@@ -80,9 +80,10 @@ _last_launch: dict = {}  # kernel name -> what the last launch through the hook 
 
 # Constexpr strings the wrappers pass, by id (csrc/runtime.h: ConstStr).
 _STRINGS = ("ieee", "tf32")
-# Access classes of the pointwise generator, by id (csrc/ops.cpp: add_launch).
+# Operand classes of the pointwise generator, by id (csrc/ops.cpp: pointwise_launch); "scalar" an argument.
 _CLASSES = ("c", "s", "g", "scalar")
-# The generator's ops the wrappers launch, by id (csrc/ops.cpp: kPointwiseAdd ...).
+# The generator's ops the wrappers launch, by id: the kPointwise* constants of csrc/ops.cpp (the tests of
+# each wrapper check its results, so a table out of step fails there).
 _POINTWISE_OPS = ("add", "mul", "neg", "rsqrt", "silu", "exp", "sigmoid", "to_copy", "pow", "pow_zero", "pow_one",
                   "pow_square", "pow_cube", "pow_sqrt", "pow_rsqrt", "pow_reciprocal", "pow_inv_square", "cos", "sin",
                   "tanh", "sqrt", "log", "abs", "reciprocal", "gelu", "gelu_tanh", "sub")
