@@ -199,12 +199,21 @@ def wall_time_us(fn: Callable[[], object], *, iters: int = 3, warmup: int = 1) -
 def median_call_ms(fn: Callable[[], object], iters: int, device: str) -> float:
     """Median ms of ``iters`` calls of ``fn``, each timed alone: CUDA events around the call on
     the GPU (a model forward, a graph replay), the wall clock on the CPU."""
-    times = []
+    return median_call_times(fn, iters, device)[0]
+
+
+def median_call_times(fn: Callable[[], object], iters: int, device: str) -> tuple[float, float]:
+    """``(ms, host_ms)``: :func:`median_call_ms`, and the median host time to issue one call
+    (wall clock from the call to its return, no synchronization: on the GPU, the time Python
+    needs to launch the call's work; when it exceeds the device time, the call is launch-bound)."""
+    times, host = [], []
     for _ in range(iters):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             fn()
+            host.append((time.perf_counter() - t0) * 1e3)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
@@ -212,7 +221,8 @@ def median_call_ms(fn: Callable[[], object], iters: int, device: str) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+            host.append(times[-1])
+    return statistics.median(times), statistics.median(host)
 
 
 def gbps(nbytes: int, us: float) -> float:

@@ -12,6 +12,8 @@ Per (input, contender):
 
 - ``ms``: the median over ``--rounds`` alternating rounds (every contender once per round, the
   order rotated each round) of the median CUDA-event time of ``--iters`` calls;
+- ``host_ms``: the median host time to issue one call (no synchronization; above ``ms``'s
+  device share, the call is launch-bound);
 - ``first_call_s``: the first call, compile included, with cold caches (Inductor's and Triton's
   cache folders are empty temporary folders for the whole run; each input starts from a
   ``torch._dynamo.reset()``);
@@ -49,7 +51,7 @@ if "--cpu-smoke" in sys.argv:
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_utils import file_tag, median_call_ms, profile_calls, run_meta, write_rows  # noqa: E402
+from _bench_utils import file_tag, median_call_times, profile_calls, run_meta, write_rows  # noqa: E402
 
 LLAMA3_8B_4L = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
@@ -92,10 +94,16 @@ def _sync(device):
 
 def time_ms(fn, device: str, warmup: int, iters: int) -> float:
     """Median ms per call (CUDA events on GPU, wall clock on CPU)."""
+    return time_ms_host(fn, device, warmup, iters)[0]
+
+
+def time_ms_host(fn, device: str, warmup: int, iters: int) -> tuple[float, float]:
+    """``(ms, host_ms)``: median ms per call and median host ms to issue one call
+    (``_bench_utils.median_call_times``)."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    return median_call_ms(fn, iters, device)
+    return median_call_times(fn, iters, device)
 
 
 def cosine(a, b) -> float:
@@ -187,21 +195,25 @@ def run(args) -> list[dict]:
             del out
         # Alternating rounds: every contender once per round, the order rotated each round.
         times = {c: [] for c in fns}
+        host = {c: [] for c in fns}
         order = list(fns)
         for r in range(args.rounds if order else 0):
             for contender in order[r % len(order):] + order[:r % len(order)]:
                 fn = fns[contender]
                 with torch.no_grad():
-                    times[contender].append(time_ms(lambda: fn(ids, use_cache=False), device, args.warmup, args.iters))
+                    ms, host_ms = time_ms_host(lambda: fn(ids, use_cache=False), device, args.warmup, args.iters)
+                times[contender].append(ms)
+                host[contender].append(host_ms)
         for contender, ts in times.items():
             row(name, contender, "ms", statistics.median(ts))
+            row(name, contender, "host_ms", statistics.median(host[contender]))
             if device == "cuda":
                 with torch.no_grad():
                     k = count_cuda_kernels(lambda: fns[contender](ids, use_cache=False))
                 row(name, contender, "kernels_per_call", k)
                 row(name, contender, "kernels_per_layer", k / layers)
             got = {r["metric"]: r["value"] for r in rows if r["input"] == name and r["provider"] == contender}
-            print(f"{name:<16}{contender:<32}{got['ms']:>9.3f} ms  first {got['first_call_s']:>6.2f} s  "
+            print(f"{name:<16}{contender:<32}{got['ms']:>9.3f} ms  host {got['host_ms']:>7.3f} ms  first {got['first_call_s']:>6.2f} s  "
                   f"cos {got['cosine_vs_eager']:.6f}  kernels/layer {got.get('kernels_per_layer', float('nan')):.1f}"
                   f"  (static {got.get('static_kernels_per_layer', float('nan')):.1f})", flush=True)
         fns.clear()
@@ -240,7 +252,8 @@ def markdown(rows: list[dict]) -> str:
         "| input | " + " | ".join(_LABELS[p] for p in provs) + " |",
         "|---|" + "---|" * len(provs),
     ]
-    for metric, label, spec in (("ms", "ms", ".3f"), ("first_call_s", "first call s", ".1f"),
+    for metric, label, spec in (("ms", "ms", ".3f"), ("host_ms", "host ms to issue", ".3f"),
+                                ("first_call_s", "first call s", ".1f"),
                                 ("kernels_per_layer", "kernels / layer", ".1f"),
                                 ("static_kernels_per_layer", "kernels / layer (static count)", ".1f"),
                                 ("cosine_vs_eager", "logits cosine vs eager", ".5f")):

@@ -207,6 +207,7 @@ class GemsCompiler:
 
         from .passes.direct_calls import direct_calls
         from .passes.lower_aten import lower_aten
+        from .passes.noop_clones import drop_noop_clones
         from .passes.pointwise_fusion import count_kernels, fuse_pointwise
 
         def compile_graph(gm: fx.GraphModule, example_inputs):
@@ -216,6 +217,12 @@ class GemsCompiler:
             if saved and (self.options.fuse_pointwise or self.options.lower_aten):
                 report.notes.append("pointwise fusion and aten lowering off: their nodes call Python functions, "
                                     "which an ahead-of-time artifact cannot save")
+            def drop_clones():
+                n = drop_noop_clones(gm)
+                if n:
+                    report.notes.append(f"{n} clones of intermediates already in their layout dropped ({kind} graph)")
+
+            self._optional_pass(report, f"no-op clone removal on the {kind} graph", drop_clones)
             if self.options.fuse_pointwise and not saved:
                 self._optional_pass(report, f"pointwise fusion on the {kind} graph",
                                     lambda: fuse_pointwise(gm, report, kind, strict=self.options.strict))

@@ -84,6 +84,11 @@ class CUDAGraphRunner:
         self.pool = None
         self.disabled_reason: str | None = None
         self.static_all: frozenset | None = None  # self.static + parameters, set at the first call
+        # Argument positions by kind, set at the first call (one compiled graph always takes the
+        # same kinds of arguments): static tensors, other tensors, non-tensors (SymInt values).
+        self._static_pos: tuple = ()
+        self._dynamic_pos: tuple = ()
+        self._scalar_pos: tuple = ()
 
     def _static_positions(self, args) -> frozenset:
         """AOT autograd's static inputs plus every parameter and Dynamo-marked static input.
@@ -99,25 +104,45 @@ class CUDAGraphRunner:
         }
         return self.static | frozenset(extra)
 
+    def _positions(self, args) -> None:
+        self.static_all = self._static_positions(args)
+        tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        self._static_pos = tuple(i for i in tensors if i in self.static_all)
+        self._dynamic_pos = tuple(i for i in tensors if i not in self.static_all)
+        self._scalar_pos = tuple(i for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
+
     def _key(self, args):
+        """The recording's key: non-tensor arguments by value, static tensors by address, other
+        tensors by shape, strides, dtype and device.
+
+        A static tensor's shape, strides, dtype and device are not in the key: Dynamo's guards
+        already fix them for the compiled graph (with dynamic shapes its sizes are among the
+        SymInt arguments, keyed by value); its address is, so a moved parameter records anew.
+        This is the per-call host cost of a replay, so it reads as little as it can.
+        """
         if self.static_all is None:
-            self.static_all = self._static_positions(args)
-        key = []
-        for i, a in enumerate(args):
-            if isinstance(a, torch.Tensor):
-                key.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.data_ptr() if i in self.static_all else None))
-            else:
-                key.append(a)
-        return tuple(key)
+            self._positions(args)
+        return (
+            tuple([args[i] for i in self._scalar_pos]),
+            tuple([args[i].data_ptr() for i in self._static_pos]),
+            tuple([(args[i].shape, args[i].stride(), args[i].dtype, args[i].device) for i in self._dynamic_pos]),
+        )
 
     def _eligible(self, args) -> bool:
         if self.disabled_reason is not None:
             return False
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if self.static_all is None:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if not tensors:
+                return False
+        else:  # static tensors: their device is checked when a graph is recorded for their addresses
+            tensors = [args[i] for i in self._dynamic_pos]
+            if not self._dynamic_pos and not self._static_pos:
+                return False
         # Device check first: torch.cuda's stream query raises in a CPU-only build.
-        if not tensors or any(t.device.type != "cuda" for t in tensors) or torch.cuda.is_current_stream_capturing():
+        if any(t.device.type != "cuda" for t in tensors) or torch.cuda.is_current_stream_capturing():
             return False
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        return not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
 
     def __call__(self, args):
         if not self._eligible(args):
@@ -136,9 +161,10 @@ class CUDAGraphRunner:
                 logger.warning("flag_gems: %s; running without CUDA graphs", self.disabled_reason)
                 return self.fn(list(args))
             self.recorded[key] = rec
-        for i, a in enumerate(args):
-            s = rec.static_inputs[i]
-            if isinstance(a, torch.Tensor) and i not in self.static_all and s.data_ptr() != a.data_ptr():
+        static_inputs = rec.static_inputs
+        for i in self._dynamic_pos:
+            s, a = static_inputs[i], args[i]
+            if s.data_ptr() != a.data_ptr():
                 s.copy_(a)
         rec.graph.replay()
         for i in self.mutated:
@@ -147,6 +173,8 @@ class CUDAGraphRunner:
         return [o.clone() if isinstance(o, torch.Tensor) else o for o in rec.static_outputs]
 
     def _record(self, args):
+        if any(args[i].device.type != "cuda" for i in self._static_pos):
+            raise RuntimeError("a static input is not on a CUDA device")
         static_inputs = [
             a if (not isinstance(a, torch.Tensor) or i in self.static_all) else a.clone() for i, a in enumerate(args)
         ]

@@ -558,7 +558,12 @@ def rope_hf_fwd(q, k, cos, sin, *, interleaved=False, inverse=False, q_out=None,
         q: ``[B, Hq, S, D]`` fp16/bf16/fp32, any strides.
         k: ``[B, Hk, S, D]``, q's dtype, or None.
         cos, sin: ``[B or 1, S, r]`` (also ``[S, r]`` or ``[B or 1, 1, S, r]``), ``r <= D`` even.
-        interleaved, inverse, q_out, k_out: as in :func:`rope_fwd`.
+        interleaved, inverse: as in :func:`rope_fwd`.
+        q_out, k_out: where to write (q / k themselves for in place); when None, new tensors laid
+            out like the inputs (``torch.empty_like``, as eager ``q * cos + rotate_half(q) * sin``
+            lays its result out): HF's q and k are ``transpose(1, 2)`` views of a projection, so
+            the rotated q keeps the ``[B, S, H, D]`` memory order attention kernels read best and
+            produce their output in.
 
     Returns:
         ``(q_out, k_out)``; ``k_out`` is None without k.
@@ -567,9 +572,9 @@ def rope_hf_fwd(q, k, cos, sin, *, interleaved=False, inverse=False, q_out=None,
         TypeError / ValueError / NotImplementedError: unsupported dtype, shape or device.
     """
     half_rot, cos3, sin3 = check_rope_hf_args(q, k, cos, sin)
-    q_out = _new_like(q) if q_out is None else q_out
+    q_out = torch.empty_like(q) if q_out is None else q_out
     if k is not None and k_out is None:
-        k_out = _new_like(k)
+        k_out = torch.empty_like(k)
     if q.numel() == 0 and (k is None or k.numel() == 0):
         return q_out, k_out
     cos3, sin3 = _unit_last(cos3), _unit_last(sin3)

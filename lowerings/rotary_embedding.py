@@ -237,7 +237,7 @@ def _rotary_embedding_hf_op(
 @_rotary_embedding_hf_op.register_fake
 def _(q, k, cos, sin, rotary_interleaved=False):
     check_rope_hf_args(q, k, cos, sin)
-    return _empty(q), _empty(k)
+    return torch.empty_like(q), torch.empty_like(k)  # rope_hf_fwd's outputs keep the inputs' layout
 
 
 @torch.library.custom_op("flag_gems::rotary_embedding_hf_backward", mutates_args=())
@@ -254,7 +254,7 @@ def _rotary_embedding_hf_backward_op(
 @_rotary_embedding_hf_backward_op.register_fake
 def _(grad_q, grad_k, cos, sin, rotary_interleaved):
     check_rope_hf_args(grad_q, grad_k, cos, sin)
-    return _empty(grad_q), _empty(grad_k)
+    return torch.empty_like(grad_q), torch.empty_like(grad_k)
 
 
 def _rope_hf_setup(ctx, inputs, output):

@@ -202,6 +202,9 @@ def test_apply_rotary_pos_emb_hf(shape, dtype, interleaved, transposed, device):
     # Arbitrary full tables: the two halves differ, so both must be read.
     cos, sin = rand(bc, s, r, device=device), rand(bc, s, r, device=device)
     q_out, k_out = rope.apply_rotary_pos_emb_hf(q, k, cos, sin, rotary_interleaved=interleaved)
+    # Laid out like the inputs, as eager's q * cos + rotate_half(q) * sin is (attention then
+    # reads the [B, S, H, D] order and writes its output in it).
+    assert q_out.stride() == (q * 1).stride() and k_out.stride() == (k * 1).stride()
     t = tag("rotary_embedding_hf", shape, dtype)
     assert_close(q_out, ref_hf(ref64(q), ref64(cos), ref64(sin), interleaved), dtype, t + " q")
     assert_close(k_out, ref_hf(ref64(k), ref64(cos), ref64(sin), interleaved), dtype, t + " k")
