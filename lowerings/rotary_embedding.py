@@ -491,6 +491,9 @@ def apply_rotary_pos_emb_hf(
     """
     _require_tensor("k", k)
     if eager_fast_path(q, k, cos, sin):
+        cpp = fast_ops(q.device.type)  # the C++ wrapper when the C++ runtime serves this device
+        if cpp is not None:
+            return cpp.rotary_embedding_hf(q, k, cos, sin, rotary_interleaved)
         return rope_hf_fwd(q, k, cos, sin, interleaved=rotary_interleaved)
     return torch.ops.flag_gems.rotary_embedding_hf(q, k, cos, sin, rotary_interleaved)
 

@@ -211,6 +211,68 @@ def test_rotary_embedding_in_place_and_vllm_tokens(dev):
             fg.rotary_embedding(q, k, cos, sin, torch.full((5,), 12, device=dev))
 
 
+def hf_rope_ref(x, cos, sin, interleaved):
+    """HF layout: x [B, H, S, D], full tables [B or 1, S, r], float64."""
+    r = cos.shape[-1]
+    c, s = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+    xd = x.double()
+    out = xd.clone()
+    xr = xd[..., :r]
+    if interleaved:
+        rot = torch.stack((-xr[..., 1::2], xr[..., 0::2]), -1).flatten(-2)
+    else:
+        rot = torch.cat((-xr[..., r // 2:], xr[..., :r // 2]), -1)
+    out[..., :r] = xr * c + rot * s
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+@pytest.mark.parametrize("layout", ["bshd_view", "bhsd", "fused_qkv"])
+@pytest.mark.parametrize("rot,tables", [(16, "3d"), (10, "3d_batch"), (16, "2d"), (16, "4d")])
+def test_rotary_embedding_hf(dev, dtype, interleaved, layout, rot, tables):
+    b, hq, hk, s, d = 2, 4, 2, 3, 16
+    if layout == "bshd_view":  # what HF attention passes: [B, S, H, D] projections transposed
+        q = rand(b, s, hq, d, dtype=dtype, device=dev).transpose(1, 2)
+        k = rand(b, s, hk, d, dtype=dtype, device=dev).transpose(1, 2)
+    elif layout == "fused_qkv":  # heads sliced out of one [B, S, Hq + 2 Hk, D] projection: not dense
+        qkv = rand(b, s, hq + 2 * hk, d, dtype=dtype, device=dev)
+        q, k = qkv[:, :, :hq].transpose(1, 2), qkv[:, :, hq:hq + hk].transpose(1, 2)
+    else:
+        q, k = rand(b, hq, s, d, dtype=dtype, device=dev), rand(b, hk, s, d, dtype=dtype, device=dev)
+    cos3 = rand(b if tables == "3d_batch" else 1, s, rot, device=dev)
+    sin3 = rand(*cos3.shape, device=dev)
+    cos, sin = {"2d": (cos3[0], sin3[0]), "4d": (cos3.unsqueeze(1), sin3.unsqueeze(1))}.get(tables, (cos3, sin3))
+    with Counted() as c:
+        qo, ko = fg.rotary_embedding_hf(q, k, cos, sin, interleaved)
+    assert c.n == 1
+    what = f"op=rotary_embedding_hf dtype={dtype} interleaved={interleaved} {layout} rot={rot} {tables}"
+    close(qo, hf_rope_ref(q, cos3, sin3, interleaved), what + " q")
+    close(ko, hf_rope_ref(k, cos3, sin3, interleaved), what + " k")
+    assert qo.stride() == torch.empty_like(q).stride() and ko.stride() == torch.empty_like(k).stride()
+    # The same kernel as the Python launcher: bit-equal results.
+    from flag_gems.kernels.rotary_embedding import rope_hf_fwd
+
+    pq, pk = rope_hf_fwd(q, k, cos, sin, interleaved=interleaved)
+    assert torch.equal(qo, pq) and torch.equal(ko, pk)
+    with Counted() as c:  # the public function takes the wrapper too
+        hq, hk = flag_gems.apply_rotary_pos_emb_hf(q, k, cos, sin, rotary_interleaved=interleaved)
+    assert c.n == 1 and torch.equal(hq, pq) and torch.equal(hk, pk)
+
+
+def test_rotary_embedding_hf_refusals(dev):
+    q, k = rand(1, 4, 3, 16, device=dev), rand(1, 2, 3, 16, device=dev)
+    cos, sin = rand(1, 3, 16, device=dev), rand(1, 3, 16, device=dev)
+    with Counted() as c:  # mixed dtypes, a table of the wrong length: the Python path raises, naming it
+        with pytest.raises(TypeError, match="k"):
+            fg.rotary_embedding_hf(q, k.half(), cos, sin, False)
+        with pytest.raises(ValueError, match="cos"):
+            fg.rotary_embedding_hf(q, k, cos[:, :2], sin[:, :2], False)
+        with pytest.raises(ValueError, match="rotary dim"):
+            fg.rotary_embedding_hf(q, k, rand(1, 3, 18, device=dev), rand(1, 3, 18, device=dev), False)
+    assert c.n == 0
+
+
 # --------------------------------------------------------------------------- add
 
 

@@ -413,6 +413,66 @@ bool is_index(const at::Tensor& t) {
 }
 
 // rope_fwd with half tables; outputs fresh (nullopt) or the inputs themselves (in place).
+// _run_tokens: rotate q/k (*tokens, H, D) into q_out/k_out (the inputs themselves when in place).
+// False (before any launch) where the Python launcher would rotate in a contiguous copy.
+bool rope_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out, const at::Tensor& k_out, bool inplace,
+              const std::vector<std::array<int64_t, 2>>& splits, const at::Tensor& cos, const at::Tensor& sin,
+              const std::array<int64_t, 6>& table, const std::optional<at::Tensor>& pos_in, int64_t n_pos,
+              int64_t half_rot, bool full_table, bool interleaved) {
+  const int64_t head_dim = q.size(-1);
+  auto ql = rope_layout(q, splits);
+  std::vector<std::array<int64_t, 2>> one{ql.split};
+  auto kl = rope_layout(k, one);
+  if (ql.copied || kl.copied) {
+    if (inplace) return false;  // the Python launcher writes back copies
+  }
+  RopeLayout qo = inplace ? ql : rope_layout(q_out, one);
+  RopeLayout ko = inplace ? kl : rope_layout(k_out, one);
+  if (qo.copied || ko.copied) return false;  // outputs that do not view: the Python launcher copies back
+  const auto split = ql.split;
+  at::Tensor pos;
+  std::array<int64_t, 2> pos_strides{0, 0};
+  if (pos_in) {
+    pos = *pos_in;
+    if (pos.dim() == 1 && split[0] == 1) {
+      pos_strides = {0, pos.stride(0)};
+    } else if (pos.dim() == 2 && pos.size(0) == split[0] && pos.size(1) == split[1]) {
+      pos_strides = {pos.stride(0), pos.stride(1)};
+    } else {
+      pos = pos.reshape({split[0], split[1]});
+      pos_strides = {pos.stride(0), pos.stride(1)};
+    }
+  }
+  const int64_t nq = q.size(-2), nk = k.size(-2);
+  const bool copy_pass = !inplace && 2 * half_rot < head_dim;
+  // Tunable "rope": key (tokens bucket, q heads, k heads, r/2, head_dim, dtype, copy pass,
+  // interleaved, full table), fields (BLOCK_HQ, BLOCK_HK, BLOCK_R2, BLOCK_P, num_warps).
+  const int64_t n_tokens = split[0] * split[1];
+  auto tuned = TuneQuery(Family::Rope, q.device(), q.scalar_type())
+                   .k(pow2_bucket(n_tokens, kRopeTokensBucketCap)).k(nq).k(nk).k(half_rot).k(head_dim)
+                   .k(copy_pass).k(interleaved).k(full_table)
+                   .dim(n_tokens)
+                   .get();
+  const RopeConfig cfg = tuned.heuristic ? rope_config(nq, nk, half_rot, head_dim, q.element_size(), copy_pass)
+                                         : RopeConfig{tuned[0], tuned[1], tuned[2], tuned[3], tuned[4]};
+  const int64_t n_q_blocks = cdiv(nq, cfg.bhq), n_k_blocks = cdiv(nk, cfg.bhk);
+  Launch l(Kernel::Rope);
+  l.tensor(ql.t).tensor(kl.t).tensor(qo.t).tensor(ko.t).tensor(cos).tensor(sin);
+  if (pos_in)
+    l.tensor(pos);
+  else
+    l.tensor(cos);
+  for (auto* lay : {&ql, &kl, &qo, &ko})
+    for (int64_t v : lay->strides) l.i(v);
+  for (int64_t v : table) l.i(v);
+  l.i(pos_strides[0]).i(pos_strides[1]);
+  l.i(split[1]).i(nq).i(nk).i(n_q_blocks).i(n_pos);
+  l.c(half_rot).c(head_dim).cb(pos_in.has_value()).cb(full_table).cb(interleaved).cb(false).cb(copy_pass);
+  l.c(cfg.bhq).c(cfg.bhk).c(cfg.br2).c(cfg.bp);
+  l.run(q, split[0] * split[1], n_q_blocks + n_k_blocks, 1, cfg.warps);
+  return true;
+}
+
 bool rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_in, const at::Tensor& sin_in,
                  const std::optional<at::Tensor>& pos_in, bool interleaved, bool inplace, at::Tensor* q_out,
                  at::Tensor* k_out) {
@@ -454,55 +514,46 @@ bool rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos
     table = {0, cos.stride(0), 0, 0, sin.stride(0), 0};
   else
     table = {0, 0, cos.stride(0), 0, 0, sin.stride(0)};
-  // _run_tokens
-  auto ql = rope_layout(q, splits);
-  std::vector<std::array<int64_t, 2>> one{ql.split};
-  auto kl = rope_layout(k, one);
-  if (inplace && (ql.copied || kl.copied)) return false;  // the Python launcher writes back copies
-  RopeLayout qo = inplace ? ql : rope_layout(*q_out, one);
-  RopeLayout ko = inplace ? kl : rope_layout(*k_out, one);
-  const auto split = ql.split;
-  at::Tensor pos;
-  std::array<int64_t, 2> pos_strides{0, 0};
-  if (pos_in) {
-    pos = *pos_in;
-    if (pos.dim() == 1 && split[0] == 1) {
-      pos_strides = {0, pos.stride(0)};
-    } else if (pos.dim() == 2 && pos.size(0) == split[0] && pos.size(1) == split[1]) {
-      pos_strides = {pos.stride(0), pos.stride(1)};
-    } else {
-      pos = pos.reshape({split[0], split[1]});
-      pos_strides = {pos.stride(0), pos.stride(1)};
-    }
-  }
-  const int64_t nq = q.size(-2), nk = k.size(-2);
-  const bool copy_pass = !inplace && 2 * half_rot < head_dim;
-  // Tunable "rope": key (tokens bucket, q heads, k heads, r/2, head_dim, dtype, copy pass,
-  // interleaved, full table), fields (BLOCK_HQ, BLOCK_HK, BLOCK_R2, BLOCK_P, num_warps).
-  const int64_t n_tokens = split[0] * split[1];
-  auto tuned = TuneQuery(Family::Rope, q.device(), q.scalar_type())
-                   .k(pow2_bucket(n_tokens, kRopeTokensBucketCap)).k(nq).k(nk).k(half_rot).k(head_dim)
-                   .k(copy_pass).k(interleaved).k(false)
-                   .dim(n_tokens)
-                   .get();
-  const RopeConfig cfg = tuned.heuristic ? rope_config(nq, nk, half_rot, head_dim, q.element_size(), copy_pass)
-                                         : RopeConfig{tuned[0], tuned[1], tuned[2], tuned[3], tuned[4]};
-  const int64_t n_q_blocks = cdiv(nq, cfg.bhq), n_k_blocks = cdiv(nk, cfg.bhk);
-  Launch l(Kernel::Rope);
-  l.tensor(ql.t).tensor(kl.t).tensor(qo.t).tensor(ko.t).tensor(cos).tensor(sin);
-  if (pos_in)
-    l.tensor(pos);
-  else
-    l.tensor(cos);
-  for (auto* lay : {&ql, &kl, &qo, &ko})
-    for (int64_t v : lay->strides) l.i(v);
-  for (int64_t v : table) l.i(v);
-  l.i(pos_strides[0]).i(pos_strides[1]);
-  l.i(split[1]).i(nq).i(nk).i(n_q_blocks).i(n_pos);
-  l.c(half_rot).c(head_dim).cb(pos_in.has_value()).cb(false).cb(interleaved).cb(false).cb(copy_pass);
-  l.c(cfg.bhq).c(cfg.bhk).c(cfg.br2).c(cfg.bp);
-  l.run(q, split[0] * split[1], n_q_blocks + n_k_blocks, 1, cfg.warps);
-  return true;
+  return rope_run(q, k, *q_out, *k_out, inplace, splits, cos, sin, table, pos_in, n_pos, half_rot, false,
+                  interleaved);
+}
+
+// rope_hf_fwd: q [B, Hq, S, D], k [B, Hk, S, D], full tables [S, r], [B or 1, S, r] or
+// [B or 1, 1, S, r]; outputs laid out like the inputs (torch.empty_like, as the fake says).
+bool rope_hf_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_in, const at::Tensor& sin_in,
+                    bool interleaved, at::Tensor* q_out, at::Tensor* k_out) {
+  // check_rope_hf_args
+  if (!float_tensor(q) || !float_tensor(k) || k.scalar_type() != q.scalar_type() || q.dim() != 4 || k.dim() != 4)
+    return false;
+  const int64_t batch = q.size(0), seq = q.size(2), head_dim = q.size(3);
+  if (k.size(0) != batch || k.size(2) != seq || k.size(3) != head_dim || head_dim % 2) return false;
+  if (!float_tensor(cos_in) || !float_tensor(sin_in) || cos_in.sizes() != sin_in.sizes()) return false;
+  const at::Device dev = q.device();
+  if (k.device() != dev || cos_in.device() != dev || sin_in.device() != dev) return false;
+  // _hf_table_3d
+  auto table_3d = [&](const at::Tensor& t) -> std::optional<at::Tensor> {
+    at::Tensor v = t;
+    if (v.dim() == 2) v = v.unsqueeze(0);
+    else if (v.dim() == 4 && v.size(1) == 1) v = v.squeeze(1);
+    if (v.dim() != 3 || (v.size(0) != 1 && v.size(0) != batch) || v.size(1) != seq) return std::nullopt;
+    return v;
+  };
+  auto cos3o = table_3d(cos_in), sin3o = table_3d(sin_in);
+  if (!cos3o || !sin3o) return false;
+  const int64_t rot = cos_in.size(-1);
+  if (rot < 2 || rot % 2 || rot > head_dim) return false;
+  const int64_t half_rot = rot / 2;
+  *q_out = at::empty_like(q);
+  *k_out = at::empty_like(k);
+  if (q.numel() == 0 && k.numel() == 0) return true;
+  const at::Tensor cos3 = cos3o->stride(-1) == 1 ? *cos3o : cos3o->contiguous();
+  const at::Tensor sin3 = sin3o->stride(-1) == 1 ? *sin3o : sin3o->contiguous();
+  const std::array<int64_t, 6> table{cos3.size(0) > 1 ? cos3.stride(0) : 0, cos3.stride(1), 0,
+                                     sin3.size(0) > 1 ? sin3.stride(0) : 0, sin3.stride(1), 0};
+  // [B, H, S, D] -> [B, S, H, D]: tokens (b, s) become (outer, inner) with no copy.
+  const std::vector<std::array<int64_t, 2>> splits{{batch, seq}};
+  return rope_run(q.transpose(1, 2), k.transpose(1, 2), q_out->transpose(1, 2), k_out->transpose(1, 2), false,
+                  splits, cos3, sin3, table, std::nullopt, 0, half_rot, true, interleaved);
 }
 
 // flag_gems::rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? position_ids=None,
@@ -514,6 +565,17 @@ bool rotary_embedding_op(const c10::OperatorHandle&, Stack* s) {
     return false;
   }
   return finish(s, 6, std::move(qo), std::move(ko));
+}
+
+// flag_gems::rotary_embedding_hf(Tensor q, Tensor k, Tensor cos, Tensor sin, bool rotary_interleaved=False)
+//     -> (Tensor, Tensor)
+bool rotary_embedding_hf_op(const c10::OperatorHandle&, Stack* s) {
+  at::Tensor qo, ko;
+  if (!rope_hf_launch(arg(s, 5, 0).toTensor(), arg(s, 5, 1).toTensor(), arg(s, 5, 2).toTensor(),
+                      arg(s, 5, 3).toTensor(), arg(s, 5, 4).toBool(), &qo, &ko)) {
+    return false;
+  }
+  return finish(s, 5, std::move(qo), std::move(ko));
 }
 
 // flag_gems::rotary_embedding_(Tensor(a!) q, Tensor(b!) k, ...) -> ()
@@ -1220,6 +1282,7 @@ const std::unordered_map<std::string, BoxedWrapper>& wrappers() {
       {"flag_gems::fused_add_rms_norm", fused_add_rms_norm_op},
       {"flag_gems::rotary_embedding", rotary_embedding_op},
       {"flag_gems::rotary_embedding_", rotary_embedding_inplace_op},
+      {"flag_gems::rotary_embedding_hf", rotary_embedding_hf_op},
       {"flag_gems::silu_and_mul", silu_and_mul_op},
       {"flag_gems::mm", mm_op},
       {"flag_gems::bmm", bmm_op},
