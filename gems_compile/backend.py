@@ -36,6 +36,7 @@ import torch
 from torch import fx
 
 from .aot import precompiling, serializable_graph
+from .kernels._autotune import enter_policy, exit_policy
 from .options import CompileOptions
 from .passes import FUSION_PASSES
 from .report import CompileReport, GraphReport, count_layers, dump_graph, dump_report, dump_text
@@ -151,6 +152,23 @@ def _carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> None:
         dst.meta.setdefault(key, value)
 
 
+class _TunePolicy:
+    """A boxed compiled graph run under the backend's autotune policy (``options["autotune"]``)."""
+
+    _boxed_call = True
+
+    def __init__(self, fn, policy: str):
+        self.fn, self.policy = fn, policy
+        self.gems_source = getattr(fn, "gems_source", None)
+
+    def __call__(self, args):
+        previous = enter_policy(self.policy)
+        try:
+            return self.fn(args)
+        finally:
+            exit_policy(previous)
+
+
 class GemsCompiler:
     """A configured instance of the backend (what ``torch.compile`` calls per graph).
 
@@ -240,6 +258,7 @@ class GemsCompiler:
             fn = self._wrapper(gm, report, kind) if self.options.wrapper else None
             if fn is None:
                 fn = make_boxed_func(gm.forward)
+            fn = _TunePolicy(fn, self.options.graph_autotune)
             if self.options.cudagraphs and kind == "inference":
                 fn = self._cudagraphs(gm, fn, report)
             self._finish(report)

@@ -130,6 +130,11 @@ def _tensor_slots(node: fx.Node):
     return args, slots
 
 
+def _symbolic(t: torch.Tensor) -> bool:
+    """Whether a tensor's sizes or strides hold symbols (a dynamic-shape graph)."""
+    return any(isinstance(d, torch.SymInt) for d in (*t.shape, *t.stride()))
+
+
 def _trace_key(target, args: list, slots: list, values: list):
     """What a twin's trace depends on: the op, the other arguments, each tensor's shape, strides,
     offset, dtype and device, and which tensor arguments share memory."""
@@ -331,6 +336,10 @@ def inline_triton_kernels(gm: fx.GraphModule, report: GraphReport | None = None)
             reason = found
         elif twin is None:  # _make_twin found no implementation (logged then)
             reason = f"no {NAMESPACE} twin is registered for it"
+        elif any(_symbolic(found[0][i].meta["val"]) for i in found[1]):
+            # Its launcher picks tiles and grids from the sizes in Python: traced here, that
+            # would specialize the dims the caller marked dynamic (vLLM's token count).
+            reason = "dynamic shapes: its launcher's size-dependent choices would specialize them"
         else:
             args, slots = found
             values = [args[i].meta["val"] for i in slots]

@@ -30,13 +30,20 @@ class CompileOptions:
         fusions: the pattern families to fuse (a subset of ``FUSIONS``).
         lower_aten: rewrite remaining aten nodes whose registry entry is on for graphs
             (``"all"``: also the entries that are only on for the eager mode).
-        max_autotune: with ``inductor``, let Inductor autotune (``mode="max-autotune"``);
-            without ``inductor`` the backend has nothing to autotune and ignores it.
+        max_autotune: with ``inductor``, let Inductor autotune (``mode="max-autotune"``); and
+            our kernels tune missing keys at their first call (``autotune="on"``).
         fuse_pointwise: after autograd, group the remaining pointwise and indexing aten ops into
             generated Triton kernels (``passes.pointwise_fusion``). Off by default with
             ``lower_aten="all"``, which asks for one registry kernel per aten op.
         wrapper: run each compiled graph as one generated flat Python function that launches its
             kernels directly (``flag_gems.wrapper``), instead of the FX GraphModule's forward.
+        autotune: the tuning policy of the compiled graphs' kernels (``kernels/_autotune.py``):
+            ``"cache"`` (the default: the shipped table and the user's cache, else the heuristic;
+            the first call never waits for tuning, as with Inductor's default mode), ``"on"``
+            (tune missing keys at their first call; the default with ``mode="max-autotune"``) or
+            ``"off"`` (heuristics only). ``GEMS_AUTOTUNE``, when set, wins. Kernels called outside
+            compiled graphs (``enable()``, the public functions) keep ``GEMS_AUTOTUNE``'s default
+            ``"on"``, as FlagGems tunes at run time; ``python -m flag_gems.pretune`` fills the cache.
     """
 
     strict: bool = False
@@ -48,6 +55,12 @@ class CompileOptions:
     max_autotune: bool = False
     fuse_pointwise: bool = True
     wrapper: bool = True
+    autotune: str | None = None
+
+    @property
+    def graph_autotune(self) -> str:
+        """The tuning policy compiled graphs run under (see ``autotune``)."""
+        return self.autotune or ("on" if self.max_autotune else "cache")
 
     @classmethod
     def from_user(cls, mode: str | None = None, options: dict[str, Any] | None = None) -> "CompileOptions":
@@ -68,6 +81,9 @@ class CompileOptions:
             raise ValueError(f"flag_gems backend: unknown option {detail}; valid options: {', '.join(valid)}")
         if "lower_aten" in options and options["lower_aten"] not in (True, False, "all"):
             raise TypeError(f"flag_gems backend: option 'lower_aten' must be True, False or 'all', got {options['lower_aten']!r}")
+        if options.get("autotune") not in (None, "on", "cache", "off"):
+            raise ValueError(f"flag_gems backend: option 'autotune' must be 'on', 'cache' or 'off', "
+                             f"got {options['autotune']!r}")
         for key in ("strict", "cudagraphs", "inductor", "max_autotune", "fuse_pointwise", "wrapper"):
             if key in options and not isinstance(options[key], bool):
                 raise TypeError(f"flag_gems backend: option {key!r} must be a bool, got {options[key]!r}")

@@ -33,6 +33,9 @@ When tuning happens (``GEMS_AUTOTUNE``, one setting):
   ``python -m flag_gems.pretune`` and ``flag_gems.warmup(...)``. No latency spike ever.
 * ``off``: the heuristics only (no cache reads): the reproducible baseline.
 
+Unset, the policy is ``on`` except inside a :func:`policy_scope`: the compile backend runs its
+graphs in one (``options={"autotune": ...}``, default ``cache``; ``on`` with max-autotune).
+
 Under Triton's interpreter, tuning happens only when asked for (pretune, warmup, tests).
 A candidate must beat the heuristic by ``GEMS_AUTOTUNE_MARGIN`` (default 0.02) to replace it,
 so noise does not churn configs. Families with a native contender (GEMM vs cuBLAS) also
@@ -95,9 +98,53 @@ _LOCK = threading.RLock()  # one resolve/tune at a time per process (tuning is r
 # ------------------------------------------------------------------------------------ settings
 
 
+_scope = threading.local()
+POLICIES = ("on", "cache", "off")
+
+
+@contextlib.contextmanager
+def policy_scope(policy: str | None):
+    """Inside, :func:`mode` is ``policy`` unless ``GEMS_AUTOTUNE`` is set (the environment wins).
+
+    The compile backend runs each compiled graph inside one (``options={"autotune": ...}``;
+    default ``"cache"``, ``"on"`` with ``mode="max-autotune"``), so that a graph's first call
+    does not wait for tuning, as with Inductor without max-autotune. ``None``: no change.
+
+    Raises:
+        ValueError: ``policy`` is not one of ``POLICIES``.
+    """
+    if policy is not None and policy not in POLICIES:
+        raise ValueError(f"autotune policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    previous = getattr(_scope, "policy", None)
+    _scope.policy = policy if policy is not None else previous
+    try:
+        yield
+    finally:
+        _scope.policy = previous
+
+
+def enter_policy(policy: str) -> str | None:
+    """:func:`policy_scope` without the context manager (the per-call path of compiled graphs):
+    sets ``policy`` for this thread and returns the previous one, for :func:`exit_policy`."""
+    previous = getattr(_scope, "policy", None)
+    _scope.policy = policy
+    return previous
+
+
+def exit_policy(previous: str | None) -> None:
+    _scope.policy = previous
+
+
 def mode() -> str:
-    """The tuning policy from ``GEMS_AUTOTUNE``: ``"on"``, ``"cache"`` or ``"off"`` (module docstring)."""
-    raw = os.environ.get("GEMS_AUTOTUNE", "on").strip().lower()
+    """The tuning policy: ``GEMS_AUTOTUNE`` when set, else the enclosing :func:`policy_scope`'s,
+    else ``"on"``: one of ``"on"``, ``"cache"`` or ``"off"`` (module docstring)."""
+    raw = os.environ.get("GEMS_AUTOTUNE")
+    if raw is None:
+        scoped = getattr(_scope, "policy", None)
+        if scoped is not None:
+            return scoped
+        raw = "on"
+    raw = raw.strip().lower()
     if raw in _TRUE or raw == "":
         return "on"
     if raw in _FALSE:

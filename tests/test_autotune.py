@@ -583,3 +583,64 @@ def test_a_failing_tuning_never_fails_the_call(env):
     assert t.lookup(KEY, FAKE_DEV) == (1024, 4)  # remembered: not retried on every call
     with pytest.raises(ValueError, match="cannot build inputs"):  # explicit tuning reports it
         t.tune((8, torch.bfloat16), FAKE_DEV)
+
+
+# ------------------------------------------------ the compile backend's policy (options["autotune"])
+
+_PROBE = {}
+
+
+@torch.library.custom_op("gems_autotune_test::probe", mutates_args=())
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    """Resolves the stand-in family's key where a kernel launcher would, recording the config."""
+    _PROBE["configs"].append(_PROBE["tunable"].resolve(KEY, FAKE_DEV))
+    return x * 2
+
+
+@_probe.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@pytest.mark.parametrize("how,expect", [
+    (dict(), "cache"),
+    (dict(options={"autotune": "on"}), "on"),
+    (dict(mode="max-autotune-no-cudagraphs"), "on"),
+    (dict(options={"autotune": "off"}), "off"),
+    (dict(env="off"), "off"),
+], ids=["default", "option_on", "max_autotune", "option_off", "env_wins"])
+def test_compiled_graphs_tune_by_the_backend_policy(env, monkeypatch, how, expect):
+    """A compiled graph's first call does not wait for tuning unless asked (Inductor's contract:
+    only max-autotune tunes); ``GEMS_AUTOTUNE`` set in the environment wins; outside compiled
+    graphs the environment's default ("on", as FlagGems) holds."""
+    monkeypatch.delenv("GEMS_AUTOTUNE")
+    if "env" in how:
+        monkeypatch.setenv("GEMS_AUTOTUNE", how["env"])
+    t = make_fake()
+    with at.use_timer(Timer()):
+        t.tune((8, torch.bfloat16), FAKE_DEV)  # another key in the cache: "cache" reads, "off" does not
+    t._table.clear()
+    monkeypatch.setitem(_PROBE, "tunable", t)
+    monkeypatch.setitem(_PROBE, "configs", [])
+    torch._dynamo.reset()
+    kw = {k: v for k, v in how.items() if k != "env"}
+    f = torch.compile(lambda x: torch.ops.gems_autotune_test.probe(x) + 1, backend="flag_gems", **kw)
+    x = rand(8, 16)
+    timer = Timer()
+    with at.use_timer(timer):
+        out = f(x)
+    assert_close(out, ref64(x) * 2 + 1, torch.float32, tag("autotune.policy_probe", x.shape, torch.float32))
+    tuned, heuristic = (2048, 8), (1024, 4)
+    assert _PROBE["configs"] == [tuned if expect == "on" else heuristic], (expect, _PROBE["configs"])
+    assert bool(timer.calls) == (expect == "on")
+    assert at.mode() == (how.get("env") or "on")  # outside the graph: unchanged
+    torch._dynamo.reset()
+
+
+def test_autotune_option_is_checked():
+    from flag_gems.options import CompileOptions
+
+    with pytest.raises(ValueError, match="'autotune' must be 'on', 'cache' or 'off'"):
+        CompileOptions.from_user(None, {"autotune": "sometimes"})
+    assert CompileOptions.from_user("max-autotune", None).graph_autotune == "on"
+    assert CompileOptions.from_user("reduce-overhead", None).graph_autotune == "cache"

@@ -221,6 +221,18 @@ def traceable_kernels(monkeypatch):
     return run_interpreted
 
 
+def test_dynamic_shapes_stay_calls(traceable_kernels):
+    """GPU run (session 6): inlined into vLLM's piecewise graphs (token count marked dynamic), the
+    launchers' size-dependent config choices specialized the dim and Dynamo raised
+    ConstraintViolationError. With symbolic sizes the ops stay calls, with the reason."""
+    gm = make_fx(_block, tracing_mode="symbolic")(*[rand(*s) for s in BLOCK_SHAPES])
+    report = GraphReport(0)
+    assert inductor.inline_triton_kernels(gm, report) == 0
+    assert len(published_nodes(gm)) == 4 and not kernel_nodes(gm)
+    for op in ("flag_gems.add_rms_norm", "flag_gems.silu_and_mul", "flag_gems.rotary_embedding_hf"):
+        assert any("dynamic shapes" in r for r in report.kept[op]), report.table()
+
+
 def test_rewrite_into_kernel_nodes_computes_the_same(traceable_kernels):
     gm = _graph(_block, *BLOCK_SHAPES)
     report = GraphReport(0)

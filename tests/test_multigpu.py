@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -206,7 +207,11 @@ def _torchrun_tp(out, *args, timeout=900):
            os.path.join(ROOT, "benchmarks", "multigpu_tp.py"), "--out", str(out), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_child_env())
     written = [f for f in os.listdir(out) if f.startswith("multigpu_tp_") and f.endswith(".json")]
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    if proc.returncode != 0:
+        # The ranks' exception lines first: the tail alone is torchrun's summary (a GPU run lost the cause so).
+        causes = [ln for ln in proc.stderr.splitlines() if re.search(r"\w+(Error|Exception)\b|^\s*E\s", ln)]
+        pytest.fail(f"torchrun exited {proc.returncode}\ncauses:\n" + "\n".join(causes[:40])
+                    + f"\nstdout tail:\n{proc.stdout[-2000:]}\nstderr tail:\n{proc.stderr[-3000:]}")
     assert len(written) == 1, written
     with open(os.path.join(out, written[0]), encoding="utf-8") as f:
         return json.load(f)
