@@ -345,10 +345,17 @@ def test_committed_shipped_tables_are_well_formed():
     for name in files:
         doc = json.loads(open(os.path.join(folder, name)).read())
         assert name == at.device_slug(doc["device"]) + ".json", name
+        stale = set()
         for e in doc["entries"]:
             t = at.TUNABLES[e["kernel"]]
             assert set(e["config"]) == set(t.fields), (name, e)
             assert len(e["key"]) == len(t.key_fields), (name, e)
+            if e["source"] != t.source_hash:
+                stale.add(e["kernel"])
+        # A stale entry is ignored at run time (each of its keys tuned again at first sight): a kernel
+        # edit needs a re-tune on that GPU; a change that launches the same (a refactor of the candidate
+        # generator, session 5) is re-stamped with benchmarks/restamp_tuned.py.
+        assert not stale, f"{name}: entries of {sorted(stale)} were tuned for another source of their kernels"
 
 
 def test_config_for(env):
@@ -644,3 +651,28 @@ def test_autotune_option_is_checked():
         CompileOptions.from_user(None, {"autotune": "sometimes"})
     assert CompileOptions.from_user("max-autotune", None).graph_autotune == "on"
     assert CompileOptions.from_user("reduce-overhead", None).graph_autotune == "cache"
+
+
+def test_restamp_tool_only_restamps_valid_configs(tmp_path, monkeypatch):
+    import sys
+
+    from flag_gems.kernels import _common
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import restamp_tuned
+
+    monkeypatch.setattr(_common, "_cuda_sms", lambda index: 132)  # heuristics of an H200, without one
+    t = at.TUNABLES["act_and_mul"]
+    good = {"kernel": "act_and_mul", "key": [4096, 14336, "bfloat16"], "source": "0" * 16,
+            "config": {"BLOCK_M": 1, "BLOCK_N": 8192, "num_warps": 16}}
+    other = {"kernel": "rms_norm", "key": [1, 4096, "bfloat16", True], "source": "1" * 16,
+             "config": {"BLOCK_N": 4096, "num_warps": 8}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"format": 1, "device": "NVIDIA H200", "entries": [good, other]}))
+    assert restamp_tuned.restamp(str(path), "act_and_mul") == 1
+    entries = json.loads(path.read_text())["entries"]
+    assert entries[0]["source"] == t.source_hash and entries[1]["source"] == "1" * 16  # only that family
+    bad = dict(good, source="0" * 16, config={"BLOCK_M": 3, "BLOCK_N": 100, "num_warps": 16})
+    path.write_text(json.dumps({"format": 1, "device": "NVIDIA H200", "entries": [bad]}))
+    with pytest.raises(ValueError, match="re-tune"):
+        restamp_tuned.restamp(str(path), "act_and_mul")
