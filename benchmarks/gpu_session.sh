@@ -37,8 +37,13 @@ run_part() {  # name, seconds, command...
   shift 2
   local t0=$SECONDS
   echo "=== $name (limit ${secs}s)"
-  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+  # In its own session, so that what it leaves behind (pytest-xdist workers after a timeout) is
+  # killed with it and does not share the GPU and CPUs with the next part.
+  setsid timeout "$secs" "$@" >"$OUT/$name.log" 2>&1 &
+  local pid=$!
+  wait "$pid"
   local st=$?
+  pkill -KILL -s "$pid" 2>/dev/null
   echo "=== $name: exit $st after $((SECONDS - t0))s"
   [ "$st" = 0 ] || rc=$st
 }
