@@ -17,6 +17,10 @@ Per (input, contender):
 - ``first_call_s``: the first call, compile included, with cold caches (Inductor's and Triton's
   cache folders are empty temporary folders for the whole run; each input starts from a
   ``torch._dynamo.reset()``);
+- ``backend_compile_s`` / ``graph_first_run_s`` (flag_gems contenders without Inductor): the
+  backend's share of the first call from its graph reports (``GraphReport.timings``): tracing,
+  fusions and AOT autograd; the compiled graphs' first runs (Triton compiles, tuning). The rest is
+  Dynamo's;
 - ``cosine_vs_eager``: cosine similarity of the logits with eager's;
 - ``kernels_per_call`` / ``kernels_per_layer``: CUDA kernels one forward launches (torch.profiler,
   memcpy/memset excluded), and that over the number of layers;
@@ -129,8 +133,23 @@ def _static_kernels(report, layers: int) -> float | None:
     return total / layers if report.graphs else None
 
 
+def _stage_seconds(report) -> dict:
+    """The backend's share of a first call, from its graph reports: ``backend_compile_s`` (the
+    pre-dispatch trace, the fusions and AOT autograd with our post-autograd passes inside) and
+    ``graph_first_run_s`` (the compiled graphs' first runs: Triton compiles, tuning). The rest of
+    ``first_call_s`` is Dynamo's."""
+    compile_s = run_s = 0.0
+    for g in report.graphs:
+        for stage, secs in g.timings.items():
+            if stage.endswith("first call"):
+                run_s += secs
+            elif stage in ("pre-dispatch trace", "fusions", "AOT autograd"):
+                compile_s += secs
+    return {"backend_compile_s": compile_s, "graph_first_run_s": run_s}
+
+
 def _compile(contender: str, model, ids, device: str):
-    """(callable, first-call seconds, logits, static kernels per layer or None)."""
+    """(callable, first-call seconds, logits, static kernels per layer or None, stage seconds or None)."""
     kw = CONTENDERS[contender]
     fn = model if kw is None else torch.compile(model, **kw)
     report = None
@@ -148,7 +167,8 @@ def _compile(contender: str, model, ids, device: str):
         _sync(device)
         first = time.perf_counter() - t0
     static = _static_kernels(report, model.config.num_hidden_layers) if report is not None else None
-    return fn, first, out.float(), static
+    stages = _stage_seconds(report) if report is not None else None
+    return fn, first, out.float(), static, stages
 
 
 def run(args) -> list[dict]:
@@ -182,7 +202,7 @@ def run(args) -> list[dict]:
                 row(name, contender, "error", f"skipped: past the {args.budget_s:.0f} s budget")
                 continue
             try:
-                fn, first, out, static = _compile(contender, model, ids, device)
+                fn, first, out, static, stages = _compile(contender, model, ids, device)
             except Exception as e:  # a contender that fails is a recorded row, not a crash
                 row(name, contender, "error", f"{type(e).__name__}: {e}"[:300])
                 print(f"{name:<16}{contender:<32} FAILED: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -192,6 +212,8 @@ def run(args) -> list[dict]:
             row(name, contender, "cosine_vs_eager", cosine(out, ref))
             if static is not None:
                 row(name, contender, "static_kernels_per_layer", static)
+            for metric, value in (stages or {}).items():
+                row(name, contender, metric, value)
             del out
         # Alternating rounds: every contender once per round, the order rotated each round.
         times = {c: [] for c in fns}
@@ -254,6 +276,8 @@ def markdown(rows: list[dict]) -> str:
     ]
     for metric, label, spec in (("ms", "ms", ".3f"), ("host_ms", "host ms to issue", ".3f"),
                                 ("first_call_s", "first call s", ".1f"),
+                                ("backend_compile_s", "first call: our trace, fusions, AOT s", ".2f"),
+                                ("graph_first_run_s", "first call: graphs' first run s", ".2f"),
                                 ("kernels_per_layer", "kernels / layer", ".1f"),
                                 ("static_kernels_per_layer", "kernels / layer (static count)", ".1f"),
                                 ("cosine_vs_eager", "logits cosine vs eager", ".5f")):

@@ -152,19 +152,26 @@ def _carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> None:
         dst.meta.setdefault(key, value)
 
 
-class _TunePolicy:
-    """A boxed compiled graph run under the backend's autotune policy (``options["autotune"]``)."""
+class _CompiledGraph:
+    """A boxed compiled graph as the backend returns it: run under the backend's autotune policy
+    (``options["autotune"]``), its first call timed into the graph's report."""
 
     _boxed_call = True
 
-    def __init__(self, fn, policy: str):
+    def __init__(self, fn, policy: str, report: GraphReport, kind: str):
         self.fn, self.policy = fn, policy
         self.gems_source = getattr(fn, "gems_source", None)
+        self._first_call = (report, f"{kind} first call")
 
     def __call__(self, args):
         previous = enter_policy(self.policy)
         try:
-            return self.fn(args)
+            if self._first_call is None:
+                return self.fn(args)
+            report, stage = self._first_call
+            self._first_call = None
+            with report.timed(stage):
+                return self.fn(args)
         finally:
             exit_policy(previous)
 
@@ -192,14 +199,16 @@ class GemsCompiler:
     def fuse(self, gm: fx.GraphModule, example_inputs, report: GraphReport) -> fx.GraphModule:
         """Trace to aten and run the fusion passes; the unmodified graph on failure (not strict)."""
         try:
-            aten_gm = trace_pre_dispatch(gm, example_inputs)
+            with report.timed("pre-dispatch trace"):
+                aten_gm = trace_pre_dispatch(gm, example_inputs)
             self._dump(report, "aten", aten_gm)
-            for name in self.options.fusions:
-                fn = FUSION_PASSES.get(name)
-                if fn is None:
-                    report.notes.append(f"fusion {name!r} is not available in this build")
-                    continue
-                fn(aten_gm, report)
+            with report.timed("fusions"):
+                for name in self.options.fusions:
+                    fn = FUSION_PASSES.get(name)
+                    if fn is None:
+                        report.notes.append(f"fusion {name!r} is not available in this build")
+                        continue
+                    fn(aten_gm, report)
             aten_gm.graph.lint()
             aten_gm.recompile()
             self._dump(report, "fused", aten_gm)
@@ -228,37 +237,39 @@ class GemsCompiler:
         from .passes.noop_clones import drop_noop_clones
         from .passes.pointwise_fusion import count_kernels, fuse_pointwise
 
+        def drop_clones(gm, report):
+            n = drop_noop_clones(gm)
+            if n:
+                report.notes.append(f"{n} clones of intermediates already in their layout dropped ({kind} graph)")
+
         def compile_graph(gm: fx.GraphModule, example_inputs):
             report.kind = kind if report.kind == "dynamo" else f"{report.kind}+{kind}"
-            before = count_kernels(gm)
             saved = precompiling()  # an ahead-of-time artifact keeps registered ops only (aot.py)
             if saved and (self.options.fuse_pointwise or self.options.lower_aten):
                 report.notes.append("pointwise fusion and aten lowering off: their nodes call Python functions, "
                                     "which an ahead-of-time artifact cannot save")
-            def drop_clones():
-                n = drop_noop_clones(gm)
-                if n:
-                    report.notes.append(f"{n} clones of intermediates already in their layout dropped ({kind} graph)")
-
-            self._optional_pass(report, f"no-op clone removal on the {kind} graph", drop_clones)
-            if self.options.fuse_pointwise and not saved:
-                self._optional_pass(report, f"pointwise fusion on the {kind} graph",
-                                    lambda: fuse_pointwise(gm, report, kind, strict=self.options.strict))
-            if self.options.lower_aten and not saved:
-                self._optional_pass(report, f"aten lowering on the {kind} graph",
-                                    lambda: lower_aten(gm, report, everything=self.options.lower_aten == "all"))
-            report.count_kernels(kind, before, count_kernels(gm))
+            with report.timed(f"{kind} passes"):
+                before = count_kernels(gm)
+                self._optional_pass(report, f"no-op clone removal on the {kind} graph", lambda: drop_clones(gm, report))
+                if self.options.fuse_pointwise and not saved:
+                    self._optional_pass(report, f"pointwise fusion on the {kind} graph",
+                                        lambda: fuse_pointwise(gm, report, kind, strict=self.options.strict))
+                if self.options.lower_aten and not saved:
+                    self._optional_pass(report, f"aten lowering on the {kind} graph",
+                                        lambda: lower_aten(gm, report, everything=self.options.lower_aten == "all"))
+                report.count_kernels(kind, before, count_kernels(gm))
             self._dump(report, kind, gm)
             if saved:  # the graph is saved, ops by name (aot.py)
                 report.notes.append(f"{kind} graph saved for ahead-of-time compilation (no direct calls, no CUDA graphs)")
                 self._finish(report)
                 return serializable_graph(gm)
-            # Skipped, the dispatcher calls stay: slower, still right.
-            self._optional_pass(report, f"direct calls on the {kind} graph", lambda: direct_calls(gm))
-            fn = self._wrapper(gm, report, kind) if self.options.wrapper else None
-            if fn is None:
-                fn = make_boxed_func(gm.forward)
-            fn = _TunePolicy(fn, self.options.graph_autotune)
+            with report.timed(f"{kind} wrapper"):
+                # Skipped, the dispatcher calls stay: slower, still right.
+                self._optional_pass(report, f"direct calls on the {kind} graph", lambda: direct_calls(gm))
+                fn = self._wrapper(gm, report, kind) if self.options.wrapper else None
+                if fn is None:
+                    fn = make_boxed_func(gm.forward)
+            fn = _CompiledGraph(fn, self.options.graph_autotune, report, kind)
             if self.options.cudagraphs and kind == "inference":
                 fn = self._cudagraphs(gm, fn, report)
             self._finish(report)
@@ -356,15 +367,16 @@ class GemsCompiler:
                 return self._inductor(fused, example_inputs, report)
             from torch._functorch.aot_autograd import aot_module_simplified
 
-            return aot_module_simplified(
-                fused,
-                example_inputs,
-                fw_compiler=self._graph_compiler(report, "forward"),
-                bw_compiler=self._graph_compiler(report, "backward"),
-                inference_compiler=self._graph_compiler(report, "inference"),
-                decompositions=DECOMPOSITIONS,
-                keep_inference_input_mutations=True,
-            )
+            with report.timed("AOT autograd"):  # the forward / inference stages above run inside it
+                return aot_module_simplified(
+                    fused,
+                    example_inputs,
+                    fw_compiler=self._graph_compiler(report, "forward"),
+                    bw_compiler=self._graph_compiler(report, "backward"),
+                    inference_compiler=self._graph_compiler(report, "inference"),
+                    decompositions=DECOMPOSITIONS,
+                    keep_inference_input_mutations=True,
+                )
         except Exception as e:
             if is_dynamo_signal(e):  # e.g. a restart: Dynamo traces the frame again and calls us anew
                 _forget(report, sink)

@@ -9,11 +9,13 @@ the graphs of one compiled function and prints them as a table.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
+import time
 
 from . import availability
 
@@ -38,6 +40,10 @@ class GraphReport:
             the graph's nodes before and after the post-autograd passes (pointwise fusion, aten
             lowering); see ``passes.pointwise_rules.native_kernels``.
         layers: decoder layers (repeated submodules of one module list) the graph holds, or None.
+        timings: compile stage -> seconds of host time (``"pre-dispatch trace"``, ``"fusions"``,
+            ``"AOT autograd"`` with the post-autograd stages inside it, ``"<kind> passes"``,
+            ``"<kind> wrapper"``, and ``"<kind> first call"``: the compiled graph's first run,
+            where its Triton kernels compile and, under ``autotune="on"``, tune).
     """
 
     graph_id: int
@@ -50,6 +56,22 @@ class GraphReport:
     generated: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     kernels: dict = dataclasses.field(default_factory=dict)
     layers: int | None = None
+    timings: dict = dataclasses.field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        """Add the host seconds spent inside to ``timings[stage]``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    def timing_line(self) -> str | None:
+        """``compile time: pre-dispatch trace 0.37 s, ...``, or None."""
+        if not self.timings:
+            return None
+        return "compile time: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items())
 
     def count_kernels(self, kind: str, before: int, after: int) -> None:
         """Record the static kernel count of the ``kind`` graph before and after the passes."""
@@ -95,6 +117,7 @@ class GraphReport:
             "generated": dict(self.generated),
             "kernels": {k: {"before": b, "after": a} for k, (b, a) in self.kernels.items()},
             "layers": self.layers,
+            "timings": dict(self.timings),
         }
 
     def table(self) -> str:
@@ -120,6 +143,9 @@ class GraphReport:
         kernels = self.kernel_line()
         if kernels:
             lines.append(f"  {kernels}")
+        timing = self.timing_line()
+        if timing:
+            lines.append(f"  {timing}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -616,3 +616,32 @@ def test_pattern_kept_when_fused_op_refuses_inputs(device, monkeypatch):
     assert sum(report.fused.values()) == 0
     assert any("refuses" in reason for reason in report.graphs[0].kept["rms_norm pattern"]), str(report)
     torch.testing.assert_close(out, m(x, r)[0])
+
+
+def test_report_times_the_stages_and_the_first_call(device):
+    """``GraphReport.timings``: the backend's stages, then the compiled graph's first run (where its
+    Triton kernels compile), each once; later calls add nothing."""
+    m = ResidualBlock(48, "llama").to(device)
+    x, r = rand(2, 5, 48, device=device), rand(2, 5, 48, device=device)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        report = flag_gems.explain(m, x, r, options=STRICT)
+    (g,) = report.graphs
+    stages = ("pre-dispatch trace", "fusions", "inference passes", "inference wrapper", "AOT autograd",
+              "inference first call")
+    assert set(g.timings) == set(stages) and all(v > 0 for v in g.timings.values()), g.timings
+    # the post-autograd stages run inside AOT autograd
+    assert g.timings["inference passes"] + g.timings["inference wrapper"] <= g.timings["AOT autograd"]
+    assert "compile time: pre-dispatch trace" in g.table() and g.to_dict()["timings"] == g.timings
+    from flag_gems.backend import _collect
+    from flag_gems.report import CompileReport
+
+    torch._dynamo.reset()
+    f = torch.compile(m, backend="flag_gems", options=STRICT)
+    with torch.no_grad(), _collect(CompileReport()) as rep:
+        want = f(x, r)
+    first = dict(rep.graphs[0].timings)
+    with torch.no_grad():
+        got = f(x, r)
+    assert rep.graphs[0].timings == first and "inference first call" in first
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -23,6 +23,13 @@ def test_bench_model_cpu_smoke(tmp_path):
                 assert (inp, prov, metric) in got, rows
         # the backend's own kernel count of the compiled graphs, per layer
         assert (inp, "flag_gems", "static_kernels_per_layer") in got, rows
+        # the backend's share of the first call: its stages, then the graphs' first run, within the call
+        stage = {r["metric"]: r["value"] for r in rows if r["input"] == inp and r["provider"] == "flag_gems"}
+        assert 0 < stage["backend_compile_s"] and 0 < stage["graph_first_run_s"], stage
+        assert stage["backend_compile_s"] + stage["graph_first_run_s"] <= stage["first_call_s"], stage
+    assert "| input | eager | ours |" in (tmp_path / "model_cpu-smoke.md").read_text()
+    host = [r["value"] for r in rows if r["metric"] == "host_ms"]
+    assert host and min(host) > 0
     cos = [r["value"] for r in rows if r["metric"] == "cosine_vs_eager"]
     assert min(cos) > 0.999
     table = (tmp_path / "model_cpu-smoke.md").read_text()
