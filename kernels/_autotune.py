@@ -485,11 +485,17 @@ class Tunable:
         baseline: ``(key, dev, dims) -> run`` of a native contender, or None; when given, the
             config's ``NATIVE`` field (in ``fields``) says whether it was faster.
         version: bump when the meaning of configs changes without a source change.
+        nearest_bucket: the key's first element is a power-of-two size bucket whose configs stay
+            sound at nearby sizes (row and token counts of row-wise kernels, not GEMM's M): under
+            the ``cache`` policy a key in no cache takes the shipped config of the nearest bucket
+            that is otherwise the same key (as vLLM picks the nearest batch size's MoE config),
+            instead of the heuristic.
     """
 
     def __init__(self, name: str, *, fields, key_fields, default, candidates, make_bench, sources=(),
-                 baseline=None, version: str = "1"):
+                 baseline=None, version: str = "1", nearest_bucket: bool = False):
         self.name = name
+        self.nearest_bucket = nearest_bucket
         self.fields = tuple(fields)
         self.key_fields = tuple(key_fields)
         self.default = default
@@ -579,6 +585,9 @@ class Tunable:
                                f"({type(exc).__name__}: {exc}); the heuristic config runs")
                     result = TuneResult(self.name, key, self._default(key, dev), "default")
                 return self._remember(key, dev, result)
+            near = self._nearest_shipped(key, dev) if policy == "cache" else None
+            if near is not None:
+                return self._remember(key, dev, near)
             return self._remember(key, dev, TuneResult(self.name, key, self._default(key, dev), "default"))
 
     def _default(self, key, dev) -> dict:
@@ -609,6 +618,31 @@ class Tunable:
             return TuneResult(self.name, key, rec["config"], "shipped", rec.get("best_us"), rec.get("default_us"),
                               rec.get("baseline_us"))
         return None
+
+    def _nearest_shipped(self, key, dev) -> TuneResult | None:
+        """The shipped entry whose key differs from ``key`` only in the first element (the size
+        bucket), the nearest such bucket in powers of two (the larger on a tie), when its config is
+        valid for ``key``; None otherwise or when the family does not allow it (``nearest_bucket``)."""
+        if not self.nearest_bucket or not key or not isinstance(key[0], int) or key[0] < 1:
+            return None
+        from . import _tune_cache as cache
+
+        rest = _jsonable(key[1:])
+        best = None
+        for (kernel, _), rec in cache.read_shipped(device_name(dev)).items():
+            k = rec.get("key")
+            if (kernel != self.name or rec.get("source") != self.source_hash or not isinstance(k, list) or not k
+                    or not isinstance(k[0], int) or k[0] < 1 or k[1:] != rest):
+                continue
+            rank = (abs(math.log2(k[0]) - math.log2(key[0])), -k[0])
+            if (best is None or rank < best[0]) and self._valid(rec.get("config"), key, dev):
+                best = (rank, rec)
+        if best is None:
+            return None
+        rec = best[1]
+        logger.debug("autotune %s %s: the shipped config of bucket %s", self.name, key, rec["key"][0])
+        return TuneResult(self.name, key, rec["config"], "shipped nearest", rec.get("best_us"), rec.get("default_us"),
+                          rec.get("baseline_us"))
 
     def origin(self, key: tuple, dev: int) -> TuneResult | None:
         """How the table's entry for ``key`` was decided (None when not resolved in this process)."""

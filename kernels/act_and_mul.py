@@ -671,6 +671,7 @@ TUNABLE = at.register(at.Tunable(
     candidates=_tune_candidates,
     make_bench=_tune_bench,
     sources=(_act_and_mul_fwd_kernel, _act, _row_offsets, _launch_fwd),
+    nearest_bucket=True,
 ))
 
 

@@ -384,4 +384,5 @@ TUNABLE = at.register(at.Tunable(
     candidates=_tune_candidates,
     make_bench=_tune_bench,
     sources=(_layer_norm_fwd_kernel,),
+    nearest_bucket=True,
 ))

@@ -505,4 +505,5 @@ TUNABLE = at.register(at.Tunable(
     candidates=_tune_candidates,
     make_bench=_tune_bench,
     sources=(_rms_norm_fwd_kernel,),
+    nearest_bucket=True,
 ))

@@ -720,4 +720,5 @@ TUNABLE = at.register(at.Tunable(
     candidates=_tune_candidates,
     make_bench=_tune_bench,
     sources=(_rope_kernel, _rope_heads),
+    nearest_bucket=True,
 ))

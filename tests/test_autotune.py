@@ -339,6 +339,49 @@ def test_shipped_table(env):
     assert t.lookup(KEY, FAKE_DEV) == (2048, 8)
 
 
+def test_cache_policy_takes_the_nearest_shipped_bucket(env, monkeypatch):
+    """Under ``cache``, a row-wise family's key in no cache takes the shipped config of the nearest
+    size bucket with otherwise the same key (valid for the key, current source), not the heuristic;
+    ``on`` tunes it, ``off`` and families without ``nearest_bucket`` keep the heuristic."""
+    t = make_fake(name="fake_nearest")
+    t.nearest_bucket = True
+    folder = env / "shipped"
+    folder.mkdir()
+
+    def entry(n, dtype, config, source=None):
+        return dict(kernel=t.name, key=json.loads(at.key_text((n, dtype))), source=source or t.source_hash,
+                    config=config, best_us=1.0, default_us=2.0, baseline_us=None)
+
+    entries = [entry(64, torch.bfloat16, {"BLOCK": 512, "num_warps": 2}),
+               entry(4096, torch.bfloat16, {"BLOCK": 2048, "num_warps": 8}),
+               entry(1024, torch.float16, {"BLOCK": 512, "num_warps": 8}),  # another dtype: never a neighbour
+               entry(2048, torch.bfloat16, {"BLOCK": 1024, "num_warps": 2}, source="feedfacefeedface"),  # stale
+               entry(8192, torch.bfloat16, {"BLOCK": 999, "num_warps": 8})]  # not a candidate: skipped
+    (folder / f"{at.device_slug(t_name())}.json").write_text(
+        json.dumps(dict(format=at.FORMAT, device=t_name(), entries=entries)))
+    never = Timer(lambda c: pytest.fail("tuned"))
+    monkeypatch.setenv("GEMS_AUTOTUNE", "cache")
+    with at.use_timer(never):
+        assert t.resolve((2048, torch.bfloat16), FAKE_DEV) == (2048, 8)  # 4096 (1 step) beats 64 (5 steps)
+        assert t.resolve((8, torch.bfloat16), FAKE_DEV) == (512, 2)  # 64: 3 steps, 4096: 9
+        assert t.resolve((16384, torch.bfloat16), FAKE_DEV) == (2048, 8)  # 8192's config is invalid
+        assert t.resolve((256, torch.float32), FAKE_DEV) == (1024, 4)  # no such dtype shipped: heuristic
+    assert t.origin((2048, torch.bfloat16), FAKE_DEV).origin == "shipped nearest"
+    monkeypatch.setenv("GEMS_AUTOTUNE", "off")
+    t._table.clear()
+    with at.use_timer(never):
+        assert t.resolve((2048, torch.bfloat16), FAKE_DEV) == (1024, 4)
+    t.nearest_bucket = False
+    monkeypatch.setenv("GEMS_AUTOTUNE", "cache")
+    t._table.clear()
+    with at.use_timer(never):
+        assert t.resolve((2048, torch.bfloat16), FAKE_DEV) == (1024, 4)
+
+
+def test_row_wise_families_take_nearest_buckets():
+    assert {n for n, t in at.TUNABLES.items() if t.nearest_bucket} == {"rms_norm", "act_and_mul", "layer_norm", "rope"}
+
+
 def test_committed_shipped_tables_are_well_formed():
     folder = at._SHIPPED_DIR
     files = [f for f in os.listdir(folder) if f.endswith(".json")] if os.path.isdir(folder) else []
