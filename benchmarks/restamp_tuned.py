@@ -21,8 +21,6 @@ import json
 import os
 import sys
 
-import torch
-
 import flag_gems  # noqa: F401  (registers every family)
 from flag_gems.kernels import _autotune as at
 
@@ -44,8 +42,7 @@ def restamp(path: str, family: str) -> int:
     for e in doc["entries"]:
         if e["kernel"] != family or e["source"] == tunable.source_hash:
             continue
-        key = tuple(getattr(torch, k) if isinstance(k, str) and isinstance(getattr(torch, k, None), torch.dtype)
-                    else k for k in e["key"])
+        key = at.key_from_json(e["key"])
         if not tunable._valid(e["config"], key, 0):
             raise ValueError(f"{family} {e['key']}: config {e['config']} is not a candidate any more; re-tune it")
         e["source"] = tunable.source_hash

@@ -48,6 +48,7 @@ from torch import fx
 
 from .options import FUSIONS
 from .passes import fuse_post_grad
+from .passes.matching import symbolic_layout
 from .report import GraphReport
 from .signals import is_dynamo_signal
 
@@ -128,11 +129,6 @@ def _tensor_slots(node: fx.Node):
         elif isinstance(a, (list, tuple)) and any(isinstance(x, fx.Node) for x in a):
             return f"argument {schema.arguments[i].name!r} is a list of nodes"
     return args, slots
-
-
-def _symbolic(t: torch.Tensor) -> bool:
-    """Whether a tensor's sizes or strides hold symbols (a dynamic-shape graph)."""
-    return any(isinstance(d, torch.SymInt) for d in (*t.shape, *t.stride()))
 
 
 def _trace_key(target, args: list, slots: list, values: list):
@@ -336,7 +332,7 @@ def inline_triton_kernels(gm: fx.GraphModule, report: GraphReport | None = None)
             reason = found
         elif twin is None:  # _make_twin found no implementation (logged then)
             reason = f"no {NAMESPACE} twin is registered for it"
-        elif any(_symbolic(found[0][i].meta["val"]) for i in found[1]):
+        elif any(symbolic_layout(found[0][i].meta["val"]) for i in found[1]):
             # Its launcher picks tiles and grids from the sizes in Python: traced here, that
             # would specialize the dims the caller marked dynamic (vLLM's token count).
             reason = "dynamic shapes: its launcher's size-dependent choices would specialize them"

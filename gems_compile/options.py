@@ -11,6 +11,8 @@ import difflib
 import os
 from typing import Any
 
+from .kernels._autotune import POLICIES
+
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 FUSIONS = ("rms_norm", "act_and_mul", "rotary_embedding")
@@ -81,8 +83,8 @@ class CompileOptions:
             raise ValueError(f"flag_gems backend: unknown option {detail}; valid options: {', '.join(valid)}")
         if "lower_aten" in options and options["lower_aten"] not in (True, False, "all"):
             raise TypeError(f"flag_gems backend: option 'lower_aten' must be True, False or 'all', got {options['lower_aten']!r}")
-        if options.get("autotune") not in (None, "on", "cache", "off"):
-            raise ValueError(f"flag_gems backend: option 'autotune' must be 'on', 'cache' or 'off', "
+        if options.get("autotune") is not None and options["autotune"] not in POLICIES:
+            raise ValueError(f"flag_gems backend: option 'autotune' must be one of {', '.join(map(repr, POLICIES))}, "
                              f"got {options['autotune']!r}")
         for key in ("strict", "cudagraphs", "inductor", "max_autotune", "fuse_pointwise", "wrapper"):
             if key in options and not isinstance(options[key], bool):

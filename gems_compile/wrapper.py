@@ -45,6 +45,7 @@ from torch import fx
 
 from .kernels._common import _INTERPRETER_LOCK, interpreter_mode
 from .passes import pointwise_fusion
+from .passes.matching import is_view, symbolic_layout
 
 logger = logging.getLogger(__name__)
 
@@ -118,16 +119,8 @@ def _device(gm) -> torch.device | None:
     return first
 
 
-def _is_view(n: fx.Node) -> bool:
-    t = n.target
-    return (n.op == "call_function" and isinstance(t, torch._ops.OpOverload)
-            and (t.is_view or t is aten._unsafe_view.default)  # _unsafe_view: a view of a fresh tensor
-            and t not in (aten.sym_size.int, aten.sym_stride.int))
-
-
 def _static(v) -> bool:
-    return isinstance(v, torch.Tensor) and not any(
-        isinstance(x, torch.SymInt) for x in (*v.shape, *v.stride(), v.storage_offset()))
+    return isinstance(v, torch.Tensor) and not symbolic_layout(v)
 
 
 def _collapsed_views(nodes, output) -> dict:
@@ -140,12 +133,12 @@ def _collapsed_views(nodes, output) -> dict:
     out_nodes = set(output.all_input_nodes)
     collapsed = {}
     for n in nodes:
-        if not _is_view(n) or n in out_nodes or not isinstance(n.args[0], fx.Node):
+        if not is_view(n) or n in out_nodes or not isinstance(n.args[0], fx.Node):
             continue
         base = n.args[0]
         while base in collapsed:
             base = collapsed[base]
-        while _is_view(base) and all(_is_view(u) for u in base.users) and base not in out_nodes:
+        while is_view(base) and all(is_view(u) for u in base.users) and base not in out_nodes:
             base = base.args[0]
         if base is not n.args[0] or _static(n.meta.get("val")):
             if _static(n.meta.get("val")) and _static(base.meta.get("val")):

@@ -33,7 +33,7 @@ When tuning happens (``GEMS_AUTOTUNE``, one setting):
   ``python -m flag_gems.pretune`` and ``flag_gems.warmup(...)``. No latency spike ever.
 * ``off``: the heuristics only (no cache reads): the reproducible baseline.
 
-Unset, the policy is ``on`` except inside a :func:`policy_scope`: the compile backend runs its
+Unset, the policy is ``on`` except between :func:`enter_policy` and :func:`exit_policy`: the compile backend runs its
 graphs in one (``options={"autotune": ...}``, default ``cache``; ``on`` with max-autotune).
 
 Under Triton's interpreter, tuning happens only when asked for (pretune, warmup, tests).
@@ -102,30 +102,13 @@ _scope = threading.local()
 POLICIES = ("on", "cache", "off")
 
 
-@contextlib.contextmanager
-def policy_scope(policy: str | None):
-    """Inside, :func:`mode` is ``policy`` unless ``GEMS_AUTOTUNE`` is set (the environment wins).
-
-    The compile backend runs each compiled graph inside one (``options={"autotune": ...}``;
-    default ``"cache"``, ``"on"`` with ``mode="max-autotune"``), so that a graph's first call
-    does not wait for tuning, as with Inductor without max-autotune. ``None``: no change.
-
-    Raises:
-        ValueError: ``policy`` is not one of ``POLICIES``.
-    """
-    if policy is not None and policy not in POLICIES:
-        raise ValueError(f"autotune policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    previous = getattr(_scope, "policy", None)
-    _scope.policy = policy if policy is not None else previous
-    try:
-        yield
-    finally:
-        _scope.policy = previous
-
-
 def enter_policy(policy: str) -> str | None:
-    """:func:`policy_scope` without the context manager (the per-call path of compiled graphs):
-    sets ``policy`` for this thread and returns the previous one, for :func:`exit_policy`."""
+    """Make ``policy`` (one of ``POLICIES``) this thread's policy unless ``GEMS_AUTOTUNE`` is set
+    (the environment wins); returns the previous one, for :func:`exit_policy`. The compile backend
+    runs each compiled graph between the two (``options={"autotune": ...}``; default ``"cache"``,
+    ``"on"`` with max-autotune), so that a graph's first call does not wait for tuning, as with
+    Inductor without max-autotune. A plain pair rather than a context manager: it is on every
+    compiled call's path."""
     previous = getattr(_scope, "policy", None)
     _scope.policy = policy
     return previous
@@ -136,7 +119,7 @@ def exit_policy(previous: str | None) -> None:
 
 
 def mode() -> str:
-    """The tuning policy: ``GEMS_AUTOTUNE`` when set, else the enclosing :func:`policy_scope`'s,
+    """The tuning policy: ``GEMS_AUTOTUNE`` when set, else this thread's :func:`enter_policy`'s,
     else ``"on"``: one of ``"on"``, ``"cache"`` or ``"off"`` (module docstring)."""
     raw = os.environ.get("GEMS_AUTOTUNE")
     if raw is None:
@@ -348,6 +331,12 @@ def _jsonable(v):
     if isinstance(v, (bool, int, float, str)) or v is None:
         return v
     raise TypeError(f"autotune key element {v!r} of type {type(v).__name__} cannot be stored")
+
+
+def key_from_json(values) -> tuple:
+    """A key as stored (:func:`key_text`'s list, dtypes by name) back as a key tuple."""
+    return tuple(getattr(torch, k) if isinstance(k, str) and isinstance(getattr(torch, k, None), torch.dtype) else k
+                 for k in values)
 
 
 def key_text(key: tuple) -> str:
@@ -812,8 +801,7 @@ def config_for(kernel_name: str, key, device: int | None = None) -> dict:
     tunable = TUNABLES.get(kernel_name)
     if tunable is None:
         raise KeyError(f"config_for: no tunable kernel {kernel_name!r}; known: {', '.join(sorted(TUNABLES))}")
-    key = tuple(getattr(torch, k) if isinstance(k, str) and isinstance(getattr(torch, k, None), torch.dtype) else k
-                for k in key)
+    key = key_from_json(key)
     if len(key) != len(tunable.key_fields):
         raise ValueError(f"config_for({kernel_name!r}): expected a key of {len(tunable.key_fields)} values "
                          f"{tunable.key_fields}, got {len(key)}")

@@ -690,7 +690,7 @@ def test_compiled_graphs_tune_by_the_backend_policy(env, monkeypatch, how, expec
 def test_autotune_option_is_checked():
     from flag_gems.options import CompileOptions
 
-    with pytest.raises(ValueError, match="'autotune' must be 'on', 'cache' or 'off'"):
+    with pytest.raises(ValueError, match="'autotune' must be one of 'on', 'cache', 'off'"):
         CompileOptions.from_user(None, {"autotune": "sometimes"})
     assert CompileOptions.from_user("max-autotune", None).graph_autotune == "on"
     assert CompileOptions.from_user("reduce-overhead", None).graph_autotune == "cache"

@@ -37,6 +37,20 @@ def is_op(node, *targets) -> bool:
     return t in targets or getattr(t, "overloadpacket", None) in targets
 
 
+def is_view(n: fx.Node) -> bool:
+    """A call of an aten view op, ``_unsafe_view`` included (a view of its input's storage that
+    autograd does not track), the size/stride queries excluded."""
+    t = n.target
+    return (n.op == "call_function" and isinstance(t, torch._ops.OpOverload)
+            and (t.is_view or t is aten._unsafe_view.default)
+            and t not in (aten.sym_size.int, aten.sym_stride.int))
+
+
+def symbolic_layout(t: torch.Tensor) -> bool:
+    """Whether a tensor value's sizes, strides or offset hold symbols (a dynamic-shape graph)."""
+    return any(isinstance(d, torch.SymInt) for d in (*t.shape, *t.stride(), t.storage_offset()))
+
+
 def val(node):
     """The node's example value (a FakeTensor, SymInt, ...) or None."""
     return node.meta.get("val") if isinstance(node, fx.Node) else None
