@@ -57,8 +57,17 @@ def test_kept_for_graph_inputs_and_outputs(device):
         y = x * 2
         return y.clone(), y + 1  # returning it would alias y
 
+    def returned_as_view(x):
+        c = (x * 2).clone()
+        return c.view(5, 1), c + 1  # a view of the clone is an output
+
+    def unsafe_view_of_input(x):
+        return torch.ops.aten._unsafe_view(x, [5]).clone() + 1  # _unsafe_view shares the input's storage
+
     _check(from_input, (rand(5, device=device),), dropped=0)
     _check(returned, (rand(5, device=device),), dropped=0)
+    _check(returned_as_view, (rand(5, device=device),), dropped=0)
+    _check(unsafe_view_of_input, (rand(5, 1, device=device),), dropped=0)
 
 
 def test_kept_when_the_graph_mutates(device):

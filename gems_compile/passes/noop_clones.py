@@ -11,18 +11,20 @@ A clone is dropped (its users read its input instead) only when all of these hol
 program cannot tell:
 
 - it keeps the layout: the input's shape, strides and dtype equal the clone's (static ints);
-- its input is an intermediate: the chain of views it reads starts at an op's output, not at
-  a graph input (whose storage the caller owns and may change later);
+- its input is an intermediate: the chain of views it reads (``_unsafe_view`` included) starts
+  at an op's output, not at a graph input (whose storage the caller owns);
 - no node of the graph mutates anything (post-autograd graphs are functional apart from
   ``copy_`` into inputs, whose sources are only read);
-- no user of the clone is the graph's output (a returned tensor would alias an internal
-  buffer, which AOT autograd's output handling did not plan for).
+- neither the clone nor a view of it is a graph output (a returned tensor would alias an
+  internal buffer, which AOT autograd's output handling did not plan for).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import fx
+
+from .matching import is_view, symbolic_layout
 
 __all__ = ["drop_noop_clones"]
 
@@ -31,23 +33,26 @@ _FORMATS = (None, torch.preserve_format, torch.contiguous_format)
 
 
 def _static_layout(v) -> tuple | None:
-    if not isinstance(v, torch.Tensor):
-        return None
-    dims = (*v.shape, *v.stride())
-    if not all(isinstance(d, int) for d in dims):
+    if not isinstance(v, torch.Tensor) or symbolic_layout(v):
         return None
     return tuple(v.shape), tuple(v.stride()), v.dtype, v.device
 
 
-def _is_view(n: fx.Node) -> bool:
-    t = n.target
-    return n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.is_view
-
-
 def _root(n: fx.Node) -> fx.Node:
-    while _is_view(n) and isinstance(n.args[0], fx.Node):
+    while is_view(n) and isinstance(n.args[0], fx.Node):
         n = n.args[0]
     return n
+
+
+def _returned(n: fx.Node, output: fx.Node) -> bool:
+    """Whether ``n`` or a view of it (through any chain of views) is read by the graph's output."""
+    todo = [n]
+    while todo:
+        m = todo.pop()
+        if output in m.users:
+            return True
+        todo += [u for u in m.users if is_view(u)]
+    return False
 
 
 def _mutates(n: fx.Node) -> bool:
@@ -71,13 +76,13 @@ def drop_noop_clones(gm: fx.GraphModule) -> int:
     nodes = list(gm.graph.nodes)
     if any(_mutates(n) for n in nodes):
         return 0
-    output = nodes[-1] if nodes and nodes[-1].op == "output" else next(n for n in nodes if n.op == "output")
+    output = next(n for n in reversed(nodes) if n.op == "output")
     dropped = 0
     for n in nodes:
         if n.op != "call_function" or n.target is not aten.clone.default:
             continue
         src = n.args[0] if n.args else None
-        if not isinstance(src, fx.Node) or n.kwargs.get("memory_format") not in _FORMATS or output in n.users:
+        if not isinstance(src, fx.Node) or n.kwargs.get("memory_format") not in _FORMATS or _returned(n, output):
             continue
         if _root(src).op != "call_function":
             continue
