@@ -73,6 +73,10 @@ CONTENDERS = {
     "flag_gems_reduce_overhead": dict(backend="flag_gems", mode="reduce-overhead"),
     "flag_gems_inductor": dict(backend="flag_gems", options={"inductor": True}),
     "flag_gems_inductor_cudagraphs": dict(backend="flag_gems", options={"inductor": True, "cudagraphs": True}),
+    # options={"fuse_linear": True} stacks the grouped weights in place: these two run on their own copy of
+    # the model (same seed, same weights), so the others' compiled graphs never see moved parameters.
+    "flag_gems_fuse_linear": dict(backend="flag_gems", options={"fuse_linear": True}),
+    "flag_gems_fuse_linear_reduce_overhead": dict(backend="flag_gems", mode="reduce-overhead", options={"fuse_linear": True}),
 }
 ALIASES = {"flag_gems_cudagraphs": "flag_gems_reduce_overhead"}  # the name earlier results used
 INPUTS = {"prefill_1x2048": (1, 2048), "decode_8x1": (8, 1), "decode_1x1": (1, 1), "decode_64x1": (64, 1)}
@@ -183,6 +187,16 @@ def run(args) -> list[dict]:
     contenders = [ALIASES.get(c, c) for c in (args.contenders or (["eager", "flag_gems"] if args.cpu_smoke else list(CONTENDERS)))]
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(CONTENDERS))
     model = build_model(cfg, device)
+    own_copy = None  # the fuse_linear contenders' model (see CONTENDERS)
+
+    def model_of(contender):
+        nonlocal own_copy
+        if not ((CONTENDERS[contender] or {}).get("options") or {}).get("fuse_linear"):
+            return model
+        if own_copy is None:
+            own_copy = build_model(cfg, device)
+        return own_copy
+
     meta = run_meta(device)
     rows = []
     start = time.perf_counter()
@@ -202,7 +216,7 @@ def run(args) -> list[dict]:
                 row(name, contender, "error", f"skipped: past the {args.budget_s:.0f} s budget")
                 continue
             try:
-                fn, first, out, static, stages = _compile(contender, model, ids, device)
+                fn, first, out, static, stages = _compile(contender, model_of(contender), ids, device)
             except Exception as e:  # a contender that fails is a recorded row, not a crash
                 row(name, contender, "error", f"{type(e).__name__}: {e}"[:300])
                 print(f"{name:<16}{contender:<32} FAILED: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -249,6 +263,7 @@ _LABELS = {
     "eager": "eager", "inductor": "Inductor", "inductor_reduce_overhead": "Inductor `reduce-overhead`",
     "flag_gems": "ours", "flag_gems_reduce_overhead": "ours `reduce-overhead`",
     "flag_gems_inductor": 'ours `options={"inductor": True}`', "flag_gems_inductor_cudagraphs": "ours inductor + cudagraphs",
+    "flag_gems_fuse_linear": "ours `fuse_linear`", "flag_gems_fuse_linear_reduce_overhead": "ours `fuse_linear` `reduce-overhead`",
 }
 
 
@@ -320,10 +335,15 @@ def _targets(t, inputs) -> list[str]:
     for inp in inputs:
         if inp.startswith("prefill"):
             checks.append((f"{inp}: ours / Inductor <= 0.95", ratio(inp, "flag_gems", "inductor"), 0.95))
+            checks.append((f"{inp}: ours fuse_linear / Inductor <= 0.95", ratio(inp, "flag_gems_fuse_linear", "inductor"), 0.95))
         else:
             checks.append((f"{inp}: ours reduce-overhead / Inductor reduce-overhead <= 0.95",
                            ratio(inp, "flag_gems_reduce_overhead", "inductor_reduce_overhead"), 0.95))
+            checks.append((f"{inp}: ours fuse_linear reduce-overhead / Inductor reduce-overhead <= 0.95",
+                           ratio(inp, "flag_gems_fuse_linear_reduce_overhead", "inductor_reduce_overhead"), 0.95))
             checks.append((f"{inp}: ours / Inductor (no CUDA graphs) <= 1", ratio(inp, "flag_gems", "inductor"), 1.0))
+            checks.append((f"{inp}: ours fuse_linear / Inductor (no CUDA graphs) <= 1",
+                           ratio(inp, "flag_gems_fuse_linear", "inductor"), 1.0))
             checks.append((f"{inp}: kernels per layer ours / Inductor <= 1",
                            ratio(inp, "flag_gems", "inductor", "kernels_per_layer"), 1.0))
         checks.append((f"{inp}: first call ours / Inductor <= 1/3",

@@ -38,7 +38,7 @@ from torch import fx
 from .aot import precompiling, serializable_graph
 from .kernels._autotune import enter_policy, exit_policy
 from .options import CompileOptions
-from .passes import FUSION_PASSES
+from .passes import FUSION_PASSES, OPTION_PASSES
 from .report import CompileReport, GraphReport, count_layers, dump_graph, dump_report, dump_text
 from .signals import is_dynamo_signal
 
@@ -170,6 +170,8 @@ class _CompiledGraph:
                 return self.fn(args)
             report, stage = self._first_call
             self._first_call = None
+            while report.at_first_call:
+                report.at_first_call.pop(0)()
             with report.timed(stage):
                 return self.fn(args)
         finally:
@@ -209,6 +211,9 @@ class GemsCompiler:
                         report.notes.append(f"fusion {name!r} is not available in this build")
                         continue
                     fn(aten_gm, report)
+                for name, fn in OPTION_PASSES.items():
+                    if getattr(self.options, name):
+                        fn(aten_gm, example_inputs, report)
             aten_gm.graph.lint()
             aten_gm.recompile()
             self._dump(report, "fused", aten_gm)

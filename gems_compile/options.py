@@ -46,6 +46,11 @@ class CompileOptions:
             ``"off"`` (heuristics only). ``GEMS_AUTOTUNE``, when set, wins. Kernels called outside
             compiled graphs (``enable()``, the public functions) keep ``GEMS_AUTOTUNE``'s default
             ``"on"``, as FlagGems tunes at run time; ``python -m flag_gems.pretune`` fills the cache.
+        fuse_linear: in inference graphs, run the linears that read one input (q/k/v, gate/up) as
+            one GEMM (``passes.linear_group``). Off by default because it moves the grouped
+            weights, once, into one buffer each group (the parameters become views of it: same
+            values and objects, no extra memory), which ``safetensors`` then refuses to save as
+            separate tensors.
     """
 
     strict: bool = False
@@ -58,6 +63,7 @@ class CompileOptions:
     fuse_pointwise: bool = True
     wrapper: bool = True
     autotune: str | None = None
+    fuse_linear: bool = False
 
     @property
     def graph_autotune(self) -> str:
@@ -86,7 +92,7 @@ class CompileOptions:
         if options.get("autotune") is not None and options["autotune"] not in POLICIES:
             raise ValueError(f"flag_gems backend: option 'autotune' must be one of {', '.join(map(repr, POLICIES))}, "
                              f"got {options['autotune']!r}")
-        for key in ("strict", "cudagraphs", "inductor", "max_autotune", "fuse_pointwise", "wrapper"):
+        for key in ("strict", "cudagraphs", "inductor", "max_autotune", "fuse_pointwise", "wrapper", "fuse_linear"):
             if key in options and not isinstance(options[key], bool):
                 raise TypeError(f"flag_gems backend: option {key!r} must be a bool, got {options[key]!r}")
         if "fusions" in options:

@@ -44,6 +44,9 @@ class GraphReport:
             ``"AOT autograd"`` with the post-autograd stages inside it, ``"<kind> passes"``,
             ``"<kind> wrapper"``, and ``"<kind> first call"``: the compiled graph's first run,
             where its Triton kernels compile and, under ``autotune="on"``, tune).
+        at_first_call: callables the compiled graph runs once, before its first run (a pass's
+            side effects on the model that must wait until compiling is over: ``fuse_linear``'s
+            weight stacking). Not part of the report's data.
     """
 
     graph_id: int
@@ -57,6 +60,7 @@ class GraphReport:
     kernels: dict = dataclasses.field(default_factory=dict)
     layers: int | None = None
     timings: dict = dataclasses.field(default_factory=dict)
+    at_first_call: list = dataclasses.field(default_factory=list, repr=False, compare=False)
 
     @contextlib.contextmanager
     def timed(self, stage: str):

@@ -102,6 +102,15 @@ _scope = threading.local()
 POLICIES = ("on", "cache", "off")
 
 
+def _fake_tracing() -> bool:
+    """Whether a FakeTensorMode or make_fx's proxy mode is active (a launcher traced on fake
+    tensors, e.g. a graph pass calling it under AOT autograd): no config can be timed there."""
+    keys = getattr(torch._C, "_TorchDispatchModeKey", None)
+    if keys is None:
+        return False
+    return any(torch._C._get_dispatch_mode(getattr(keys, k)) is not None for k in ("FAKE", "PROXY") if hasattr(keys, k))
+
+
 def enter_policy(policy: str) -> str | None:
     """Make ``policy`` (one of ``POLICIES``) this thread's policy unless ``GEMS_AUTOTUNE`` is set
     (the environment wins); returns the previous one, for :func:`exit_policy`. The compile backend
@@ -564,6 +573,9 @@ class Tunable:
 
             if launches_traced():  # a trace into Inductor's graph: the caches above, else the heuristic
                 logger.debug("autotune %s %s: launch traced into a graph, heuristic config", self.name, key)
+                return self.as_tuple(self._default(key, dev))
+            if _fake_tracing():  # fake tensors have no memory to time on; decide again at a real call
+                logger.debug("autotune %s %s: under a fake-tensor trace, heuristic config", self.name, key)
                 return self.as_tuple(self._default(key, dev))
             if tune and policy == "on" and dev >= 0 and not _interpreter():
                 budget = _env_float("GEMS_AUTOTUNE_BUDGET_S", 5.0)

@@ -12,7 +12,7 @@ the same registration must also run on CPU tensors through Triton's interpreter 
 ``custom_op`` gives schema, fake tensor, autograd and AOT support with none of that.
 """
 
-from . import act_and_mul, add, fused_rms_norm, indexing, layer_norm, matmul, pointwise, reduction, registry, rms_norm, rotary_embedding  # noqa: F401  (registers the ops)
+from . import act_and_mul, add, fused_rms_norm, indexing, layer_norm, linear_group, matmul, pointwise, reduction, registry, rms_norm, rotary_embedding  # noqa: F401  (registers the ops)
 from . import attention  # noqa: F401  (registers scaled_dot_product_attention)
 from . import loss  # noqa: F401  (registers nll_loss_forward / nll_loss_backward)
 from . import cpp_ops, nonzero  # noqa: F401  (flag_gems::mm / bmm / cat / sum / nonzero: the C++ runtime's op list)

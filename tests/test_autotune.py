@@ -145,6 +145,22 @@ def test_first_sight_policy_tunes_outside_capture_only(env, monkeypatch):
     assert len(timer.calls) == 9
 
 
+def test_fake_tensor_traces_never_tune(env):
+    """A launcher run on fake tensors (a pass under AOT autograd) gets the heuristic, untimed and
+    not remembered: the first real call tunes the key (before, every candidate 'failed' on the
+    fake tensors, each with a warning, and the key kept the heuristic for the process)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t = make_fake()
+    timer = Timer()
+    with at.use_timer(timer), FakeTensorMode():
+        assert t.resolve(KEY, FAKE_DEV) == (1024, 4)
+    assert timer.calls == [] and t.log == [] and (FAKE_DEV, KEY) not in t._table
+    with at.use_timer(timer):
+        assert t.resolve(KEY, FAKE_DEV) == (2048, 8)
+    assert len(timer.calls) == 9
+
+
 def test_capture_reads_the_cache_but_never_tunes(env, monkeypatch):
     t = make_fake()
     with at.use_timer(Timer()):

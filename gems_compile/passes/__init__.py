@@ -11,6 +11,7 @@ The pass modules are imported unconditionally: a pass that fails to import is an
 from __future__ import annotations
 
 from .act_and_mul import fuse_act_and_mul
+from .linear_group import group_linears
 from .rms_norm import fuse_rms_norm
 from .rotary_embedding import fuse_rotary_embedding
 
@@ -18,6 +19,12 @@ FUSION_PASSES = {
     "rms_norm": fuse_rms_norm,
     "act_and_mul": fuse_act_and_mul,
     "rotary_embedding": fuse_rotary_embedding,
+}
+
+# Passes an option turns on (off by default), each ``(gm, example_inputs, report) -> int``: they
+# act on the model's parameters, so they take the graph's real inputs. They run after the fusions.
+OPTION_PASSES = {
+    "fuse_linear": group_linears,  # options={"fuse_linear": True}: stacks the grouped weights in place
 }
 
 
@@ -42,4 +49,4 @@ def fuse_post_grad(gm, report, fusions) -> None:
                             f"{restored} unfused one(s) restored")
 
 
-__all__ = ["FUSION_PASSES", "fuse_post_grad"]
+__all__ = ["FUSION_PASSES", "OPTION_PASSES", "fuse_post_grad"]
