@@ -7,7 +7,8 @@
 # ops (op + model table, issue 4), eager (model under eager / use_gems() / preset fast, issue 10), graph (each
 # op alone in a compiled graph, aten vs lowered), profile (where the model's time goes), hostprof (host time of eager
 # op calls, with a cProfile), retest (pytest on $RETEST), vllm (vLLM mode-3 harness: three contenders and
-# the prefill kernel profile), cpp (C++ runtime host times, incl. the eager-only wrappers), multigpu (tests
+# the prefill kernel profile), cpp (C++ runtime host times, incl. the eager-only wrappers), lgroup (grouped
+# linears of options fuse_linear against separate ones), multigpu (tests
 # marked multigpu, the 2-process tensor-parallel decoder over NCCL writing its results to $OUT; needs 2 GPUs,
 # NVLink multicast off). Each part runs under its own time limit (seconds, overridable
 # with e.g. TESTS_S=200) so that the parts chosen for one call end inside the call's 10 minutes.
@@ -50,7 +51,7 @@ run_part() {  # name, seconds, command...
 IFS=, read -ra list <<<"$parts"
 for part in "${list[@]}"; do
   case $part in
-    tests) run_part tests "${TESTS_S:-300}" python3 -m pytest tests -q -n 8 --maxfail=${MAXFAIL:-40} -p no:cacheprovider --runslow -rfE
+    tests) GEMS_AUTOTUNE=${GEMS_AUTOTUNE:-off} run_part tests "${TESTS_S:-300}" python3 -m pytest tests -q -n 8 --maxfail=${MAXFAIL:-40} -p no:cacheprovider --runslow -rfE
            tail -40 "$OUT/tests.log" ;;
     sweep) run_part sweep "${SWEEP_S:-200}" python3 benchmarks/sweep.py --out "$OUT" ${SWEEP_ARGS:-}
            grep -E "current|best|Error" "$OUT/sweep.log" | tail -40 ;;
@@ -73,6 +74,8 @@ for part in "${list[@]}"; do
             tail -15 "$OUT/retest.log" ;;
     vllm)  run_part vllm "${VLLM_S:-240}" python3 benchmarks/bench_vllm.py --quick --profile 3 --out "$OUT" ${VLLM_ARGS:-}
            grep -vE "^\s*$" "$OUT/vllm.log" | tail -60 ;;
+    lgroup) run_part lgroup "${LGROUP_S:-120}" python3 benchmarks/bench_linear_group.py --out "$OUT"
+           tail -14 "$OUT/lgroup.log" ;;
     cpp)   run_part cpp "${CPP_S:-180}" python3 benchmarks/bench_cpp.py --out "$OUT" ${CPP_ARGS:-}
            tail -45 "$OUT/cpp.log" ;;
     multigpu) NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 GEMS_MULTIGPU_OUT="$OUT" \
