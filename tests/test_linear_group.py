@@ -167,6 +167,23 @@ def test_fuse_linear_is_off_by_default_and_under_autograd():
     assert [at.q_proj.weight.data_ptr(), at.k_proj.weight.data_ptr()] == ptrs
 
 
+def test_fuse_linear_leaves_prefill_sized_inputs_separate(monkeypatch):
+    from flag_gems.backend import _collect
+    from flag_gems.passes import linear_group as pass_module
+    from flag_gems.report import CompileReport
+
+    monkeypatch.setattr(pass_module, "MAX_ROWS", 8)
+    torch._dynamo.reset()
+    model = _tiny("llama")
+    ids = torch.randint(0, 128, (2, 5))  # 10 rows > 8
+    with torch.no_grad(), _collect(CompileReport()) as report:
+        out = torch.compile(model, backend="flag_gems", options={"fuse_linear": True, "strict": True})(ids, use_cache=False)
+        ref = model(ids, use_cache=False)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    assert not any(k.startswith("linear_group") for g in report.graphs for k in g.fused)
+    assert any("of 10 rows left separate" in n for g in report.graphs for n in g.notes)
+
+
 def test_fuse_linear_option_must_be_a_bool():
     from flag_gems.options import CompileOptions
 

@@ -25,7 +25,8 @@ per weight.
 Grouped: two or more ``aten.linear`` nodes with the same input node whose weights (and biases,
 all or none) are graph inputs holding plain, contiguous tensors of one dtype and device, each
 the sole owner of its storage (or already stacked), when autograd is off at compile time
-(inference: Dynamo then guards the graph on it). Left alone, with a note: anything else.
+(inference: Dynamo then guards the graph on it), and at most ``MAX_ROWS`` rows of input (decode
+sizes; larger GEMMs are faster apart). Left alone, with a note: anything else.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 from torch import fx
 
 from ..lowerings.linear_group import stacked_rows
-from .matching import set_fake_val, val
+from .matching import set_fake_val, static_int, val
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,13 @@ __all__ = ["group_linears", "stack_in_place", "stack_problem"]
 aten = torch.ops.aten
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+# Rows (tokens) above which a group stays separate GEMMs. H200, bf16, K = 4096
+# (benchmarks/bench_linear_group.py, 2026-12-03): one GEMM for q/k/v took 0.46-0.54x the time of
+# three at 1-64 rows, gate/up 0.92-0.94x; at 2048 rows 1.06x and 1.02x (cuBLAS's kernels for
+# the separate shapes win once the GEMMs are compute bound). Symbolic row counts are grouped
+# (decode is where the gain is).
+MAX_ROWS = 512
 
 
 def _plain(t) -> bool:
@@ -147,6 +155,11 @@ def group_linears(gm: fx.GraphModule, example_inputs, report) -> int:
         x_val = val(group[0][0].args[0])
         if x_val is None or any(w.dim() != 2 or w.dtype != x_val.dtype for w in weights):
             report.notes.append("fuse_linear: a group with weights that are not 2-D or not of the input's dtype")
+            continue
+        rows = static_int(x_val.numel() // x_val.shape[-1]) if x_val.shape[-1] else None
+        if rows is not None and rows > MAX_ROWS:
+            report.notes.append(f"fuse_linear: {len(group)} linears of {rows} rows left separate "
+                                f"(one GEMM per weight measured faster above {MAX_ROWS} rows)")
             continue
         why = stack_problem(weights) or (stack_problem(biases) if biases else None)
         if why is not None:
