@@ -44,10 +44,10 @@ def profile_one(fn, calls: int, top: int) -> str:
     return "\n".join(lines)
 
 
-def host_view(fn, calls: int, top: int) -> str:
-    """Host µs per call issued without syncs (median of ``calls``), and a cProfile of one call."""
+def host_view(fn, calls: int, top: int, profiled: int = 50) -> str:
+    """Host µs per call issued without syncs (median of ``calls``), and a cProfile of ``profiled``
+    calls as µs per call of each function (own time and with callees), the largest own times first."""
     import cProfile
-    import io
     import pstats
     import statistics
     import time
@@ -63,13 +63,21 @@ def host_view(fn, calls: int, top: int) -> str:
     torch.cuda.synchronize()
     pr = cProfile.Profile()
     pr.enable()
-    fn()
+    for _ in range(profiled):
+        fn()
+        torch.cuda.synchronize()
     pr.disable()
-    torch.cuda.synchronize()
-    buf = io.StringIO()
-    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
-    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()][:top + 8]
-    return f"  host {statistics.median(samples):9.1f} us/call (no sync)\n" + "\n".join("    " + ln for ln in lines)
+    stats = pstats.Stats(pr).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    lines = [f"  host {statistics.median(samples):9.1f} us/call (no sync); cProfile of {profiled} calls "
+             "(profiler overhead included), per call:",
+             f"    {'own us':>8} {'cum us':>8} {'calls':>6}  function"]
+    for (file, line, name), (_, n, own, cum, _) in rows:
+        where = name if file == "~" else f"{os.path.basename(file)}:{line}({name})"
+        if "synchronize" in name:
+            continue
+        lines.append(f"    {own / profiled * 1e6:8.1f} {cum / profiled * 1e6:8.1f} {n / profiled:6.1f}  {where}")
+    return "\n".join(lines)
 
 
 # The eager model under the dispatcher mode: every entry, the fast preset, and one entry the model
