@@ -28,6 +28,11 @@ MAX_FUSED_BLOCK = 16384
 # Read once: Triton picks the interpreter when it decorates the kernels (at import), so the
 # mode cannot change afterwards, and an os.environ lookup on every launch showed in host profiles.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if _INTERPRET:
+    # Triton <= 3.6's interpreter: loops up to a runtime bound (NumPy >= 2.4) and bool arguments fail.
+    from ._interpreter_compat import install as _install_interpreter_fix
+
+    _install_interpreter_fix()
 
 
 def interpreter_mode() -> bool:
