@@ -274,6 +274,17 @@ class GemsCompiler:
                 fn = self._wrapper(gm, report, kind) if self.options.wrapper else None
                 if fn is None:
                     fn = make_boxed_func(gm.forward)
+            # --- precompile (kernels/_precompile.py): the first run's Triton kernels, compiled in worker processes
+            from .kernels._precompile import precompile_applies, precompile_graph
+
+            if self.options.precompile and precompile_applies(gm):
+                def precompile():
+                    with report.timed(f"{kind} precompile"):
+                        result = precompile_graph(gm, self.options.graph_autotune)
+                    report.notes.append(result.note(kind))
+
+                self._optional_pass(report, f"precompile of the {kind} graph's kernels", precompile)
+            # --- end precompile
             fn = _CompiledGraph(fn, self.options.graph_autotune, report, kind)
             if self.options.cudagraphs and kind == "inference":
                 fn = self._cudagraphs(gm, fn, report)

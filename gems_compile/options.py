@@ -51,6 +51,10 @@ class CompileOptions:
             weights, once, into one buffer each group (the parameters become views of it: same
             values and objects, no extra memory), which ``safetensors`` then refuses to save as
             separate tensors.
+        precompile: before a CUDA graph's first run, compile the Triton kernels that run will
+            launch in worker processes, in parallel, so that it finds them in Triton's disk cache
+            instead of compiling them one after the other (``kernels/_precompile.py``).
+            ``GEMS_PRECOMPILE=0`` turns it off too.
     """
 
     strict: bool = False
@@ -64,6 +68,7 @@ class CompileOptions:
     wrapper: bool = True
     autotune: str | None = None
     fuse_linear: bool = False
+    precompile: bool = True
 
     @property
     def graph_autotune(self) -> str:
@@ -92,7 +97,8 @@ class CompileOptions:
         if options.get("autotune") is not None and options["autotune"] not in POLICIES:
             raise ValueError(f"flag_gems backend: option 'autotune' must be one of {', '.join(map(repr, POLICIES))}, "
                              f"got {options['autotune']!r}")
-        for key in ("strict", "cudagraphs", "inductor", "max_autotune", "fuse_pointwise", "wrapper", "fuse_linear"):
+        for key in ("strict", "cudagraphs", "inductor", "max_autotune", "fuse_pointwise", "wrapper", "fuse_linear",
+                    "precompile"):
             if key in options and not isinstance(options[key], bool):
                 raise TypeError(f"flag_gems backend: option {key!r} must be a bool, got {options[key]!r}")
         if "fusions" in options:

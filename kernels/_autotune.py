@@ -566,6 +566,9 @@ class Tunable:
             known = self._known(key, dev)
             if known is not None:
                 return self._remember(key, dev, known)
+            if policy == "cache":  # never tunes: the same answer inside a capture, a trace or on fake tensors
+                near = self._nearest_shipped(key, dev)
+                return self._remember(key, dev, near or TuneResult(self.name, key, self._default(key, dev), "default"))
             if capturing():  # never tune (or sync) inside a graph capture; decide again afterwards
                 logger.debug("autotune %s %s: inside CUDA-graph capture, heuristic config", self.name, key)
                 return self.as_tuple(self._default(key, dev))
@@ -586,9 +589,6 @@ class Tunable:
                                f"({type(exc).__name__}: {exc}); the heuristic config runs")
                     result = TuneResult(self.name, key, self._default(key, dev), "default")
                 return self._remember(key, dev, result)
-            near = self._nearest_shipped(key, dev) if policy == "cache" else None
-            if near is not None:
-                return self._remember(key, dev, near)
             return self._remember(key, dev, TuneResult(self.name, key, self._default(key, dev), "default"))
 
     def _default(self, key, dev) -> dict:

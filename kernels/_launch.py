@@ -23,6 +23,13 @@ hook such as proton's, the Triton interpreter) takes Triton's path unchanged, as
 call when ``GEMS_FAST_LAUNCH=0`` is set. A launcher that rejects the direct call (a Triton whose
 launcher takes other arguments; the rejection comes before any launch) turns the fast path off
 for the process with one warning, and that call goes through Triton's path.
+
+Two modes change what a launch does, per thread: :func:`traced_launches` (the launch becomes a
+``wrap_triton`` node of a trace) and :func:`recorded_launches` (nothing is compiled or launched:
+the kernel and its specialization key go to a recorder, which ``kernels/_precompile.py`` uses to
+compile a graph's kernels in worker processes before its first run). Both live in one
+thread-local slot that ``kernel[grid]`` already reads; ``run`` (called directly by generated
+launchers) reads it only while some thread records.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from ._common import interpreter_mode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FastKernel", "fast_launch_enabled", "jit", "spec_code", "traced_launches"]
+__all__ = ["FastKernel", "fast_launch_enabled", "jit", "recorded_launches", "spec_code", "traced_launches"]
 
 _ENABLED = os.environ.get("GEMS_FAST_LAUNCH", "1") != "0"
 _I32 = (-(2**31), 2**31)
@@ -67,7 +74,10 @@ def _disable(exc: Exception) -> None:
                    "Triton's own launch path from now on", exc)
 
 
+# ``on``: False, True (traced_launches) or a recorder (recorded_launches).
 _tracing = threading.local()
+_recording = 0  # threads inside recorded_launches (FastKernel.run reads the thread-local slot only when > 0)
+_recording_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -89,9 +99,37 @@ def traced_launches():
 
 
 def launches_traced() -> bool:
-    """Whether this thread is inside :func:`traced_launches` (the autotuner then never tunes:
-    a config chosen there is baked into a compiled graph, and tuning would launch under the tracer)."""
-    return getattr(_tracing, "on", False)
+    """Whether this thread is inside :func:`traced_launches` or :func:`recorded_launches` (the
+    autotuner then never tunes: a config chosen there is baked into a compiled graph, and tuning
+    would launch under the tracer; a recorded launch runs nothing)."""
+    return bool(getattr(_tracing, "on", False))
+
+
+@contextlib.contextmanager
+def recorded_launches(recorder):
+    """Inside, launches of :func:`jit` kernels on this thread compile and launch nothing: each one
+    calls ``recorder(kernel, values, key)`` and returns None.
+
+    ``kernel`` is the :class:`FastKernel`; ``values`` every parameter's value in order (defaults
+    filled, tensors as given: fake tensors are fine); ``key`` the specialization key
+    :meth:`FastKernel.run` computes for the same call, except that a tensor's alignment is read
+    from its storage offset (``storage_offset() * element_size() % 16 == 0``, the base assumed
+    aligned: the caching allocator's blocks are), so fake tensors have one. Launch options
+    (``num_warps``...) are the key's last element, as sorted ``(name, value)`` pairs. An argument
+    the key does not describe raises from the launch. Compiled Triton only (the interpreter's
+    kernels are plain ``triton.jit`` functions, which launch).
+    """
+    global _recording
+    previous = getattr(_tracing, "on", False)
+    with _recording_lock:
+        _recording += 1
+    _tracing.on = recorder
+    try:
+        yield
+    finally:
+        _tracing.on = previous
+        with _recording_lock:
+            _recording -= 1
 
 
 def fast_launch_enabled() -> bool:
@@ -142,6 +180,14 @@ def spec_code(arg) -> int:
     raise TypeError(f"spec_code: no specialization code for {type(arg).__name__}")
 
 
+def _record_spec(arg):
+    """:func:`_spec` without a data pointer: a tensor's alignment from its storage offset (fake
+    tensors have no address; their storage is assumed 16-byte aligned, as allocations are)."""
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.storage_offset() * arg.element_size() % 16 == 0)
+    return _spec(arg)
+
+
 # c10::ScalarType's ids (c10/core/ScalarType.h), for the dtypes our kernels take.
 _SCALAR_TYPE_IDS = {
     torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4, torch.float16: 5,
@@ -165,6 +211,7 @@ class FastKernel:
         self._bind = _make_binder(fn.params)
         self._compiled: dict = {}  # (device, key) -> (launcher, function, packed metadata)
         self._uncached: set = set()  # (device, key) Triton compiled but that has no fast launcher
+        self._record_bind = None  # the binder of recorded launches (recorded_launches), made on first use
         self._device = self._stream = None
 
     def __getattr__(self, name):
@@ -174,7 +221,10 @@ class FastKernel:
         return f"FastKernel({self.fn!r})"
 
     def __getitem__(self, grid):
-        if getattr(_tracing, "on", False):
+        mode = getattr(_tracing, "on", False)
+        if mode:
+            if mode is not True:  # recorded_launches: the recorder
+                return lambda *args, **kwargs: self._record(mode, args, kwargs)
             from torch.library import wrap_triton
 
             return wrap_triton(self.fn)[grid]
@@ -182,7 +232,11 @@ class FastKernel:
 
     def run(self, *args, grid, warmup, **kwargs):
         """Launch (Triton's ``JITFunction.run`` contract); returns the compiled kernel, or
-        None after a fast launch."""
+        None after a fast launch or a recorded one (:func:`recorded_launches`)."""
+        if _recording and not warmup:  # some thread records: is it this one?
+            mode = getattr(_tracing, "on", False)
+            if mode and mode is not True:
+                return self._record(mode, args, kwargs)
         if warmup or not _ENABLED or _hooks_active():
             return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs)
         if self._device is None:
@@ -209,6 +263,14 @@ class FastKernel:
         except TypeError as exc:  # a launcher with another signature rejects the call before launching
             _disable(exc)
             return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs)
+        return None
+
+    def _record(self, recorder, args, kwargs) -> None:
+        """A launch under :func:`recorded_launches`: hand the kernel, the values and the key to ``recorder``."""
+        if self._record_bind is None:
+            self._record_bind = _make_binder(self.fn.params, spec=_record_spec)
+        values, key = self._record_bind(*args, **kwargs)
+        recorder(self, values, key)
         return None
 
     def _remember(self, device, key, kernel) -> None:
@@ -252,14 +314,17 @@ def _current_device_and_stream():
     return device, active.get_current_stream
 
 
-def _make_binder(params):
+def _make_binder(params, spec=None):
     """``bind(*args, **kwargs) -> (values, key)`` for a kernel's parameters, generated once
     (plain code, no signature binding per call). ``values``: every parameter in order,
     defaults filled; ``key``: the specialization key (module docstring); keyword arguments
     that are no parameter (``num_warps``...) are launch options, keyed by value. A missing or
-    doubled argument raises TypeError, an undescribed one :class:`_Unkeyed`."""
+    doubled argument raises TypeError, an undescribed one :class:`_Unkeyed`. ``spec``: the
+    function that keys every runtime argument (default: :func:`_spec`, with plain tensors
+    keyed inline)."""
     names = [p.name for p in params]
-    signature, key, namespace = [], [], {"_gems_spec": _spec, "_GEMS_MISSING": _MISSING, "_gems_Tensor": torch.Tensor}
+    signature, key = [], []
+    namespace = {"_gems_spec": spec or _spec, "_GEMS_MISSING": _MISSING, "_gems_Tensor": torch.Tensor}
     for i, p in enumerate(params):
         if p.default is inspect.Parameter.empty:
             signature.append(f"{p.name}=_GEMS_MISSING")
@@ -268,6 +333,8 @@ def _make_binder(params):
             signature.append(f"{p.name}=_gems_default{i}")
         if p.is_constexpr:
             key.append(p.name)
+        elif spec is not None:
+            key.append(f"_gems_spec({p.name})")
         else:  # _spec, with a plain tensor's case inline (most arguments)
             key.append(f"(({p.name}.dtype, {p.name}.data_ptr() & 15 == 0) if {p.name}.__class__ is _gems_Tensor "
                        f"else _gems_spec({p.name}))")

@@ -1,0 +1,540 @@
+"""Compile a compiled graph's Triton kernels in worker processes, before its first run.
+
+A graph's first run compiles each of its Triton kernels at its first launch, one after the
+other (a few tenths of a second each; Triton's compile holds the GIL, so threads do not help).
+Inductor compiles in worker processes; so does this module, in three steps:
+
+1. record (:func:`collect`): each node of the final graph that may launch our kernels (a
+   ``torch.ops.flag_gems`` op, a registry implementation, a generated pointwise launcher) runs
+   its Python implementation on fake tensors laid out as its inputs' ``meta["val"]``, under
+   :func:`~flag_gems.kernels._launch.recorded_launches`: each launch becomes a
+   :class:`LaunchRecord` (kernel, dtype and alignment of each tensor, the other arguments,
+   constexprs, launch options) instead of a compile and a launch;
+2. compile (:func:`compile_records`): the records this process has not compiled yet go to
+   forked worker processes, which run ``JITFunction.run(..., warmup=True)`` on mock tensors of
+   the recorded dtypes and alignments, for the parent's GPU target, and so write Triton's
+   on-disk cache (the parent's cache folder: a forked worker has its settings);
+3. the first run goes through Triton's JIT as always and finds each kernel in that cache.
+
+What runs is unchanged: the first run's JIT keys each kernel as always; a record that was not
+right only costs its worker's time. A node that cannot be recorded (symbolic sizes,
+data-dependent code, an op without a Python implementation) and a job that fails or times out
+are skipped (DEBUG log): the first run compiles those kernels itself.
+
+Why fork (``os.fork``: no interpreter to start, and allowed in daemonic processes too): a forked
+worker starts in milliseconds with torch, Triton and every kernel imported, the generated
+pointwise kernels included (built from source in this process; the worker has the same objects,
+so the same Triton cache keys). Workers are forked per graph, after recording (a kernel generated
+later would be missing from an older worker), and exit when done. Nothing in a worker touches
+CUDA, which a forked child of a CUDA process must not: Triton's current device, stream and target
+are answered from the parent's values (:func:`_offline_driver`), and ``warmup`` compiles without
+loading the kernel; the worker leaves through ``os._exit`` (no exit handlers of the parent's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import time
+import warnings
+from multiprocessing import connection
+from typing import NamedTuple
+
+import torch
+
+from ._common import interpreter_mode
+from ._launch import FastKernel, recorded_launches
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LaunchRecord",
+    "PrecompileResult",
+    "TensorArg",
+    "collect",
+    "compile_records",
+    "precompile_applies",
+    "precompile_graph",
+    "recording_launches",
+]
+
+TIMEOUT_S = 60.0  # the most one graph's precompile waits for its workers
+MAX_WORKERS = 16
+MIN_JOBS = 2  # one kernel compiles as fast at the first run as in a worker the parent waits for
+
+# (kernel, device, key) compiled by a worker of this process: on disk, a later graph's collect skips them.
+# (Triton's own in-memory cache, which the C++ runtime's launches fill, is keyed by Triton internals that
+# change between versions: a launch compiled only there goes to a worker again, which finds it on disk.)
+_PRECOMPILED: set = set()
+_warned: set = set()
+
+
+class TensorArg(NamedTuple):
+    """A tensor argument as Triton specializes it: dtype and 16-byte alignment."""
+
+    dtype: torch.dtype
+    aligned: bool
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LaunchRecord:
+    """One recorded launch: what a worker needs to compile the kernel the launch would compile.
+
+    Attributes:
+        kernel: the :class:`~flag_gems.kernels._launch.FastKernel`.
+        device: the CUDA device index of the launch's tensors.
+        key: the specialization key (``FastKernel``'s, alignment from the storage offset).
+        args: every parameter's value in order; tensors as :class:`TensorArg`.
+        options: launch options (``num_warps``...) as sorted ``(name, value)`` pairs.
+    """
+
+    kernel: FastKernel
+    device: int
+    key: tuple
+    args: tuple
+    options: tuple
+
+    @property
+    def name(self) -> str:
+        return _kernel_name(self.kernel)
+
+    def warmup(self):
+        """Compile this launch's kernel as Triton's JIT would for it (into Triton's caches),
+        without launching. Needs Triton's active driver (a worker's :func:`_offline_driver`)."""
+        from triton.runtime.jit import MockTensor
+
+        args = [_mock(a, MockTensor) for a in self.args]
+        return self.kernel.fn.run(*args, grid=(1,), warmup=True, **dict(self.options))
+
+
+def _kernel_name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)
+    return getattr(getattr(fn, "fn", fn), "__name__", repr(kernel))
+
+
+def _mock(arg, mock_cls):
+    """A recorded argument as ``warmup`` takes it: tensors as Triton's MockTensor (address 0:
+    aligned), or one at address 8 for an unaligned tensor."""
+    if not isinstance(arg, TensorArg):
+        return arg
+    if arg.aligned:
+        return mock_cls(arg.dtype)
+
+    class _Unaligned(mock_cls):
+        @staticmethod
+        def data_ptr():
+            return 8
+
+    return _Unaligned(arg.dtype)
+
+
+# --------------------------------------------------------------------------- record
+
+
+@contextlib.contextmanager
+def recording_launches(into: list | None = None):
+    """Inside, launches of our ``@jit`` kernels on this thread are recorded, not compiled or launched.
+
+    Args:
+        into: the list to append :class:`LaunchRecord` s to (a new one when None).
+
+    Yields:
+        The list of records, in launch order (duplicates kept).
+    """
+    records = [] if into is None else into
+
+    def recorder(kernel, values, key):
+        device = next((v.device.index for v in values if isinstance(v, torch.Tensor)), None)
+        args = tuple(TensorArg(*key[i]) if isinstance(v, torch.Tensor) else v for i, v in enumerate(values))
+        records.append(LaunchRecord(kernel, device or 0, key, args, key[-1]))
+
+    with recorded_launches(recorder):
+        yield records
+
+
+class _Skip(Exception):
+    """A node whose launches cannot be recorded (its reason)."""
+
+
+def _python_impl(node):
+    """The Python function that runs ``node``'s kernels, or None for a node that launches none of ours."""
+    if node.op != "call_function":
+        return None
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        if t.namespace != "flag_gems":
+            return None
+        from torch._library import custom_ops
+
+        opdef = getattr(custom_ops, "OPDEFS", {}).get(f"flag_gems::{t._opname}")
+        return getattr(opdef, "_init_fn", None)  # the custom op's function (passes.direct_calls reads it too)
+    module = getattr(t, "__module__", None) or ""
+    # Registry implementations (lowerings), functions of our ops after direct calls, generated launchers.
+    if callable(t) and module.startswith("flag_gems."):
+        return t
+    return None
+
+
+def _static(v) -> bool:
+    return not isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _fresh(val):
+    """A new fake tensor with ``val``'s dtype, device, sizes, strides and storage offset (in the
+    active fake mode): the graph's own values stay untouched by what an implementation does."""
+    size, stride, offset = tuple(val.shape), tuple(val.stride()), val.storage_offset()
+    if not all(_static(s) for s in (*size, *stride, offset)):
+        raise _Skip("symbolic sizes")
+    if offset == 0:
+        return torch.empty_strided(size, stride, dtype=val.dtype, device=val.device)
+    extent = 1 + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else 0
+    base = torch.empty(offset + extent, dtype=val.dtype, device=val.device)
+    return base.as_strided(size, stride, offset)
+
+
+def _arg(a):
+    """A node argument for the implementation: nodes as fresh fakes (or their static values)."""
+    from torch import fx
+
+    if isinstance(a, fx.Node):
+        v = a.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            return _fresh(v)
+        if isinstance(v, (int, float, bool)) and _static(v):
+            return v
+        raise _Skip(f"input {a.name} has no static value")
+    if isinstance(a, tuple):
+        return tuple(_arg(x) for x in a)
+    if isinstance(a, list):
+        return [_arg(x) for x in a]
+    if isinstance(a, dict):
+        return {k: _arg(x) for k, x in a.items()}
+    if not _static(a):
+        raise _Skip("symbolic argument")
+    return a
+
+
+def collect(gm, policy: str | None = None) -> tuple[list[LaunchRecord], dict]:
+    """The launches the first run of ``gm`` will compile, recorded on fake tensors.
+
+    Args:
+        gm: a compiled graph (``fx.GraphModule``) after the backend's passes, ``meta["val"]`` on its nodes.
+        policy: the autotune policy the graph runs under (``kernels/_autotune.py``), so that the
+            launchers pick the configs the run will; None: the thread's.
+
+    Returns:
+        ``(records, stats)``: the records, one per distinct (kernel, device, key), without those
+        this process launched already (``FastKernel``) or precompiled; ``stats``: ``nodes`` run,
+        ``skipped`` nodes (see the module docstring), ``launches`` recorded before deduplication.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
+    from ._autotune import enter_policy, exit_policy
+
+    stats = {"nodes": 0, "skipped": 0, "launches": 0}
+    unique: dict = {}
+    # A fake mode of our own: static shapes only, and nothing recorded touches the graph's ShapeEnv. The
+    # launchers resolve their configs under the graph's policy, as its run will (the autotuner must answer
+    # alike on fake tensors, which it does for "off" and cached keys; see tests/test_precompile.py).
+    with unset_fake_temporarily(), FakeTensorMode(), torch.no_grad():
+        previous = enter_policy(policy) if policy is not None else None
+        try:
+            for node in gm.graph.nodes:
+                impl = _python_impl(node)
+                if impl is None:
+                    continue
+                stats["nodes"] += 1
+                records: list = []
+                try:
+                    args, kwargs = _arg(tuple(node.args)), _arg(dict(node.kwargs))
+                    with recording_launches(records):
+                        impl(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - any failure: the first run compiles this node's kernels
+                    stats["skipped"] += 1
+                    logger.debug("precompile: node %s (%s) not recorded: %s: %s", node.name,
+                                 getattr(impl, "__name__", impl), type(exc).__name__, exc)
+                stats["launches"] += len(records)
+                for r in records:  # those before a failure are launches the run makes too
+                    try:
+                        unique.setdefault((r.kernel, r.device, r.key), r)
+                    except TypeError:  # an unhashable constexpr: FastKernel takes Triton's path for it too
+                        logger.debug("precompile: %s: unhashable key, not recorded", r.name)
+        finally:
+            if policy is not None:
+                exit_policy(previous)
+    records = [r for r in unique.values() if (r.device, r.key) not in r.kernel._compiled
+               and (r.device, r.key) not in r.kernel._uncached and (r.kernel, r.device, r.key) not in _PRECOMPILED]
+    return records, stats
+
+
+# --------------------------------------------------------------------------- compile
+
+
+@dataclasses.dataclass
+class PrecompileResult:
+    """What one precompile did.
+
+    Attributes:
+        jobs: records sent to workers; compiled: jobs a worker finished (``cache_hits`` of them
+            were in Triton's disk cache already); failed: jobs that raised, died with their
+            worker or were still running at the timeout; workers: processes forked;
+        seconds: wall time of the compile step; errors: the first few failures, one line each;
+        nodes, skipped_nodes, launches: from :func:`collect` (0 when it did not run).
+    """
+
+    jobs: int = 0
+    compiled: int = 0
+    cache_hits: int = 0
+    failed: int = 0
+    workers: int = 0
+    seconds: float = 0.0
+    errors: list = dataclasses.field(default_factory=list)
+    nodes: int = 0
+    skipped_nodes: int = 0
+    launches: int = 0
+
+    def note(self, kind: str = "graph") -> str:
+        """One line for the graph's report."""
+        if not self.workers:
+            return (f"precompile ({kind} graph): {self.jobs} Triton kernel(s) to compile, left to the first run"
+                    f" ({self.launches} launches recorded from {self.nodes} nodes, {self.skipped_nodes} skipped)")
+        extra = [f"{self.cache_hits} already in Triton's cache"] if self.cache_hits else []
+        extra += [f"{self.failed} failed or timed out"] if self.failed else []
+        extra += [f"{self.skipped_nodes} of {self.nodes} nodes not recorded"] if self.skipped_nodes else []
+        return (f"precompiled {self.compiled} Triton kernels ({kind} graph) in {self.workers} processes"
+                + (f" ({'; '.join(extra)})" if extra else ""))
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+class _OfflineDriver:
+    """Triton's active driver in a worker of a process that has none (CPU-only tests)."""
+
+
+def _offline_driver(targets: dict, state: dict) -> None:
+    """Make Triton's active driver answer the current device, stream and target without CUDA.
+
+    Patched on the driver instance (instance attributes win over its methods and over the torch
+    functions it holds): the device is ``state["device"]``, the stream 0, the target the parent's.
+    """
+    from triton.runtime import driver
+
+    try:
+        active = driver.active
+    except Exception:  # noqa: BLE001 - no GPU driver in this process
+        active = _OfflineDriver()
+        driver.set_active(active)
+    active.get_current_device = lambda: state["device"]
+    active.get_current_stream = lambda device=None: 0
+    active.get_current_target = lambda: targets[state["device"]]
+
+
+def _worker(jobs: list, first: int, step: int, conn, targets: dict) -> None:
+    """A forked worker: compile ``jobs[first::step]``, sending ``(index, error or None, cache hit
+    or None, seconds)`` per job (the jobs are the parent's objects, as they were at the fork)."""
+    indices = range(first, len(jobs), step)
+    try:
+        state = {"device": 0}
+        hits: list = []
+        try:
+            _offline_driver(targets, state)
+            import triton
+
+            def listen(*, cache_hit=None, **_):
+                hits.append(cache_hit)
+
+            if hasattr(getattr(triton, "knobs", None), "compilation"):  # counts cache hits (Triton 3.4+)
+                triton.knobs.compilation.listener = listen
+        except Exception as exc:  # noqa: BLE001 - reported per job
+            for i in indices:
+                conn.send((i, f"worker setup: {type(exc).__name__}: {exc}"[:300], None, 0.0))
+            return
+        for i in indices:
+            job = jobs[i]
+            state["device"] = job.device
+            hits.clear()
+            t0 = time.perf_counter()
+            try:
+                job.warmup()
+                conn.send((i, None, hits[-1] if hits else None, time.perf_counter() - t0))
+            except Exception as exc:  # noqa: BLE001 - reported to the parent, which logs it
+                conn.send((i, f"{type(exc).__name__}: {exc}"[:300], None, time.perf_counter() - t0))
+    finally:
+        conn.close()
+
+
+def _target(device: int):
+    """Triton's GPU target for a CUDA device (the parent asks the real driver)."""
+    from triton.runtime import driver
+
+    active = driver.active
+    if device == active.get_current_device():
+        return active.get_current_target()
+    with torch.cuda.device(device):
+        return active.get_current_target()
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _fork_worker(jobs: list, w: int, n: int, targets: dict):
+    """Fork worker ``w`` of ``n``: ``(pid, the read end of its pipe)``. The child never returns."""
+    recv, send = connection.Pipe(duplex=False)
+    try:
+        with warnings.catch_warnings():  # Python 3.12+ warns at fork() in a process with threads
+            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+            pid = os.fork()
+    except BaseException:
+        recv.close()
+        send.close()
+        raise
+    if pid == 0:  # the worker: compile, then leave without running the parent's exit handlers
+        code = 1
+        try:
+            recv.close()
+            _worker(jobs, w, n, send, targets)
+            code = 0
+        finally:
+            os._exit(code)
+    send.close()
+    return pid, recv
+
+
+def _reap(pid: int, kill: bool) -> None:
+    """Wait for a worker (killed first when ``kill``), at most a few seconds before killing it anyway."""
+    try:
+        if kill:
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(500):
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ChildProcessError, ProcessLookupError):  # reaped already (SIGCHLD ignored) or gone
+        pass
+
+
+def compile_records(records, *, target=None, timeout_s: float = TIMEOUT_S,
+                    max_workers: int | None = None) -> PrecompileResult:
+    """Compile ``records`` in forked worker processes into Triton's on-disk cache; wait for them.
+
+    Args:
+        records: :class:`LaunchRecord` s (anything with ``device``, ``warmup()`` and ``name``).
+        target: the ``GPUTarget`` to compile for; None: each device's, from Triton's driver.
+        timeout_s: the most to wait; workers still running then are killed (their jobs count as failed).
+        max_workers: at most this many processes (default 16; never more than jobs or CPUs).
+
+    Returns:
+        A :class:`PrecompileResult`. Nothing raises: a failed job is counted and logged at DEBUG;
+        a process that cannot fork warns once and compiles nothing.
+    """
+    result = PrecompileResult(jobs=len(records))
+    if not records:
+        return result
+    t0 = time.perf_counter()
+    try:
+        if not hasattr(os, "fork"):
+            raise OSError("os.fork is not available on this platform")
+        targets = {d: target if target is not None else _target(d) for d in sorted({r.device for r in records})}
+    except Exception as exc:  # noqa: BLE001 - no fork, no driver: the first run compiles
+        _warn_once("setup", f"flag_gems: Triton kernels cannot be precompiled in worker processes here "
+                            f"({type(exc).__name__}: {exc}); each graph's first run compiles them")
+        result.failed = len(records)
+        return result
+    n = max(1, min(len(records), _cpus(), max_workers or MAX_WORKERS))
+    workers = []  # (pid, read end)
+    jobs = list(records)
+    for w in range(n):
+        try:
+            workers.append(_fork_worker(jobs, w, n, targets))
+        except Exception as exc:  # noqa: BLE001 - out of processes: its jobs are left to the first run
+            logger.debug("precompile: worker %d did not start: %s", w, exc)
+    if not workers:
+        _warn_once("fork", "flag_gems: no precompile worker process could be started; each graph's first run "
+                           "compiles its Triton kernels")
+        result.failed = len(records)
+        return result
+    result.workers = len(workers)
+    done: dict = {}
+    deadline = time.monotonic() + timeout_s
+    running = {recv: pid for pid, recv in workers}
+    while running:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        for conn in connection.wait(list(running), timeout=left):
+            try:
+                i, err, hit, secs = conn.recv()
+            except (EOFError, OSError):  # the worker finished (or died)
+                _reap(running.pop(conn), kill=False)
+                continue
+            done[i] = (err, hit, secs)
+            if err is None and isinstance(records[i], LaunchRecord):
+                _PRECOMPILED.add((records[i].kernel, records[i].device, records[i].key))
+            if err is None:
+                logger.debug("precompile: %s compiled in %.2f s%s", getattr(records[i], "name", i), secs,
+                             " (cache hit)" if hit else "")
+            else:
+                logger.debug("precompile: %s failed: %s", getattr(records[i], "name", i), err)
+    if running:
+        logger.debug("precompile: %d worker(s) killed after %.0f s", len(running), timeout_s)
+    for pid in running.values():  # still running at the timeout
+        _reap(pid, kill=True)
+    for _, recv in workers:
+        recv.close()
+    result.compiled = sum(1 for err, _, _ in done.values() if err is None)
+    result.cache_hits = sum(1 for err, hit, _ in done.values() if err is None and hit)
+    result.failed = len(records) - result.compiled
+    result.errors = [f"{getattr(records[i], 'name', i)}: {err}" for i, (err, _, _) in sorted(done.items()) if err][:5]
+    if len(done) < len(records):
+        result.errors.append(f"{len(records) - len(done)} job(s) unfinished (worker died or timed out)")
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# --------------------------------------------------------------------------- the backend's entry
+
+
+def precompile_applies(gm) -> bool:
+    """Whether :func:`precompile_graph` has work for ``gm``: compiled Triton (not the interpreter),
+    a CUDA device, ``GEMS_PRECOMPILE`` not ``0``, and a CUDA tensor among the graph's values."""
+    if os.environ.get("GEMS_PRECOMPILE", "1").strip() == "0" or interpreter_mode() or not torch.cuda.is_available():
+        return False
+    for node in gm.graph.nodes:
+        v = node.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.device.type == "cuda":
+            return True
+    return False
+
+
+def precompile_graph(gm, policy: str | None = None, *, timeout_s: float = TIMEOUT_S) -> PrecompileResult:
+    """Record the launches of ``gm``'s first run and compile their kernels in worker processes.
+
+    Args:
+        gm: the compiled graph (after the backend's passes).
+        policy: the autotune policy the graph runs under.
+        timeout_s: the most to wait for the workers.
+
+    Returns:
+        A :class:`PrecompileResult` (its ``note()`` is the report's line).
+    """
+    records, stats = collect(gm, policy)
+    if len(records) >= MIN_JOBS:
+        result = compile_records(records, timeout_s=timeout_s)
+    else:
+        result = PrecompileResult(jobs=len(records))
+    result.nodes, result.skipped_nodes, result.launches = stats["nodes"], stats["skipped"], stats["launches"]
+    logger.info("flag_gems: %s", result.note())
+    return result
