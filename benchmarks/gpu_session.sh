@@ -8,7 +8,8 @@
 # op alone in a compiled graph, aten vs lowered), profile (where the model's time goes), hostprof (host time of eager
 # op calls, with a cProfile), retest (pytest on $RETEST), vllm (vLLM mode-3 harness: three contenders and
 # the prefill kernel profile), cpp (C++ runtime host times, incl. the eager-only wrappers), lgroup (grouped
-# linears of options fuse_linear against separate ones), multigpu (tests
+# linears of options fuse_linear against separate ones), precheck (first calls cold with precompile on and off),
+# multigpu (tests
 # marked multigpu, the 2-process tensor-parallel decoder over NCCL writing its results to $OUT; needs 2 GPUs,
 # NVLink multicast off). Each part runs under its own time limit (seconds, overridable
 # with e.g. TESTS_S=200) so that the parts chosen for one call end inside the call's 10 minutes.
@@ -74,6 +75,8 @@ for part in "${list[@]}"; do
             tail -15 "$OUT/retest.log" ;;
     vllm)  run_part vllm "${VLLM_S:-240}" python3 benchmarks/bench_vllm.py --quick --profile 3 --out "$OUT" ${VLLM_ARGS:-}
            grep -vE "^\s*$" "$OUT/vllm.log" | tail -60 ;;
+    precheck) run_part precheck "${PRECHECK_S:-240}" python3 benchmarks/precompile_check.py --out "$OUT" --inputs prefill_1x2048 decode_8x1
+           tail -25 "$OUT/precheck.log" ;;
     lgroup) run_part lgroup "${LGROUP_S:-120}" python3 benchmarks/bench_linear_group.py --out "$OUT"
            tail -14 "$OUT/lgroup.log" ;;
     cpp)   run_part cpp "${CPP_S:-180}" python3 benchmarks/bench_cpp.py --out "$OUT" ${CPP_ARGS:-}
