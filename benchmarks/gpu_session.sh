@@ -52,8 +52,8 @@ run_part() {  # name, seconds, command...
 IFS=, read -ra list <<<"$parts"
 for part in "${list[@]}"; do
   case $part in
-    tests) GEMS_AUTOTUNE=${GEMS_AUTOTUNE:-off} run_part tests "${TESTS_S:-300}" python3 -m pytest tests -q -n 8 --maxfail=${MAXFAIL:-40} -p no:cacheprovider --runslow -rfE
-           tail -40 "$OUT/tests.log" ;;
+    tests) GEMS_AUTOTUNE=${GEMS_AUTOTUNE:-off} run_part tests "${TESTS_S:-300}" python3 -m pytest tests -q -n ${XDIST:-8} --maxfail=${MAXFAIL:-40} -p no:cacheprovider --runslow -rfE ${TESTS_ARGS:-}
+           grep -E "^(FAILED|ERROR)|\] (FAILED|ERROR) " "$OUT/tests.log" | head -40; tail -5 "$OUT/tests.log" ;;
     sweep) run_part sweep "${SWEEP_S:-200}" python3 benchmarks/sweep.py --out "$OUT" ${SWEEP_ARGS:-}
            grep -E "current|best|Error" "$OUT/sweep.log" | tail -40 ;;
     bench) run_part bench "${BENCH_S:-240}" python3 benchmarks/bench_kernels.py --out "$OUT" --time-budget "$(( ${BENCH_S:-240} - 20 ))"
