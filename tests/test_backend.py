@@ -629,9 +629,12 @@ def test_report_times_the_stages_and_the_first_call(device):
     (g,) = report.graphs
     stages = ("pre-dispatch trace", "fusions", "inference passes", "inference wrapper", "AOT autograd",
               "inference first call")
+    if device == "cuda" and os.environ.get("GEMS_PRECOMPILE", "1") != "0":
+        stages += ("inference precompile",)  # compiled Triton on CUDA: kernels compiled before the first run
     assert set(g.timings) == set(stages) and all(v > 0 for v in g.timings.values()), g.timings
     # the post-autograd stages run inside AOT autograd
-    assert g.timings["inference passes"] + g.timings["inference wrapper"] <= g.timings["AOT autograd"]
+    inside = ("inference passes", "inference wrapper", "inference precompile")
+    assert sum(g.timings.get(s, 0.0) for s in inside) <= g.timings["AOT autograd"]
     assert "compile time: pre-dispatch trace" in g.table() and g.to_dict()["timings"] == g.timings
     from flag_gems.backend import _collect
     from flag_gems.report import CompileReport

