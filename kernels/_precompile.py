@@ -61,7 +61,11 @@ __all__ = [
     "recording_launches",
 ]
 
-TIMEOUT_S = 60.0  # the most one graph's precompile waits for its workers
+TIMEOUT_S = 30.0  # the most one graph's precompile waits for its workers (one compile takes 0.2-3 s)
+# Forking copies the parent's page tables: a process holding tens of GB of CPU memory forks in a good
+# fraction of a second. No more workers are forked once the forks took this long (their jobs are left
+# to the first run).
+FORK_BUDGET_S = 1.0
 MAX_WORKERS = 16
 MIN_JOBS = 2  # one kernel compiles as fast at the first run as in a worker the parent waits for
 
@@ -456,11 +460,18 @@ def compile_records(records, *, target=None, timeout_s: float = TIMEOUT_S,
     n = max(1, min(len(records), _cpus(), max_workers or MAX_WORKERS))
     workers = []  # (pid, read end)
     jobs = list(records)
+    fork_s = 0.0
     for w in range(n):
+        if fork_s > FORK_BUDGET_S:
+            logger.debug("precompile: %d of %d workers forked in %.2f s; the rest's jobs are left to the first run",
+                         w, n, fork_s)
+            break
+        t_fork = time.perf_counter()
         try:
             workers.append(_fork_worker(jobs, w, n, targets))
         except Exception as exc:  # noqa: BLE001 - out of processes: its jobs are left to the first run
             logger.debug("precompile: worker %d did not start: %s", w, exc)
+        fork_s += time.perf_counter() - t_fork
     if not workers:
         _warn_once("fork", "flag_gems: no precompile worker process could be started; each graph's first run "
                            "compiles its Triton kernels")
@@ -488,8 +499,11 @@ def compile_records(records, *, target=None, timeout_s: float = TIMEOUT_S,
                              " (cache hit)" if hit else "")
             else:
                 logger.debug("precompile: %s failed: %s", getattr(records[i], "name", i), err)
-    if running:
-        logger.debug("precompile: %d worker(s) killed after %.0f s", len(running), timeout_s)
+    if running:  # a stall the user waited for: said once, as a warning
+        _warn_once("timeout", f"flag_gems: {len(running)} precompile worker process(es) still compiling after "
+                              f"{timeout_s:.0f} s were killed (a first call waited that long; their kernels compile "
+                              "at the first run). GEMS_PRECOMPILE=0 or options={'precompile': False} turns "
+                              "precompiling off")
     for pid in running.values():  # still running at the timeout
         _reap(pid, kill=True)
     for _, recv in workers:
