@@ -35,6 +35,7 @@ import warnings
 import torch
 from torch import fx
 
+from . import graph_precompile
 from .aot import precompiling, serializable_graph
 from .kernels._autotune import enter_policy, exit_policy
 from .options import CompileOptions
@@ -274,17 +275,14 @@ class GemsCompiler:
                 fn = self._wrapper(gm, report, kind) if self.options.wrapper else None
                 if fn is None:
                     fn = make_boxed_func(gm.forward)
-            # --- precompile (kernels/_precompile.py): the first run's Triton kernels, compiled in worker processes
-            from .kernels._precompile import precompile_applies, precompile_graph
-
-            if self.options.precompile and precompile_applies(gm):
+            # The first run's Triton kernels, compiled in worker processes (graph_precompile.py)
+            if self.options.precompile and graph_precompile.precompile_applies(gm):
                 def precompile():
                     with report.timed(f"{kind} precompile"):
-                        result = precompile_graph(gm, self.options.graph_autotune)
+                        result = graph_precompile.precompile_graph(gm, self.options.graph_autotune)
                     report.notes.append(result.note(kind))
 
                 self._optional_pass(report, f"precompile of the {kind} graph's kernels", precompile)
-            # --- end precompile
             fn = _CompiledGraph(fn, self.options.graph_autotune, report, kind)
             if self.options.cudagraphs and kind == "inference":
                 fn = self._cudagraphs(gm, fn, report)

@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import flag_gems  # noqa: E402
+from flag_gems import graph_precompile  # noqa: E402
 from flag_gems.kernels import _launch, _precompile  # noqa: E402
 from flag_gems.kernels._launch import FastKernel, launches_traced  # noqa: E402
 from flag_gems.kernels._precompile import PrecompileResult, TensorArg, compile_records, recording_launches  # noqa: E402
@@ -199,17 +200,17 @@ def test_applies_only_to_compiled_triton_on_cuda(monkeypatch):
         x.meta["val"] = torch.empty(4, device="cuda")
     g.output(x)
     gm = fx.GraphModule(torch.nn.Module(), g)
-    monkeypatch.setattr(_precompile, "interpreter_mode", lambda: True)
-    assert not _precompile.precompile_applies(gm)  # the interpreter's kernels compile nothing
-    monkeypatch.setattr(_precompile, "interpreter_mode", lambda: False)
+    monkeypatch.setattr(graph_precompile, "interpreter_mode", lambda: True)
+    assert not graph_precompile.precompile_applies(gm)  # the interpreter's kernels compile nothing
+    monkeypatch.setattr(graph_precompile, "interpreter_mode", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert _precompile.precompile_applies(gm)
+    assert graph_precompile.precompile_applies(gm)
     monkeypatch.setenv("GEMS_PRECOMPILE", "0")
-    assert not _precompile.precompile_applies(gm)
+    assert not graph_precompile.precompile_applies(gm)
     monkeypatch.delenv("GEMS_PRECOMPILE")
     with FakeTensorMode():
         x.meta["val"] = torch.empty(4)
-    assert not _precompile.precompile_applies(gm)  # a CPU graph
+    assert not graph_precompile.precompile_applies(gm)  # a CPU graph
 
 
 def _f(x, w):
@@ -223,8 +224,8 @@ def test_hook_runs_once_per_graph_and_is_reported(monkeypatch, fresh_dynamo):
         calls.append(policy)
         return PrecompileResult(jobs=3, compiled=3, workers=2)
 
-    monkeypatch.setattr(_precompile, "precompile_applies", lambda gm: True)
-    monkeypatch.setattr(_precompile, "precompile_graph", precompile_graph)
+    monkeypatch.setattr(graph_precompile, "precompile_applies", lambda gm: True)
+    monkeypatch.setattr(graph_precompile, "precompile_graph", precompile_graph)
     x, w = torch.randn(4, 8), torch.randn(8)
     g = flag_gems.explain(_f, x, w, options={"strict": True}).graphs[0]
     assert calls == ["cache"]  # the graph's autotune policy
@@ -241,7 +242,7 @@ def test_hook_never_runs_in_the_interpreter(monkeypatch, fresh_dynamo):
     def precompile_graph(*args, **kwargs):
         raise AssertionError("precompile ran under the interpreter")
 
-    monkeypatch.setattr(_precompile, "precompile_graph", precompile_graph)
+    monkeypatch.setattr(graph_precompile, "precompile_graph", precompile_graph)
     x, w = torch.randn(4, 8), torch.randn(8)
     g = flag_gems.explain(_f, x, w, options={"strict": True}).graphs[0]
     assert not [s for s in g.timings if "precompile" in s] and not [n for n in g.notes if "precompile" in n]
@@ -461,11 +462,11 @@ def _child_compile(out_path):
     _cpu_stand_ins()
     gm = _graph()
     cache_dir = os.environ["TRITON_CACHE_DIR"]
-    records, stats = _precompile.collect(gm, "off")
+    records, stats = graph_precompile.collect(gm, "off")
     got = {"stats": stats, "records": [{"name": r.name, "args": repr(r.args), "options": r.options} for r in records]}
     got["fused_name"] = next(n.target.gems_launch.kernel.name for n in gm.graph.nodes if hasattr(n.target, "gems_launch"))
     got["target_kinds"] = sorted({"op" if isinstance(n.target, torch._ops.OpOverload) else "function"
-                                  for n in gm.graph.nodes if _precompile._python_impl(n) is not None})
+                                  for n in gm.graph.nodes if graph_precompile._python_impl(n) is not None})
     unaligned = [r for r in records if any(isinstance(a, TensorArg) and not a.aligned for a in r.args)]
     got["unaligned_x"] = [r.args[0].aligned for r in unaligned]
     got["keys_match"] = all(r.kernel._bind(*map(_real, r.args), **dict(r.options))[1] == r.key for r in records)
@@ -475,18 +476,18 @@ def _child_compile(out_path):
     # The cache policy (compiled graphs' default) with the H200's shipped table: the records' configs
     # against those the run resolves (the oracle: the same launchers with nothing recorded or fake in the
     # autotuner's view).
-    again, _ = _precompile.collect(gm, "off")
+    again, _ = graph_precompile.collect(gm, "off")
     got["precompiled_skipped"] = not again  # precompiled in this process: a later graph's collect skips them
     _precompile._PRECOMPILED.clear()
     _autotune._DEVICE_NAMES[0] = "NVIDIA H200"
     for t in _autotune.TUNABLES.values():
         t._table.clear()
-    recorded, _ = _precompile.collect(gm, "cache")
+    recorded, _ = graph_precompile.collect(gm, "cache")
     for t in _autotune.TUNABLES.values():
         t._table.clear()
     _autotune._fake_tracing = lambda: False
     _launch.launches_traced = lambda: False
-    oracle, _ = _precompile.collect(gm, "cache")
+    oracle, _ = graph_precompile.collect(gm, "cache")
     mismatch = [a.name for a, b in zip(recorded, oracle) if a.key != b.key]
     got["cache_policy_keys_match"] = len(recorded) == len(oracle) and not mismatch
     got["cache_policy_mismatch"] = mismatch
@@ -522,7 +523,7 @@ def _child_replay(out_path):
             pass
         return list(hits)
 
-    records, _ = _precompile.collect(_graph(), "off")
+    records, _ = graph_precompile.collect(_graph(), "off")
     got = {"hits": {f"{i}:{r.name}": replay(r) for i, r in enumerate(records)}}
     got["control"] = replay(next(r for r in records if r.name == "_rms_norm_fwd_kernel"), num_warps=1)
     json.dump(got, open(out_path, "w"))
