@@ -53,7 +53,7 @@ class CompileOptions:
             separate tensors.
         precompile: before a CUDA graph's first run, compile the Triton kernels that run will
             launch in worker processes, in parallel, so that it finds them in Triton's disk cache
-            instead of compiling them one after the other (``kernels/_precompile.py``).
+            instead of compiling them one after the other (``graph_precompile.py``, ``kernels/_precompile.py``).
             ``GEMS_PRECOMPILE=0`` turns it off too.
     """
 
