@@ -184,6 +184,25 @@ def test_fuse_linear_leaves_prefill_sized_inputs_separate(monkeypatch):
     assert any("of 10 rows left separate" in n for g in report.graphs for n in g.notes)
 
 
+def test_fuse_linear_leaves_weights_passed_by_the_caller_alone():
+    from flag_gems.backend import _collect
+    from flag_gems.report import CompileReport
+
+    def qkv(x, wq, wk):
+        return F.linear(x, wq) * 2, F.linear(x, wk) + 1
+
+    torch._dynamo.reset()
+    x, wq, wk = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8)
+    ptrs = (wq.data_ptr(), wk.data_ptr())
+    with torch.no_grad(), _collect(CompileReport()) as report:
+        got = torch.compile(qkv, backend="flag_gems", options={"fuse_linear": True, "strict": True})(x, wq, wk)
+    for a, b in zip(got, qkv(x, wq, wk)):
+        torch.testing.assert_close(a, b)
+    assert (wq.data_ptr(), wk.data_ptr()) == ptrs
+    assert not any(k.startswith("linear_group") for g in report.graphs for k in g.fused)
+    assert any("not the model's parameters" in n for g in report.graphs for n in g.notes)
+
+
 def test_fuse_linear_option_must_be_a_bool():
     from flag_gems.options import CompileOptions
 

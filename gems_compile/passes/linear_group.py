@@ -23,7 +23,8 @@ re-assigned later (``p.data = other``) still gives right results: the op then ru
 per weight.
 
 Grouped: two or more ``aten.linear`` nodes with the same input node whose weights (and biases,
-all or none) are graph inputs holding plain, contiguous tensors of one dtype and device, each
+all or none) are the model's parameters (graph inputs holding plain ``nn.Parameter`` s,
+contiguous, of one dtype and device), each
 the sole owner of its storage (or already stacked), when autograd is off at compile time
 (inference: Dynamo then guards the graph on it), and at most ``MAX_ROWS`` rows of input (decode
 sizes; larger GEMMs are faster apart). Left alone, with a note: anything else.
@@ -150,7 +151,11 @@ def group_linears(gm: fx.GraphModule, example_inputs, report) -> int:
     for group in _linears(gm):
         weights = [real[w] for _, w, _ in group]
         biases = [real[b] for _, _, b in group if b is not None]
-        if not all(isinstance(t, torch.Tensor) for t in weights + biases):
+        if not all(isinstance(t, torch.nn.Parameter) for t in weights + biases):
+            # Tensors passed in by the caller may differ at every call, and moving them would move
+            # the caller's data: only the model's parameters are stacked.
+            report.notes.append(f"fuse_linear: {len(group)} linears of one input left separate: "
+                                "weights that are not the model's parameters")
             continue
         x_val = val(group[0][0].args[0])
         if x_val is None or any(w.dim() != 2 or w.dtype != x_val.dtype for w in weights):
