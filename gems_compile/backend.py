@@ -179,6 +179,21 @@ class _CompiledGraph:
             exit_policy(previous)
 
 
+def _with_first_call_actions(fn, report: GraphReport):
+    """``fn`` running ``report.at_first_call`` once before its first call (for callables that are not
+    a :class:`_CompiledGraph`, which runs them itself: Inductor's, with ``options={"inductor": True}``)."""
+    if not report.at_first_call:
+        return fn
+
+    def call(*args, **kwargs):
+        while report.at_first_call:
+            report.at_first_call.pop(0)()
+        return fn(*args, **kwargs)
+
+    call._boxed_call = getattr(fn, "_boxed_call", False)
+    return call
+
+
 class GemsCompiler:
     """A configured instance of the backend (what ``torch.compile`` calls per graph).
 
@@ -359,7 +374,7 @@ class GemsCompiler:
         }
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
         self._finish(report)
-        return compiled
+        return _with_first_call_actions(compiled, report)
 
     # -------------------------------------------------------------- entry
     def __call__(self, gm: fx.GraphModule, example_inputs):

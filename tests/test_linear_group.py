@@ -146,6 +146,20 @@ def test_fuse_linear_compiles_one_gemm_per_group_and_matches_eager(arch):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_fuse_linear_with_inductor_for_the_rest():
+    """options inductor: Inductor compiles the rewritten graph (linear_group a call it makes); the
+    weights are stacked at its first call too."""
+    torch._dynamo.reset()
+    model = _tiny("llama")
+    ids = torch.randint(0, 128, (1, 4))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        out = torch.compile(model, backend="flag_gems", options={"fuse_linear": True, "inductor": True})(ids, use_cache=False)
+    torch.testing.assert_close(out.logits, ref, atol=1e-4, rtol=1e-4)
+    at = model.model.layers[0].self_attn
+    assert stacked_rows([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]) is not None
+
+
 def test_fuse_linear_is_off_by_default_and_under_autograd():
     from flag_gems.backend import _collect
     from flag_gems.report import CompileReport
