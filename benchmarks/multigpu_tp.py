@@ -74,6 +74,9 @@ def _early_device(argv) -> str:
 
 if _early_device(sys.argv[1:]) == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
+    # CPU ranks on a GPU machine: with a GPU visible, flag_gems' runtime picks the CUDA backend and
+    # use_gems() registers on the CUDA key, so the ranks' CPU tensors would run no kernel of ours.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

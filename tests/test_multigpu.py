@@ -202,15 +202,30 @@ def test_fresh_process_compiles_once_per_device(child):
 # --------------------------------------------------------------------------- tensor parallel, 2 processes
 
 
-def _torchrun_tp(out, *args, timeout=900):
+def _failed_rows(out, written) -> list[str]:
+    """The modes a rank judged failed, with their evidence: a failed check exits 1 with no exception."""
+    lines = []
+    for name in written:
+        with open(os.path.join(out, name), encoding="utf-8") as f:
+            rows = json.load(f)
+        evidence = {(r.get("rank"), r["provider"]): r["value"] for r in rows if r.get("metric") == "evidence"}
+        lines += [f"rank {r.get('rank')} {r['provider']}: passed=False, evidence "
+                  f"{json.dumps(evidence.get((r.get('rank'), r['provider'])))}"
+                  for r in rows if r.get("metric") == "passed" and not r["value"]]
+    return lines
+
+
+def _torchrun_tp(out, *args, timeout=900, **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "benchmarks", "multigpu_tp.py"), "--out", str(out), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_child_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_child_env(**env))
     written = [f for f in os.listdir(out) if f.startswith("multigpu_tp_") and f.endswith(".json")]
     if proc.returncode != 0:
-        # The ranks' exception lines first: the tail alone is torchrun's summary (a GPU run lost the cause so).
+        # The ranks' exception lines and failed checks first: the tail alone is torchrun's summary
+        # (a GPU run lost the cause so).
         causes = [ln for ln in proc.stderr.splitlines() if re.search(r"\w+(Error|Exception)\b|^\s*E\s", ln)]
-        pytest.fail(f"torchrun exited {proc.returncode}\ncauses:\n" + "\n".join(causes[:40])
+        pytest.fail(f"torchrun exited {proc.returncode}\nfailed checks:\n" + "\n".join(_failed_rows(out, written))
+                    + "\ncauses:\n" + "\n".join(causes[:40])
                     + f"\nstdout tail:\n{proc.stdout[-2000:]}\nstderr tail:\n{proc.stderr[-3000:]}")
     assert len(written) == 1, written
     with open(os.path.join(out, written[0]), encoding="utf-8") as f:
@@ -246,8 +261,13 @@ def _check_tp_rows(rows, modes, device_prefix):
 
 
 def test_tensor_parallel_two_processes_on_the_cpu(tmp_path):
-    """gloo, Triton's interpreter, the tiny decoder: the split and the three modes agree with one process."""
-    rows = _torchrun_tp(tmp_path, "--device", "cpu", "--size", "tiny", "--iters", "1")
+    """gloo, Triton's interpreter, the tiny decoder: the split and the three modes agree with one process.
+
+    The GPUs are hidden from the ranks: with a CUDA device visible, flag_gems detects the nvidia
+    backend and ``use_gems()`` registers its kernels on the CUDA key, so on a GPU machine the ranks'
+    CPU tensors ran none of them ("no flag_gems kernel ran under use_gems()"). Hidden, the ranks see
+    what CI sees."""
+    rows = _torchrun_tp(tmp_path, "--device", "cpu", "--size", "tiny", "--iters", "1", CUDA_VISIBLE_DEVICES="")
     assert {r["backend"] for r in rows} == {"gloo"}
     _check_tp_rows(rows, ("eager", "use_gems", "compiled"), "cpu")
 
