@@ -69,8 +69,11 @@ def _own_storage(t) -> bool:
 
 def stack_problem(tensors: list[torch.Tensor]) -> str | None:
     """Why :func:`stack_in_place` would leave ``tensors`` as they are, or None (stacked or movable)."""
-    if stacked_rows(tensors) is not None:
-        return None
+    return None if stacked_rows(tensors) is not None else _move_problem(tensors)
+
+
+def _move_problem(tensors: list[torch.Tensor]) -> str | None:
+    """Why ``tensors`` (not stacked) cannot be moved into one buffer, or None."""
     if len({id(t) for t in tensors}) != len(tensors):
         return "the same tensor twice"
     first = tensors[0]
@@ -93,8 +96,10 @@ def stack_in_place(tensors: list[torch.Tensor]) -> str | None:
     Returns:
         None when the tensors are stacked afterwards, else why they are left as they are.
     """
-    why = stack_problem(tensors)
-    if why is not None or stacked_rows(tensors) is not None:
+    if stacked_rows(tensors) is not None:
+        return None
+    why = _move_problem(tensors)
+    if why is not None:
         return why
     first = tensors[0]
     # Outside inference mode, or the buffer would be an inference tensor the model cannot use
