@@ -80,6 +80,20 @@ def host_view(fn, calls: int, top: int, profiled: int = 50) -> str:
     return "\n".join(lines)
 
 
+def lines_view(fn, calls: int, top: int) -> str:
+    """Host µs per line of the generated functions (``line_timer.LineTimer``) over ``calls`` calls."""
+    from line_timer import LineTimer
+
+    for _ in range(3):
+        fn()
+    timer = LineTimer()
+    with timer:
+        for _ in range(calls):
+            fn()
+            torch.cuda.synchronize()
+    return timer.report(calls, top)
+
+
 # The eager model under the dispatcher mode: every entry, the fast preset, and one entry the model
 # never calls (the cost of having a registration at all).
 EAGER_MODES = {
@@ -94,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--host", action="store_true", help="host time per call and a cProfile instead of kernels")
+    p.add_argument("--lines", action="store_true",
+                   help="host time per line of the compiled graphs' generated functions (line_timer.py)")
     p.add_argument("--contenders", nargs="+", default=["eager", "inductor", "flag_gems"],
                    choices=[*bm.CONTENDERS, *EAGER_MODES])
     p.add_argument("--inputs", nargs="+", default=["prefill_1x2048", "decode_8x1"])
@@ -104,7 +120,7 @@ def main(argv=None) -> int:
         if name not in args.inputs:
             continue
         ids = torch.randint(0, bm.LLAMA3_8B_4L["vocab_size"], (b, s), device="cuda")
-        if name.startswith("prefill") and not args.host:
+        if name.startswith("prefill") and not (args.host or args.lines):
             with torch.no_grad():
                 torch._dynamo.reset()
                 print(flag_gems.explain(model, ids, use_cache=False), flush=True)
@@ -116,7 +132,12 @@ def main(argv=None) -> int:
             with torch.no_grad(), mode:
                 print(f"== {name} {contender}", flush=True)
                 call = lambda: fn(ids, use_cache=False)  # noqa: E731
-                print(host_view(call, 10, args.top) if args.host else profile_one(call, args.calls, args.top), flush=True)
+                if args.lines:
+                    print(lines_view(call, 20, args.top), flush=True)
+                elif args.host:
+                    print(host_view(call, 10, args.top), flush=True)
+                else:
+                    print(profile_one(call, args.calls, args.top), flush=True)
     return 0
 
 
