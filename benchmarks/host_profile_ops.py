@@ -38,6 +38,8 @@ def _cases(device):
         "mean.dim": (aten.mean.dim, (t(8, 4096, dtype=torch.float32), [-1], True), {}),
         "_softmax.default": (aten._softmax.default, (t(8, 4096), -1, False), {}),
         "_to_copy.default": (aten._to_copy.default, (t(8, 4096),), {"dtype": torch.float32}),
+        "embedding.default": (aten.embedding.default,
+                              (t(128256, 4096), torch.randint(0, 128256, (8, 1), device=device)), {}),
     }
 
 

@@ -16,6 +16,8 @@ Numerics are those of ``F.linear``: each output column is the same dot product e
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -81,6 +83,33 @@ def stacked_rows(parts: list[Tensor]) -> Tensor | None:
     return first.as_strided(size, strides[::-1])
 
 
+# The stacked view of a weight group, by the group's first weight (dies with it): each call
+# checks only that every weight still has the data pointer and shape it had when the view was
+# made (``param.data = ...`` changes them), instead of re-checking the storage layout, which
+# cost tens of µs a call on the H200's host (benchmarks/NOTES.md, session 8).
+_STACKED: dict[int, tuple] = {}  # id(first weight) -> (weakref to it, layout, view)
+
+
+def _layout(weights: list[Tensor]) -> tuple:
+    return tuple((w.data_ptr(), w.shape) for w in weights)
+
+
+def _stacked_weight(x: Tensor, weights: list[Tensor]) -> Tensor | None:
+    """The ``[sum N_i, K]`` view of stacked ``weights`` (checked for ``x``), or None."""
+    first = weights[0]
+    entry = _STACKED.get(id(first))
+    if entry is not None and entry[0]() is first:
+        _, layout, view = entry
+        if view.dtype == x.dtype and view.shape[1] == x.shape[-1] and layout == _layout(weights):
+            return view
+    check_linear_group_args(x, weights, [])
+    view = stacked_rows(weights)
+    if view is not None and not isinstance(first, torch._subclasses.FakeTensor):
+        key = id(first)
+        _STACKED[key] = (weakref.ref(first, lambda _, key=key: _STACKED.pop(key, None)), _layout(weights), view)
+    return view
+
+
 @torch.library.custom_op("flag_gems::linear_group", mutates_args=())
 def linear_group(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
     """``cat([F.linear(x, w_i, b_i) for i], dim=-1)`` in one GEMM when the weights are stacked.
@@ -96,6 +125,10 @@ def linear_group(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tens
     Raises:
         ValueError / TypeError: see :func:`check_linear_group_args`.
     """
+    if not biases and weights:
+        w = _stacked_weight(x, weights)
+        if w is not None:
+            return F.linear(x, w)
     n_total = check_linear_group_args(x, weights, biases)
     w = stacked_rows(weights)
     b = stacked_rows(biases) if biases else None

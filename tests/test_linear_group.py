@@ -53,6 +53,26 @@ def test_stacked_rows_is_a_view_exactly_when_the_parts_are_back_to_back():
     assert stacked_rows([buf[0:3], buf[3:7].double()]) is None  # another dtype
 
 
+def test_linear_group_sees_a_weight_reassigned_after_its_stacked_view_was_cached():
+    # The stacked view is cached by the group's first weight; `param.data = ...` on any
+    # weight must send the next call to the per-weight GEMMs with the new values.
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    weights, _ = _weights([8, 4, 4], 16, torch.float32, stacked=True)
+    params = [torch.nn.Parameter(w, requires_grad=False) for w in weights]
+    with torch.no_grad():
+        torch.testing.assert_close(linear_group(x, params, []), _reference(x, params, []).float())
+        params[1].data = torch.randn(4, 16)
+        out = linear_group(x, params, [])
+        torch.testing.assert_close(out, _reference(x, params, []).float())
+        params[0].data = torch.randn(6, 16)  # another shape, at another address
+        out = linear_group(x, params, [])
+        assert out.shape == (3, 14)
+        torch.testing.assert_close(out, _reference(x, params, []).float())
+        with pytest.raises(ValueError, match=r"weights\[0\]: expected \[N, 16\]"):
+            linear_group(x, [torch.randn(4, 15), *params[1:]], [])
+
+
 def test_linear_group_checks_its_arguments():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match=r"weights\[1\]: expected \[N, 8\]"):
