@@ -139,7 +139,6 @@ def _rope_kernel(
     BLOCK_HK: tl.constexpr,
     BLOCK_R2: tl.constexpr,
     BLOCK_P: tl.constexpr,
-    PAIRED: tl.constexpr = False,  # program (t, b) rotates q block b and k block b (grid: max of the block counts)
 ):
     pid = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
@@ -183,24 +182,7 @@ def _rope_kernel(
         # Transpose of [[c1, -s1], [s2, c2]] is [[c1, s2], [-s1, c2]].
         s1, s2 = -s2, -s1
 
-    if PAIRED:
-        if hb < n_q_blocks:
-            _rope_heads(
-                q_ptr + o * stride_q_o + i * stride_q_i,
-                q_out_ptr + o * stride_qo_o + i * stride_qo_i,
-                stride_q_h, stride_qo_h, n_q_heads, hb,
-                c1, s1, c2, s2,
-                HALF_ROT, HEAD_DIM, INTERLEAVED, COPY_PASS, BLOCK_HQ, BLOCK_R2, BLOCK_P,
-            )
-        if hb * BLOCK_HK < n_k_heads:
-            _rope_heads(
-                k_ptr + o * stride_k_o + i * stride_k_i,
-                k_out_ptr + o * stride_ko_o + i * stride_ko_i,
-                stride_k_h, stride_ko_h, n_k_heads, hb,
-                c1, s1, c2, s2,
-                HALF_ROT, HEAD_DIM, INTERLEAVED, COPY_PASS, BLOCK_HK, BLOCK_R2, BLOCK_P,
-            )
-    elif hb < n_q_blocks:
+    if hb < n_q_blocks:
         _rope_heads(
             q_ptr + o * stride_q_o + i * stride_q_i,
             q_out_ptr + o * stride_qo_o + i * stride_qo_i,
@@ -490,12 +472,11 @@ def _run_tokens(q, k, q_out, k_out, splits, cos, sin, table_strides, pos, n_pos,
     key = tune_key(n_tokens, n_q_heads, n_k_heads, half_rot, head_dim, q.dtype, copy_pass, interleaved, full_table)
     dev = q.get_device()
     cfg = TUNABLE.chosen.get((dev, key))
-    bhq, bhk, br2, bp, warps, *paired = cfg if cfg is not None else TUNABLE.resolve(key, dev, {"n_tokens": n_tokens})
-    paired = bool(paired and paired[0])
+    bhq, bhk, br2, bp, warps = cfg if cfg is not None else TUNABLE.resolve(key, dev, {"n_tokens": n_tokens})
     n_q_blocks = cdiv(n_q_heads, bhq)
     n_k_blocks = cdiv(n_k_heads, bhk)
     with device_guard(q):
-        _rope_kernel[(n_outer * n_inner, max(n_q_blocks, n_k_blocks) if paired else n_q_blocks + n_k_blocks)](
+        _rope_kernel[(n_outer * n_inner, n_q_blocks + n_k_blocks)](
             qt, kt, qot, kot, cos, sin, pos if has_pos else cos,
             *qs, *ks, *qos, *kos,
             *table_strides,
@@ -512,7 +493,6 @@ def _run_tokens(q, k, q_out, k_out, splits, cos, sin, table_strides, pos, n_pos,
             BLOCK_HK=bhk,
             BLOCK_R2=br2,
             BLOCK_P=bp,
-            PAIRED=paired,
             num_warps=warps,
         )
     # Results computed in a copy go back to where they belong.
