@@ -277,7 +277,9 @@ class GemsCompiler:
                                         lambda: fuse_pointwise(gm, report, kind, strict=self.options.strict))
                 if self.options.lower_aten and not saved:
                     self._optional_pass(report, f"aten lowering on the {kind} graph",
-                                        lambda: lower_aten(gm, report, everything=self.options.lower_aten == "all"))
+                                        lambda: lower_aten(gm, report, everything=self.options.lower_aten == "all",
+                                                           cudagraphs=(self.options.cudagraphs and kind == "inference")
+                                                           or self.options.lower_aten == "device"))
                 report.count_kernels(kind, before, count_kernels(gm))
             self._dump(report, kind, gm)
             if saved:  # the graph is saved, ops by name (aot.py)

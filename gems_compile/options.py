@@ -30,8 +30,11 @@ class CompileOptions:
         cudagraphs: replay the compiled inference graph as CUDA graphs (``mode="reduce-overhead"``).
         inductor: hand the rewritten graph to Inductor for the rest, instead of running it as is.
         fusions: the pattern families to fuse (a subset of ``FUSIONS``).
-        lower_aten: rewrite remaining aten nodes whose registry entry is on for graphs
-            (``"all"``: also the entries that are only on for the eager mode).
+        lower_aten: rewrite remaining aten nodes whose registry entry is on for graphs: its
+            ``graph`` policy (device time) under ``cudagraphs``, else in a graph estimated
+            host-bound its ``graph_host`` policy (host time per call counts too). ``"device"``:
+            the ``graph`` policy always (a caller that replays the graph in its own CUDA
+            graphs); ``"all"``: also the entries that are only on for the eager mode.
         max_autotune: with ``inductor``, let Inductor autotune (``mode="max-autotune"``); and
             our kernels tune missing keys at their first call (``autotune="on"``).
         fuse_pointwise: after autograd, group the remaining pointwise and indexing aten ops into
@@ -92,8 +95,9 @@ class CompileOptions:
             hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
             detail = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
             raise ValueError(f"flag_gems backend: unknown option {detail}; valid options: {', '.join(valid)}")
-        if "lower_aten" in options and options["lower_aten"] not in (True, False, "all"):
-            raise TypeError(f"flag_gems backend: option 'lower_aten' must be True, False or 'all', got {options['lower_aten']!r}")
+        if "lower_aten" in options and options["lower_aten"] not in (True, False, "all", "device"):
+            raise TypeError("flag_gems backend: option 'lower_aten' must be True, False, 'device' or 'all', "
+                            f"got {options['lower_aten']!r}")
         if options.get("autotune") is not None and options["autotune"] not in POLICIES:
             raise ValueError(f"flag_gems backend: option 'autotune' must be one of {', '.join(map(repr, POLICIES))}, "
                              f"got {options['autotune']!r}")

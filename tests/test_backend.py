@@ -542,18 +542,25 @@ def test_non_contiguous_inputs(device):
     assert_close(res, ref_res, torch.float32, tag("backend[non-contiguous].res", res.shape, torch.float32))
 
 
-def test_aten_lowering_follows_the_graph_policy(device, monkeypatch):
-    """lower_aten rewrites the nodes whose entry's graph policy is on, and no other: proven by
-    which implementations ran (counted after they returned) and by the compiled result."""
+@pytest.mark.parametrize("bound", ["device", "host", "host, lower_aten='device'"])
+def test_aten_lowering_follows_the_graph_policy(device, monkeypatch, bound):
+    """lower_aten rewrites the nodes whose entry's policy is on, and no other: ``graph`` for a
+    device-bound graph (or with ``lower_aten="device"``), ``graph_host`` (host time per call
+    counts) for a host-bound one run without CUDA graphs. Proven by which implementations ran
+    (counted after they returned) and by the compiled result."""
     import collections
     import dataclasses
 
     from flag_gems.lowerings.registry import REGISTRY
+    from flag_gems.passes import lower_aten as lower_aten_pass
 
     aten = torch.ops.aten
     targets = [aten.cumsum.default, aten._softmax.default, aten.exp.default, aten.neg.default]
-    policy = {t: REGISTRY[t].graph.on for t in targets}
-    assert any(policy.values()) and not all(policy.values()), f"pick ops on both sides of the policy: {policy}"
+    monkeypatch.setattr(lower_aten_pass, "host_bound", lambda gm: bound == "host")
+    forced = "lower_aten" in bound
+    policy = {t: REGISTRY[t].graph_policy(cudagraphs=bound == "device" or forced).on for t in targets}
+    if bound != "host":
+        assert any(policy.values()) and not all(policy.values()), f"pick ops on both sides of the policy: {policy}"
     ran = collections.Counter()
 
     def counting(t, impl):
@@ -571,7 +578,8 @@ def test_aten_lowering_follows_the_graph_policy(device, monkeypatch):
         return torch.cumsum(x, -1).softmax(-1).exp().neg()
 
     x = rand(5, 7, device=device)
-    out = compile_strict(f)(x)
+    options = {**STRICT, "lower_aten": "device"} if forced else STRICT
+    out = torch.compile(f, backend="flag_gems", options=options, fullgraph=True)(x)
     assert {t: ran[t] == 1 for t in targets} == policy, (dict(ran), policy)
     ref = -torch.exp(torch.softmax(torch.cumsum(ref64(x), -1), -1))
     assert_close(out, ref, torch.float32, tag("cumsum-softmax-exp-neg (compiled)", x.shape, x.dtype))

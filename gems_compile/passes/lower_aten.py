@@ -21,7 +21,10 @@ from torch import fx
 
 from ..lowerings.registry import FALLBACKS, lookup
 from ..report import GraphReport
+from .matching import is_view as is_view_node
 from .matching import val
+
+aten = torch.ops.aten
 
 _VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
           "squeeze", "split", "chunk", "alias", "detach", "as_strided", "unbind", "split_with_sizes"}
@@ -40,7 +43,57 @@ def _vals(args):
     return [_val(a) for a in args]
 
 
-def lower_aten(gm: fx.GraphModule, report: GraphReport, everything: bool = False) -> int:
+# The estimate behind host_bound: what one launched op costs the host on the H100 / H200 hosts
+# measured (10-20 µs: benchmarks/NOTES.md, sessions 6-8), and the device's memory and tensor-core
+# rates a step reaches in practice (bf16).
+HOST_US_PER_KERNEL = 15.0
+DEVICE_BYTES_PER_US = 3.0e6
+DEVICE_FLOPS_PER_US = 4.0e8
+_GEMMS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+
+
+def _hint(x) -> int:
+    """An int, or a SymInt's example value (read without adding a guard: no recompiles)."""
+    if isinstance(x, torch.SymInt):
+        return int(x.node.hint or 0) if x.node.has_hint() else 0
+    return int(x)
+
+
+def _nbytes(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return _hint(v.numel()) * v.element_size()
+    if isinstance(v, (list, tuple)):
+        return sum(_nbytes(x) for x in v)
+    return 0
+
+
+def host_bound(gm: fx.GraphModule) -> bool:
+    """Whether ``gm``, run op by op without CUDA graphs, waits on the host rather than the device.
+
+    An estimate from the graph alone: the host's time is its launched kernels
+    (``count_kernels``) at ``HOST_US_PER_KERNEL`` each; the device's is the bytes every
+    kernel writes and every GEMM reads, at ``DEVICE_BYTES_PER_US``, plus the GEMMs' flops at
+    ``DEVICE_FLOPS_PER_US``. A decode step of a Llama-shaped model is host-bound by this
+    measure (the weights stream in less time than ~20 launches per layer take to issue);
+    a prefill step of 2048 tokens is not (its GEMMs take milliseconds).
+    """
+    from .pointwise_fusion import count_kernels
+
+    nbytes = flops = 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or is_view_node(n):
+            continue
+        nbytes += _nbytes(val(n))
+        if n.target in _GEMMS:
+            a, b = (val(x) for x in n.args[-2:])
+            nbytes += _nbytes(a) + _nbytes(b)
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                flops += 2 * _hint(a.numel()) * _hint(b.shape[-1])
+    device_us = nbytes / DEVICE_BYTES_PER_US + flops / DEVICE_FLOPS_PER_US
+    return count_kernels(gm) * HOST_US_PER_KERNEL > device_us
+
+
+def lower_aten(gm: fx.GraphModule, report: GraphReport, everything: bool = False, cudagraphs: bool = True) -> int:
     """Rewrite the aten nodes of ``gm`` whose entry is on for graphs; returns how many.
 
     Args:
@@ -48,8 +101,16 @@ def lower_aten(gm: fx.GraphModule, report: GraphReport, everything: bool = False
         report: where each decision is recorded.
         everything: rewrite every registered entry whose ``supports`` passes, whatever its
             graph policy (``options={"lower_aten": "all"}``, for measuring them in graphs).
+        cudagraphs: the graph is replayed as CUDA graphs (the entries' ``graph`` policy: device
+            time); False: it runs op by op from the host, and where that makes it host-bound
+            (:func:`host_bound`) the entries' ``graph_host`` policy decides (host time counts too).
     """
     count = 0
+    if not cudagraphs and not everything:
+        cudagraphs = not host_bound(gm)
+        report.notes.append(f"aten lowering for a graph run without CUDA graphs: "
+                            f"{'device' if cudagraphs else 'host'}-bound by estimate, so the entries' "
+                            f"{'graph' if cudagraphs else 'graph_host'} policy decides")
     for node in gm.graph.nodes:
         t = node.target
         if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or t.namespace != "aten":
@@ -64,8 +125,9 @@ def lower_aten(gm: fx.GraphModule, report: GraphReport, everything: bool = False
             else:
                 report.keep(name, "no lowering registered")
             continue
-        if not (entry.graph.on or everything):
-            report.keep(name, f"graph policy off: {entry.graph.reason}")
+        policy = entry.graph_policy(cudagraphs)
+        if not (policy.on or everything):
+            report.keep(name, f"graph policy off: {policy.reason}")
             continue
         reason = entry.supports(*_vals(node.args), **dict(zip(node.kwargs, _vals(node.kwargs.values()))))
         if reason is not None:
