@@ -104,7 +104,7 @@ def _stacked_weight(x: Tensor, weights: list[Tensor]) -> Tensor | None:
             return view
     check_linear_group_args(x, weights, [])
     view = stacked_rows(weights)
-    if view is not None and not isinstance(first, torch._subclasses.FakeTensor):
+    if view is not None:
         key = id(first)
         _STACKED[key] = (weakref.ref(first, lambda _, key=key: _STACKED.pop(key, None)), _layout(weights), view)
     return view
@@ -125,6 +125,10 @@ def linear_group(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tens
     Raises:
         ValueError / TypeError: see :func:`check_linear_group_args`.
     """
+    if any(isinstance(t, torch._subclasses.FakeTensor) for t in (x, *weights)):
+        # A fake run (precompile's recording, a trace): shapes only; fake tensors have no data
+        # pointers to compare (reading them warns).
+        return x.new_empty((*x.shape[:-1], check_linear_group_args(x, weights, biases)))
     if not biases and weights:
         w = _stacked_weight(x, weights)
         if w is not None:

@@ -73,6 +73,25 @@ def test_linear_group_sees_a_weight_reassigned_after_its_stacked_view_was_cached
             linear_group(x, [torch.randn(4, 15), *params[1:]], [])
 
 
+def test_linear_group_on_fake_tensors_reads_no_data_pointers():
+    # Precompile records a graph's launches on fake tensors: the op gives the shape, silently
+    # (a FakeTensor's data_ptr() warns), and still checks its arguments.
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from flag_gems.passes.direct_calls import direct_impl
+
+    impl = direct_impl(torch.ops.flag_gems.linear_group.default)
+    buf = torch.randn(16, 8)
+    with FakeTensorMode() as mode, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, fbuf = mode.from_tensor(torch.randn(3, 8)), mode.from_tensor(buf)
+        out = impl(x, list(fbuf.split([8, 4, 4])), [])
+        assert out.shape == (3, 16)
+        with pytest.raises(ValueError, match=r"weights\[1\]: expected \[N, 8\]"):
+            impl(x, [fbuf[:8], mode.from_tensor(torch.randn(4, 7))], [])
+
+
 def test_linear_group_checks_its_arguments():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match=r"weights\[1\]: expected \[N, 8\]"):
