@@ -38,6 +38,7 @@ from torch import fx
 from . import graph_precompile
 from .aot import precompiling, serializable_graph
 from .kernels._autotune import enter_policy, exit_policy
+from .kernels._common import warn_once
 from .options import CompileOptions
 from .passes import FUSION_PASSES, OPTION_PASSES
 from .report import CompileReport, GraphReport, count_layers, dump_graph, dump_report, dump_text
@@ -55,13 +56,9 @@ DECOMPOSITIONS: dict = {}
 
 _graph_ids = itertools.count()
 _sinks = threading.local()
-_warned: set = set()
-
-
 def _warn_once(key: str, msg: str, *args) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(msg, *args)
+    logger.debug(msg, *args)
+    warn_once(("backend", key), msg % args, RuntimeWarning, stacklevel=3)
 
 
 def _record_sink():

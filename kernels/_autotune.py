@@ -60,11 +60,12 @@ import re
 import statistics
 import threading
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
 import triton
+
+from ._common import warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -167,13 +168,8 @@ def cache_dir() -> str:
     return root
 
 
-_WARNED: set = set()
-
-
 def _warn_once(what, message: str) -> None:
-    if what not in _WARNED:
-        _WARNED.add(what)
-        warnings.warn(message, stacklevel=3)
+    warn_once(("autotune", what), message, UserWarning, stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------ devices

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 
 import torch
 
@@ -139,3 +140,28 @@ def num_sms(device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# --------------------------------------------------------------------------- warnings
+
+_WARNED: set = set()  # keys already warned about in this process (tests reset it)
+_WARNED_LOCK = threading.Lock()
+
+
+def warn_once(key, message: str, category: type = RuntimeWarning, stacklevel: int = 2) -> None:
+    """Warn through Python's ``warnings`` (stderr unless filtered) the first time ``key`` comes up.
+
+    What cannot run (a kernel, a pass, a tuning run) says so once per process and condition,
+    never only to a logger nobody configured.
+
+    Args:
+        key: a hashable naming the condition, prefixed by the caller's module (``("autotune", ...)``).
+        message: the warning text.
+        category: the warning class.
+        stacklevel: as ``warnings.warn``'s, counted from the caller of this function.
+    """
+    with _WARNED_LOCK:
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    warnings.warn(message, category, stacklevel=stacklevel + 1)

@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._common import warn_once
 from ._launch import FastKernel, recorded_launches
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,6 @@ MIN_JOBS = 2  # one kernel compiles as fast at the first run as in a worker the 
 # (Triton's own in-memory cache, which the C++ runtime's launches fill, is keyed by Triton internals that
 # change between versions: a launch compiled only there goes to a worker again, which finds it on disk.)
 _PRECOMPILED: set = set()
-_warned: set = set()
 
 
 class TensorArg(NamedTuple):
@@ -195,9 +195,7 @@ class PrecompileResult:
 
 
 def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    warn_once(("precompile", key), msg, RuntimeWarning, stacklevel=3)
 
 
 class _OfflineDriver:

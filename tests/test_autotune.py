@@ -17,6 +17,7 @@ import torch
 
 from accuracy import DEVICE, assert_close, poison, rand, ref64, tag
 from flag_gems.kernels import _autotune as at
+from flag_gems.kernels import _common
 from flag_gems.kernels import _tune_cache as cache
 
 FAKE_DEV = 0  # the stand-in family "runs" on device 0, named below, even without a GPU
@@ -86,7 +87,7 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("GEMS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("GEMS_AUTOTUNE", "on")
     monkeypatch.delenv("GEMS_AUTOTUNE_MARGIN", raising=False)
-    monkeypatch.setattr(at, "_WARNED", set())
+    monkeypatch.setattr(_common, "_WARNED", set())
     monkeypatch.setattr(cache, "_SHIPPED", {})
     monkeypatch.setattr(at, "_SHIPPED_DIR", str(tmp_path / "shipped"))
     names = dict(at._DEVICE_NAMES)

@@ -32,7 +32,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import flag_gems  # noqa: E402
 from flag_gems import graph_precompile  # noqa: E402
-from flag_gems.kernels import _launch, _precompile  # noqa: E402
+from flag_gems.kernels import _common, _launch, _precompile  # noqa: E402
 from flag_gems.kernels._launch import FastKernel, launches_traced  # noqa: E402
 from flag_gems.kernels._precompile import PrecompileResult, TensorArg, compile_records, recording_launches  # noqa: E402
 from flag_gems.options import CompileOptions  # noqa: E402
@@ -135,7 +135,7 @@ def test_failed_dead_and_hung_jobs_are_ignored(monkeypatch, recwarn):
         return pid
 
     monkeypatch.setattr(_precompile.os, "fork", recording_fork)
-    monkeypatch.setattr(_precompile, "_warned", set())
+    monkeypatch.setattr(_common, "_WARNED", set())
     jobs = [_Job("ok"), _Job("fail"), _Job("hang"), _Job("ok"), _Job("die")]
     got = compile_records(jobs, target="sm_90", timeout_s=3.0, max_workers=5)
     assert got.jobs == 5 and got.compiled == 2 and got.failed == 3, got
@@ -164,7 +164,7 @@ def test_no_fork_or_no_driver_warns_once_and_compiles_nothing(monkeypatch):
     def no_fork():
         raise OSError("Resource temporarily unavailable")
 
-    monkeypatch.setattr(_precompile, "_warned", set())
+    monkeypatch.setattr(_common, "_WARNED", set())
     monkeypatch.setattr(_precompile.os, "fork", no_fork)
     with pytest.warns(RuntimeWarning, match="no precompile worker process could be started"):
         got = compile_records([_Job("ok"), _Job("ok")], target="sm_90")
@@ -176,7 +176,7 @@ def test_no_fork_or_no_driver_warns_once_and_compiles_nothing(monkeypatch):
     assert compile_records([], target="sm_90").jobs == 0
     if torch.cuda.is_available():
         return  # the driver half below needs a machine without a GPU driver
-    monkeypatch.setattr(_precompile, "_warned", set())
+    monkeypatch.setattr(_common, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match="cannot be precompiled"):  # no target given, no GPU driver here
         assert compile_records([_Job("ok")]).failed == 1
 

@@ -46,13 +46,12 @@ import dataclasses
 import logging
 import math
 import operator
-import warnings
 
 import sympy
 import torch
 from torch import fx
 
-from ..kernels._common import device_guard, interpreter_mode
+from ..kernels._common import device_guard, interpreter_mode, warn_once
 from ..kernels.pointwise_fused import Expr, Load, fused_kernel, launch_config
 from .pointwise_rules import RULES, native_kernels
 
@@ -70,13 +69,8 @@ _ALONE = {aten._to_copy.default: "H100: bf16 -> fp32 1.5-1.8x the native copy (b
 _INDEX32_LIMIT = 2**31
 
 
-_WARNED: set = set()
-
-
 def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    warn_once(("pointwise_fusion", msg), msg, RuntimeWarning, stacklevel=2)
 
 
 def _val(n):
