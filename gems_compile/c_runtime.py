@@ -385,12 +385,20 @@ def stats() -> dict:
 
 
 def _library_path() -> str | None:
+    """The built library: the one named for this interpreter, else any ``_C.*.so`` (a build for
+    another Python may still load: the library holds no Python code; :func:`_load` says which
+    it tried when it does not)."""
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = os.path.join(_HERE, "_C" + suffix)
         if os.path.exists(path):
             return path
-    found = glob.glob(os.path.join(_HERE, "_C.*.so"))
+    found = sorted(glob.glob(os.path.join(_HERE, "_C.*.so")))
     return found[0] if found else None
+
+
+def _foreign(path: str) -> bool:
+    """``path`` is not named for this interpreter (built by another Python, likely another torch)."""
+    return not any(path.endswith("_C" + s) for s in importlib.machinery.EXTENSION_SUFFIXES)
 
 
 def _jit_build() -> str:
@@ -438,6 +446,10 @@ def _load() -> None:
             return
     except Exception as exc:  # noqa: BLE001  (a library for another torch, a failed build: Python path)
         reason = f"the C++ extension failed to load: {type(exc).__name__}: {exc}".splitlines()[0]
+        if path is not None and _foreign(path):
+            reason = (f"the C++ extension {os.path.basename(path)} was built for another Python (this one loads "
+                      f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}) and failed to load; rebuild it in this "
+                      "environment: pip install --no-build-isolation -e . (" + reason + ")")
         return
     table = _kernel_table()
     names = list(torch.ops.flag_gems_cpp.kernel_names())

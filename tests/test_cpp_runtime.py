@@ -89,6 +89,23 @@ def test_unavailable_runtime_leaves_the_python_path(tmp_path):
     assert "OK True []" in out.stdout
 
 
+def test_library_built_for_another_python_gives_a_reason(monkeypatch, tmp_path):
+    """A ``_C`` named for another interpreter that fails to load: the reason names it and how to
+    rebuild, instead of only the loader's error; nothing is registered."""
+    bogus = tmp_path / "_C.cpython-399-x86_64-linux-gnu.so"
+    bogus.write_bytes(b"not a shared library")
+    monkeypatch.setattr(c_runtime, "_HERE", str(tmp_path))
+    monkeypatch.delenv("GEMS_CPP_JIT", raising=False)
+    monkeypatch.delenv("GEMS_CPP", raising=False)
+    monkeypatch.setattr(c_runtime, "available", False)
+    monkeypatch.setattr(c_runtime, "reason", "not loaded yet")
+    assert c_runtime._library_path() == str(bogus) and c_runtime._foreign(str(bogus))
+    c_runtime._load()
+    assert not c_runtime.available
+    assert "_C.cpython-399-x86_64-linux-gnu.so was built for another Python" in c_runtime.reason, c_runtime.reason
+    assert "--no-build-isolation" in c_runtime.reason and "\n" not in c_runtime.reason
+
+
 def test_missing_library_gives_a_reason(monkeypatch):
     """An install without the extension: the reason says how to get it; nothing is registered."""
     monkeypatch.setattr(c_runtime, "_library_path", lambda: None)
