@@ -43,10 +43,12 @@ def _vals(args):
     return [_val(a) for a in args]
 
 
-# The estimate behind host_bound: what one launched op costs the host on the H100 / H200 hosts
-# measured (10-20 µs: benchmarks/NOTES.md, sessions 6-8), and the device's memory and tensor-core
-# rates a step reaches in practice (bf16).
-HOST_US_PER_KERNEL = 15.0
+# The estimate behind host_bound: what one kernel of count_kernels' static count costs the host
+# (calibrated on the H200's host, benchmarks/NOTES.md session 8: a 4-layer Llama decode step
+# issued in 1.6-1.9 ms for ~68 counted kernels, views and allocations included; Inductor's
+# launches cost 13-17 µs each), and the device's memory and tensor-core rates a step reaches in
+# practice (bf16).
+HOST_US_PER_KERNEL = 20.0
 DEVICE_BYTES_PER_US = 3.0e6
 DEVICE_FLOPS_PER_US = 4.0e8
 _GEMMS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
@@ -70,26 +72,28 @@ def _nbytes(v) -> int:
 def host_bound(gm: fx.GraphModule) -> bool:
     """Whether ``gm``, run op by op without CUDA graphs, waits on the host rather than the device.
 
-    An estimate from the graph alone: the host's time is its launched kernels
-    (``count_kernels``) at ``HOST_US_PER_KERNEL`` each; the device's is the bytes every
-    kernel writes and every GEMM reads, at ``DEVICE_BYTES_PER_US``, plus the GEMMs' flops at
-    ``DEVICE_FLOPS_PER_US``. A decode step of a Llama-shaped model is host-bound by this
-    measure (the weights stream in less time than ~20 launches per layer take to issue);
-    a prefill step of 2048 tokens is not (its GEMMs take milliseconds).
+    An estimate from the graph alone: the host's time is its kernels (``count_kernels``) at
+    ``HOST_US_PER_KERNEL`` each; the device's is, per GEMM, the larger of its bytes at
+    ``DEVICE_BYTES_PER_US`` and its flops at ``DEVICE_FLOPS_PER_US``, and for every other
+    node the bytes it writes. A decode step of a Llama-shaped model is host-bound by this
+    measure at batch 1-64 (the weights stream in less time than ~20 launches per layer take
+    to issue); a prefill step of 2048 tokens is not (its GEMMs take milliseconds).
     """
     from .pointwise_fusion import count_kernels
 
-    nbytes = flops = 0
+    device_us = 0.0
     for n in gm.graph.nodes:
         if n.op != "call_function" or is_view_node(n):
             continue
-        nbytes += _nbytes(val(n))
+        nbytes = _nbytes(val(n))
         if n.target in _GEMMS:
             a, b = (val(x) for x in n.args[-2:])
             nbytes += _nbytes(a) + _nbytes(b)
-            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-                flops += 2 * _hint(a.numel()) * _hint(b.shape[-1])
-    device_us = nbytes / DEVICE_BYTES_PER_US + flops / DEVICE_FLOPS_PER_US
+            flops = 2 * _hint(a.numel()) * _hint(b.shape[-1]) if isinstance(a, torch.Tensor) and isinstance(
+                b, torch.Tensor) else 0
+            device_us += max(nbytes / DEVICE_BYTES_PER_US, flops / DEVICE_FLOPS_PER_US)
+        else:
+            device_us += nbytes / DEVICE_BYTES_PER_US
     return count_kernels(gm) * HOST_US_PER_KERNEL > device_us
 
 
