@@ -253,12 +253,19 @@ class GemsCompiler:
         from .passes.direct_calls import direct_calls
         from .passes.lower_aten import lower_aten
         from .passes.noop_clones import drop_noop_clones
+        from .passes.outer_products import rewrite_outer_products
         from .passes.pointwise_fusion import count_kernels, fuse_pointwise
 
         def drop_clones(gm, report):
             n = drop_noop_clones(gm)
             if n:
                 report.notes.append(f"{n} clones of intermediates already in their layout dropped ({kind} graph)")
+
+        def outer_products(gm, report):
+            n = rewrite_outer_products(gm)
+            if n:
+                report.notes.append(f"{n} GEMMs with a contraction of 1 rewritten as products, for the pointwise "
+                                    f"fusion ({kind} graph)")
 
         def compile_graph(gm: fx.GraphModule, example_inputs):
             report.kind = kind if report.kind == "dynamo" else f"{report.kind}+{kind}"
@@ -270,6 +277,8 @@ class GemsCompiler:
                 before = count_kernels(gm)
                 self._optional_pass(report, f"no-op clone removal on the {kind} graph", lambda: drop_clones(gm, report))
                 if self.options.fuse_pointwise and not saved:
+                    self._optional_pass(report, f"outer-product rewrite on the {kind} graph",
+                                        lambda: outer_products(gm, report))
                     self._optional_pass(report, f"pointwise fusion on the {kind} graph",
                                         lambda: fuse_pointwise(gm, report, kind, strict=self.options.strict))
                 if self.options.lower_aten and not saved:
