@@ -41,7 +41,7 @@ import threading
 import torch
 
 from .kernels import _launch
-from .kernels._common import device_guard, interpreter_mode
+from .kernels._common import device_guard, interpreter_mode, warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,18 @@ def _launch_info(kernel, fn, n_params: int) -> list[int]:
     except (AttributeError, ImportError) as exc:
         logger.debug("flag_gems C++ launcher: no cached launch for %s (%s)", fn, exc)
         return []
-    if function is None or len(names) != n_params:
+    if function is None:
+        return []
+    if len(names) != n_params:
+        # The C++ wrapper passes another parameter list than the kernel has: an extension built
+        # from other sources than this package's kernels. It still runs (Triton's path binds by
+        # name), but every launch pays Python's cost: say so once.
+        name = getattr(fn, "__name__", None) or repr(fn)
+        warn_once(("c_runtime", "params", name),
+                  f"flag_gems C++ runtime: kernel {name} takes {len(names)} parameters but the C++ wrapper passes "
+                  f"{n_params}, so each of its launches goes through Triton's Python path (tens of µs); the "
+                  "extension was built from other sources: rebuild it (pip install --no-build-isolation -e .)",
+                  RuntimeWarning, stacklevel=2)
         return []
     if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
         return []

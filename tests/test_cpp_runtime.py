@@ -106,6 +106,33 @@ def test_library_built_for_another_python_gives_a_reason(monkeypatch, tmp_path):
     assert "--no-build-isolation" in c_runtime.reason and "\n" not in c_runtime.reason
 
 
+def test_a_parameter_list_mismatch_warns_once_and_keeps_the_python_path(monkeypatch):
+    """A C++ wrapper passing another parameter count than the compiled kernel has (an extension
+    built from other kernel sources): no cached launch, and one RuntimeWarning naming the kernel."""
+    import types
+    import warnings
+
+    from flag_gems.kernels import _common
+
+    monkeypatch.setattr(_common, "_WARNED", set())
+    monkeypatch.setattr(c_runtime._launch, "_hooks_active", lambda: False)
+    md = types.SimpleNamespace(num_warps=4, num_ctas=1, shared=0)
+    kernel = types.SimpleNamespace(metadata=md, function=1234,
+                                   src=types.SimpleNamespace(signature={"x_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}))
+    fn = types.SimpleNamespace(arg_names=["x_ptr", "n", "BLOCK"], __name__="my_kernel")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert c_runtime._launch_info(kernel, fn, 2) == []
+        assert c_runtime._launch_info(kernel, fn, 2) == []
+    said = [w for w in caught if "my_kernel takes 3 parameters but the C++ wrapper passes 2" in str(w.message)]
+    assert len(said) == 1 and issubclass(said[0].category, RuntimeWarning), [str(w.message) for w in caught]
+    # The matching count packs a launch (what the C++ side keeps), silently.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        info = c_runtime._launch_info(kernel, fn, 3)
+    assert info[:4] == [1234, 4, 1, 0] and len(info) == 7 + 3
+
+
 def test_missing_library_gives_a_reason(monkeypatch):
     """An install without the extension: the reason says how to get it; nothing is registered."""
     monkeypatch.setattr(c_runtime, "_library_path", lambda: None)
