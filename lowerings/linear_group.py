@@ -105,6 +105,10 @@ def _stacked_weight(x: Tensor, weights: list[Tensor]) -> Tensor | None:
     check_linear_group_args(x, weights, [])
     view = stacked_rows(weights)
     if view is not None:
+        # Kept as a tensor on the storage, not as a view of the first weight: a view holds its
+        # base (``_base``), which would keep the parameter, and this entry, alive for ever.
+        view = torch.empty((0,), dtype=view.dtype, device=view.device).set_(
+            view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
         key = id(first)
         _STACKED[key] = (weakref.ref(first, lambda _, key=key: _STACKED.pop(key, None)), _layout(weights), view)
     return view

@@ -73,6 +73,27 @@ def test_linear_group_sees_a_weight_reassigned_after_its_stacked_view_was_cached
             linear_group(x, [torch.randn(4, 15), *params[1:]], [])
 
 
+def test_linear_group_cache_does_not_keep_the_weights_alive():
+    import gc
+    import weakref
+
+    from flag_gems.lowerings import linear_group as lg
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16)
+    weights, buf = _weights([8, 4, 4], 16, torch.float32, stacked=True)
+    params = [torch.nn.Parameter(w, requires_grad=False) for w in weights]
+    with torch.no_grad():
+        out = linear_group(x, params, [])
+    torch.testing.assert_close(out, _reference(x, params, []).float())
+    assert id(params[0]) in lg._STACKED
+    alive = weakref.ref(params[0])
+    key = id(params[0])
+    del weights, buf, params
+    gc.collect()
+    assert alive() is None and key not in lg._STACKED
+
+
 def test_linear_group_on_fake_tensors_reads_no_data_pointers():
     # Precompile records a graph's launches on fake tensors: the op gives the shape, silently
     # (a FakeTensor's data_ptr() warns), and still checks its arguments.
