@@ -172,7 +172,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad):
     x, *weights = ctx.saved_tensors
     grads = grad.split([w.shape[0] for w in weights], dim=-1)
-    gx = gws = gbs = None
+    gx = gws = None
+    gbs = [] if not ctx.n_biases else None  # the same structure as the biases argument
     if ctx.needs_input_grad[0]:
         gx = sum(g @ w for g, w in zip(grads, weights))
     if ctx.needs_input_grad[1]:

@@ -125,14 +125,21 @@ def test_linear_group_checks_its_arguments():
         linear_group(x, [], [])
 
 
-def test_linear_group_backward_matches_separate_linears():
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_linear_group_backward_matches_separate_linears(bias, stacked):
     torch.manual_seed(0)
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
-    ws = [torch.randn(n, 8, dtype=torch.float64, requires_grad=True) for n in (4, 2)]
-    bs = [torch.randn(n, dtype=torch.float64, requires_grad=True) for n in (4, 2)]
+    if stacked:  # parameters on one buffer: the op's one-GEMM path (and its cached view)
+        buf = torch.randn(6, 8, dtype=torch.float64)
+        ws = [torch.nn.Parameter(w) for w in buf.split([4, 2])]
+    else:
+        ws = [torch.randn(n, 8, dtype=torch.float64, requires_grad=True) for n in (4, 2)]
+    bs = [torch.randn(n, dtype=torch.float64, requires_grad=True) for n in (4, 2)] if bias else []
     g = torch.randn(3, 6, dtype=torch.float64)
     got = torch.autograd.grad(linear_group(x, ws, bs), [x, *ws, *bs], g)
-    want = torch.autograd.grad(torch.cat([F.linear(x, w, b) for w, b in zip(ws, bs)], -1), [x, *ws, *bs], g)
+    want = torch.autograd.grad(torch.cat([F.linear(x, w, b) for w, b in zip(ws, bs or [None, None])], -1),
+                               [x, *ws, *bs], g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 
