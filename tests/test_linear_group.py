@@ -53,13 +53,17 @@ def test_stacked_rows_is_a_view_exactly_when_the_parts_are_back_to_back():
     assert stacked_rows([buf[0:3], buf[3:7].double()]) is None  # another dtype
 
 
+def _stacked_params(rows):
+    """An input of ``rows`` rows and three parameters on one buffer (a stacked q/k/v group)."""
+    torch.manual_seed(0)
+    weights, _ = _weights([8, 4, 4], 16, torch.float32, stacked=True)
+    return torch.randn(rows, 16), [torch.nn.Parameter(w, requires_grad=False) for w in weights]
+
+
 def test_linear_group_sees_a_weight_reassigned_after_its_stacked_view_was_cached():
     # The stacked view is cached by the group's first weight; `param.data = ...` on any
     # weight must send the next call to the per-weight GEMMs with the new values.
-    torch.manual_seed(0)
-    x = torch.randn(3, 16)
-    weights, _ = _weights([8, 4, 4], 16, torch.float32, stacked=True)
-    params = [torch.nn.Parameter(w, requires_grad=False) for w in weights]
+    x, params = _stacked_params(3)
     with torch.no_grad():
         torch.testing.assert_close(linear_group(x, params, []), _reference(x, params, []).float())
         params[1].data = torch.randn(4, 16)
@@ -79,17 +83,14 @@ def test_linear_group_cache_does_not_keep_the_weights_alive():
 
     from flag_gems.lowerings import linear_group as lg
 
-    torch.manual_seed(0)
-    x = torch.randn(2, 16)
-    weights, buf = _weights([8, 4, 4], 16, torch.float32, stacked=True)
-    params = [torch.nn.Parameter(w, requires_grad=False) for w in weights]
+    x, params = _stacked_params(2)
     with torch.no_grad():
         out = linear_group(x, params, [])
     torch.testing.assert_close(out, _reference(x, params, []).float())
     assert id(params[0]) in lg._STACKED
     alive = weakref.ref(params[0])
     key = id(params[0])
-    del weights, buf, params
+    del params
     gc.collect()
     assert alive() is None and key not in lg._STACKED
 
