@@ -12,6 +12,7 @@ Per (input, contender):
 
 - ``ms``: the median over ``--rounds`` alternating rounds (every contender once per round, the
   order rotated each round) of the median CUDA-event time of ``--iters`` calls;
+- ``ms_spread_pct``: (slowest - fastest round) / ``ms``, the within-run noise a ratio must beat;
 - ``host_ms``: the median host time to issue one call (no synchronization; above ``ms``'s
   device share, the call is launch-bound);
 - ``first_call_s``: the first call, compile included, with cold caches (Inductor's and Triton's
@@ -243,6 +244,8 @@ def run(args) -> list[dict]:
                 host[contender].append(host_ms)
         for contender, ts in times.items():
             row(name, contender, "ms", statistics.median(ts))
+            # Within-call noise: how far the rounds of one contender spread around their median.
+            row(name, contender, "ms_spread_pct", 100.0 * (max(ts) - min(ts)) / statistics.median(ts) if ts else None)
             row(name, contender, "host_ms", statistics.median(host[contender]))
             if device == "cuda":
                 with torch.no_grad():
@@ -250,7 +253,8 @@ def run(args) -> list[dict]:
                 row(name, contender, "kernels_per_call", k)
                 row(name, contender, "kernels_per_layer", k / layers)
             got = {r["metric"]: r["value"] for r in rows if r["input"] == name and r["provider"] == contender}
-            print(f"{name:<16}{contender:<32}{got['ms']:>9.3f} ms  host {got['host_ms']:>7.3f} ms  first {got['first_call_s']:>6.2f} s  "
+            print(f"{name:<16}{contender:<32}{got['ms']:>9.3f} ms (rounds spread {got['ms_spread_pct']:.0f} %)  "
+                  f"host {got['host_ms']:>7.3f} ms  first {got['first_call_s']:>6.2f} s  "
                   f"cos {got['cosine_vs_eager']:.6f}  kernels/layer {got.get('kernels_per_layer', float('nan')):.1f}"
                   f"  (static {got.get('static_kernels_per_layer', float('nan')):.1f})", flush=True)
         fns.clear()
@@ -290,7 +294,8 @@ def markdown(rows: list[dict]) -> str:
         "| input | " + " | ".join(_LABELS[p] for p in provs) + " |",
         "|---|" + "---|" * len(provs),
     ]
-    for metric, label, spec in (("ms", "ms", ".3f"), ("host_ms", "host ms to issue", ".3f"),
+    for metric, label, spec in (("ms", "ms", ".3f"), ("ms_spread_pct", "ms spread over rounds %", ".0f"),
+                                ("host_ms", "host ms to issue", ".3f"),
                                 ("first_call_s", "first call s", ".1f"),
                                 ("backend_compile_s", "first call: our trace, fusions, AOT s", ".2f"),
                                 ("graph_first_run_s", "first call: graphs' first run s", ".2f"),
