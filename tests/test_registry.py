@@ -218,7 +218,8 @@ def test_host_bound_estimate_tells_decode_from_prefill():
     # than two launches take to issue; 2048 rows take ~170 µs of tensor-core time.
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from flag_gems.passes.lower_aten import host_bound
+    from flag_gems.passes.lower_aten import DEVICE_BYTES_PER_US, DEVICE_FLOPS_PER_US, HOST_US_PER_KERNEL
+    from flag_gems.passes.lower_aten import host_bound, step_estimate
 
     def f(x, w):
         return torch.relu(x @ w)
@@ -227,3 +228,8 @@ def test_host_bound_estimate_tells_decode_from_prefill():
     for rows, expected in ((8, True), (64, True), (2048, False)):
         gm = make_fx(f, tracing_mode="fake")(torch.empty(rows, 4096, device="meta", dtype=torch.bfloat16), w)
         assert host_bound(gm) is expected, rows
+        host_us, device_us = step_estimate(gm)
+        gemm_bytes = 2 * (rows * 4096 * 2 + 4096 * 4096)  # x and w read, out written (bf16)
+        want = max(gemm_bytes / DEVICE_BYTES_PER_US, 2 * rows * 4096 * 4096 / DEVICE_FLOPS_PER_US)
+        want += rows * 4096 * 2 / DEVICE_BYTES_PER_US  # relu's output
+        assert host_us == 2 * HOST_US_PER_KERNEL and device_us == pytest.approx(want, rel=0.01), (rows, device_us, want)
