@@ -56,6 +56,8 @@ DECOMPOSITIONS: dict = {}
 
 _graph_ids = itertools.count()
 _sinks = threading.local()
+
+
 def _warn_once(key: str, msg: str, *args) -> None:
     logger.debug(msg, *args)
     warn_once(("backend", key), msg % args, RuntimeWarning, stacklevel=3)

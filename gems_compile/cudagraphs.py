@@ -22,15 +22,14 @@ Python warning, and the graph runs without CUDA graphs.
 from __future__ import annotations
 
 import logging
-import warnings
 
 import torch
+
+from .kernels._common import warn_once
 
 logger = logging.getLogger(__name__)
 
 WARMUP_CALLS = 1
-
-_warned_unavailable = False
 
 
 def cuda_graphs_available() -> bool:
@@ -42,18 +41,12 @@ def cuda_graphs_available() -> bool:
     Returns:
         Whether a :class:`CUDAGraphRunner` can record anything here.
     """
-    global _warned_unavailable
     if torch.cuda.is_available():
         return True
-    if not _warned_unavailable:
-        _warned_unavailable = True
-        why = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no CUDA device is visible"
-        warnings.warn(
-            f"flag_gems: CUDA graphs (mode='reduce-overhead' or options={{'cudagraphs': True}}) need a CUDA "
-            f"device, and {why}: compiled graphs run without CUDA graphs",
-            UserWarning,
-            stacklevel=2,
-        )
+    why = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no CUDA device is visible"
+    warn_once(("cudagraphs", "unavailable"),
+              f"flag_gems: CUDA graphs (mode='reduce-overhead' or options={{'cudagraphs': True}}) need a CUDA "
+              f"device, and {why}: compiled graphs run without CUDA graphs", UserWarning, stacklevel=2)
     return False
 
 

@@ -134,14 +134,15 @@ def linear_group(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tens
         # pointers to compare (reading them warns).
         return x.new_empty((*x.shape[:-1], check_linear_group_args(x, weights, biases)))
     if not biases and weights:
-        w = _stacked_weight(x, weights)
+        w = _stacked_weight(x, weights)  # checks the arguments unless its cache answers
         if w is not None:
             return F.linear(x, w)
-    n_total = check_linear_group_args(x, weights, biases)
-    w = stacked_rows(weights)
-    b = stacked_rows(biases) if biases else None
-    if w is not None and (b is not None or not biases):
-        return F.linear(x, w, b)
+        n_total = sum(wi.shape[0] for wi in weights)
+    else:
+        n_total = check_linear_group_args(x, weights, biases)
+        w, b = stacked_rows(weights), stacked_rows(biases)
+        if w is not None and b is not None:
+            return F.linear(x, w, b)
     # Not stacked: one GEMM per weight, each into its column block (cuBLAS writes a block
     # with the row stride of the whole output: no copies).
     out = x.new_empty((*x.shape[:-1], n_total))

@@ -563,7 +563,8 @@ def test_aten_lowering_follows_the_graph_policy(device, monkeypatch, bound):
 
     aten = torch.ops.aten
     targets = [aten.cumsum.default, aten._softmax.default, aten.exp.default, aten.neg.default]
-    monkeypatch.setattr(lower_aten_pass, "host_bound", lambda gm: bound == "host")
+    # host-bound: more host than device time in the estimate (1 vs 0 µs), device-bound the reverse
+    monkeypatch.setattr(lower_aten_pass, "step_estimate", lambda gm: (1.0, 0.0) if bound == "host" else (0.0, 1.0))
     forced = "lower_aten" in bound
     policy = {t: REGISTRY[t].graph_policy(cudagraphs=bound == "device" or forced).on for t in targets}
     if bound != "host":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flag_gems
-from flag_gems import cudagraphs
+from flag_gems.kernels import _common
 from flag_gems.backend import GemsCompiler, _collect
 from flag_gems.options import CompileOptions
 from flag_gems.report import CompileReport, GraphReport
@@ -115,7 +115,7 @@ def test_optional_pass_lets_a_signal_through():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only case")
 def test_reduce_overhead_without_cuda_runs_with_one_warning(monkeypatch):
-    monkeypatch.setattr(cudagraphs, "_warned_unavailable", False)
+    monkeypatch.setattr(_common, "_WARNED", set())
     m = ResidualBlock(16, "llama")
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")

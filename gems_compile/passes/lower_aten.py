@@ -43,7 +43,7 @@ def _vals(args):
     return [_val(a) for a in args]
 
 
-# The estimate behind host_bound: what one kernel of count_kernels' static count costs the host
+# The estimate behind step_estimate: what one kernel of count_kernels' static count costs the host
 # (calibrated on the H200's host, benchmarks/NOTES.md session 8: a 4-layer Llama decode step
 # issued in 1.6-1.9 ms for ~68 counted kernels, views and allocations included; Inductor's
 # launches cost 13-17 µs each), and the device's memory and tensor-core rates a step reaches in
@@ -114,12 +114,12 @@ def lower_aten(gm: fx.GraphModule, report: GraphReport, everything: bool = False
             graph policy (``options={"lower_aten": "all"}``, for measuring them in graphs).
         cudagraphs: the graph is replayed as CUDA graphs (the entries' ``graph`` policy: device
             time); False: it runs op by op from the host, and where that makes it host-bound
-            (:func:`host_bound`) the entries' ``graph_host`` policy decides (host time counts too).
+            (:func:`step_estimate`) the entries' ``graph_host`` policy decides (host time counts too).
     """
     count = 0
     if not cudagraphs and not everything:
         host_us, device_us = step_estimate(gm)
-        cudagraphs = not host_bound(gm)
+        cudagraphs = host_us <= device_us
         report.notes.append(f"aten lowering for a graph run without CUDA graphs: "
                             f"{'device' if cudagraphs else 'host'}-bound by estimate (host ~{host_us:.0f} µs, "
                             f"device ~{device_us:.0f} µs a call), so the entries' "
