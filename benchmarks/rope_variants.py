@@ -1,0 +1,171 @@
+"""Where RoPE's gap to Liger comes from: probe kernels that change one thing at a time.
+
+Session 8 measured our rope at 1.30x Liger's time at M = 4096 tokens (H200, both in place), even
+with one program per token like Liger's. Liger's kernel differs from ours in three ways, and
+each probe here (one program per token, all q and k heads, rotate-half, in place) toggles one:
+
+- ``pos``: the token's table row comes from a loaded position (our vLLM path: a dependent load
+  before the table row) or is the token's own row of pre-gathered tables (Liger, our HF path);
+- ``order``: the q / k tiles are loaded before the table row (``xfirst``) or after it (``tfirst``;
+  with ``pos`` that puts two dependent loads ahead of the q / k loads in program order);
+- ``math``: fp32 (ours: tables read as fp32) or the input dtype (Liger: bf16 tables and math).
+
+Next to them: our shipped launchers as the product calls them (``rotary_embedding_cache`` on
+vLLM's layout; ``apply_rotary_pos_emb_hf``'s kernel on Liger's exact inputs, in place) and Liger.
+Every probe's result is checked against an fp32 reference of the same rotation.
+
+Usage (GPU)::
+
+    python benchmarks/rope_variants.py [--ms 1 64 4096 16384] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench_utils as bu  # noqa: E402
+import bench_kernels as bk  # noqa: E402
+
+import flag_gems  # noqa: E402
+from flag_gems.kernels import rotary_embedding as kr  # noqa: E402
+
+
+@triton.jit
+def _probe_table(cos_ptr, sin_ptr, pos_ptr, t, stride_t, j, HAS_POS: tl.constexpr, F32: tl.constexpr):
+    if HAS_POS:
+        row = tl.load(pos_ptr + t).to(tl.int64)
+    else:
+        row = t
+    c = tl.load(cos_ptr + row * stride_t + j)
+    s = tl.load(sin_ptr + row * stride_t + j)
+    if F32:
+        c = c.to(tl.float32)
+        s = s.to(tl.float32)
+    return c, s
+
+
+@triton.jit
+def _probe_tiles(q_ptr, k_ptr, t, stride_q, stride_k, j, HALF: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr):
+    hq = tl.arange(0, NQ)[:, None] * (2 * HALF) + j[None, :]
+    hk = tl.arange(0, NK)[:, None] * (2 * HALF) + j[None, :]
+    qp = q_ptr + t * stride_q + hq
+    kp = k_ptr + t * stride_k + hk
+    return qp, kp, tl.load(qp), tl.load(qp + HALF), tl.load(kp), tl.load(kp + HALF)
+
+
+@triton.jit
+def _probe_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_q, stride_k, stride_t,
+                  HALF: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr,
+                  HAS_POS: tl.constexpr, X_FIRST: tl.constexpr, F32: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, HALF)
+    if X_FIRST:
+        qp, kp, q1, q2, k1, k2 = _probe_tiles(q_ptr, k_ptr, t, stride_q, stride_k, j, HALF, NQ, NK)
+        c, s = _probe_table(cos_ptr, sin_ptr, pos_ptr, t, stride_t, j, HAS_POS, F32)
+    else:
+        c, s = _probe_table(cos_ptr, sin_ptr, pos_ptr, t, stride_t, j, HAS_POS, F32)
+        qp, kp, q1, q2, k1, k2 = _probe_tiles(q_ptr, k_ptr, t, stride_q, stride_k, j, HALF, NQ, NK)
+    dt = q_ptr.dtype.element_ty
+    q1, q2, k1, k2 = q1.to(c.dtype), q2.to(c.dtype), k1.to(c.dtype), k2.to(c.dtype)
+    tl.store(qp, (q1 * c[None, :] - q2 * s[None, :]).to(dt))
+    tl.store(qp + HALF, (q2 * c[None, :] + q1 * s[None, :]).to(dt))
+    tl.store(kp, (k1 * c[None, :] - k2 * s[None, :]).to(dt))
+    tl.store(kp + HALF, (k2 * c[None, :] + k1 * s[None, :]).to(dt))
+
+
+def _reference(q, k, cos_rows, sin_rows, half):
+    """fp32 rotate-half of ``q [M, Hq*D]`` / ``k`` with per-token half rows ``[M, half]``."""
+    def rot(x):
+        x = x.float().view(x.shape[0], -1, 2 * half)
+        x1, x2 = x[..., :half], x[..., half:]
+        c, s = cos_rows.float()[:, None], sin_rows.float()[:, None]
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1).flatten(1)
+    return rot(q), rot(k)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ms", type=int, nargs="+", default=[1, 64, 4096, 16384])
+    p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    dims = bk.LLAMA3_8B
+    hd, nq, nk = dims["head_dim"], dims["n_q"], dims["n_kv"]
+    half = hd // 2
+    meta = bu.run_meta("cuda")
+    rows, lines = [], [f"rope probes on {meta['gpu']} (torch {meta['torch']}, triton {meta['triton']})",
+                       "| M | variant | us | vs Liger | GB/s | max abs err |", "|---:|---|---:|---:|---:|---:|"]
+    for m in args.ms:
+        t, nbytes, _ = bk.setup_rope(m, dims, "cuda")
+        pos, q0, k0, cache = t["positions"], t["q"], t["k"], t["cache"]
+        rows32 = cache.index_select(0, pos)
+        cos32, sin32 = rows32[:, :half].contiguous(), rows32[:, half:].contiguous()
+        cos16, sin16 = cos32.to(q0.dtype), sin32.to(q0.dtype)
+        ref32 = _reference(q0, k0, cos32, sin32, half)
+        ref16 = _reference(q0, k0, cos16, sin16, half)
+        contenders = {}
+        for has_pos, f32 in ((True, True), (False, True), (False, False)):
+            for x_first in (False, True):
+                for w in args.warps:
+                    if has_pos:
+                        c_, s_, stride_t = cache, cache[:, half:], cache.stride(0)
+                    else:
+                        c_, s_, stride_t = (cos32, sin32, half) if f32 else (cos16, sin16, half)
+                    name = (f"probe {'pos' if has_pos else 'rows'} {'fp32' if f32 else 'bf16'} "
+                            f"{'xfirst' if x_first else 'tfirst'} w{w}")
+
+                    def call(q, k, c_=c_, s_=s_, stride_t=stride_t, has_pos=has_pos, x_first=x_first, f32=f32, w=w):
+                        return lambda: _probe_kernel[(m,)](
+                            q, k, c_, s_, pos, q.stride(0), k.stride(0), stride_t,
+                            HALF=half, NQ=nq, NK=nk, HAS_POS=has_pos, X_FIRST=x_first, F32=f32, num_warps=w)
+                    contenders[name] = (call, ref32 if f32 else ref16)
+
+        def ours_cache(q, k):
+            return lambda: flag_gems.rotary_embedding_cache(pos, q, k, hd, cache, is_neox=True)
+
+        full_c = torch.cat((cos16, cos16), -1).unsqueeze(0)
+        full_s = torch.cat((sin16, sin16), -1).unsqueeze(0)
+
+        def ours_hf(q, k):
+            qv = q.view(1, m, nq, hd).transpose(1, 2)
+            kv = k.view(1, m, nk, hd).transpose(1, 2)
+            return lambda: kr.rope_hf_fwd(qv, kv, full_c, full_s, q_out=qv, k_out=kv)
+
+        contenders["ours rotary_embedding_cache (vLLM layout)"] = (ours_cache, ref32)
+        contenders["ours rope_hf_fwd (Liger's inputs)"] = (ours_hf, ref16)
+        results = {}
+        for name, (make, ref) in contenders.items():
+            q, k = q0.clone(), k0.clone()
+            try:
+                make(q, k)()
+                err = max((q.float() - ref[0]).abs().max().item(), (k.float() - ref[1]).abs().max().item())
+                results[name] = (bu.device_time_us(make(q0.clone(), k0.clone())), err)
+            except Exception as exc:  # noqa: BLE001 - a probe that fails is reported, not fatal
+                lines.append(f"| {m} | {name} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |")
+        try:
+            lig = bk._liger_rope(t)[0]
+            results["liger"] = (bu.device_time_us(lig), float("nan"))
+        except ImportError:
+            results["liger"] = (float("nan"), float("nan"))
+        liger_us = results["liger"][0]
+        for name, (us, err) in results.items():
+            rows.append(dict(op="rope_probe", M=m, variant=name, us=float(us), vs_liger=float(us) / liger_us,
+                             gbps=bu.gbps(nbytes, us), max_abs_err=err, **meta))
+            lines.append(f"| {m} | {name} | {us:.2f} | {us / liger_us:.2f} | {bu.gbps(nbytes, us):.0f} | {err:.3g} |")
+        print("\n".join(lines[-len(results):]), flush=True)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        bu.write_rows(rows, args.out, f"rope_probes_{bu.file_tag(meta)}", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
