@@ -34,11 +34,13 @@ import _bench_utils as bu  # noqa: E402
 import bench_kernels as bk  # noqa: E402
 
 import flag_gems  # noqa: E402
+from flag_gems.kernels import _autotune as at  # noqa: E402
 from flag_gems.kernels import rotary_embedding as kr  # noqa: E402
 
 
 @triton.jit
-def _probe_table(cos_ptr, sin_ptr, pos_ptr, t, stride_t, j, HAS_POS: tl.constexpr, F32: tl.constexpr):
+def _probe_table(cos_ptr, sin_ptr, pos_ptr, t, stride_t, j, HAS_POS: tl.constexpr, F32: tl.constexpr,
+                 FULL: tl.constexpr, HALF: tl.constexpr):
     if HAS_POS:
         row = tl.load(pos_ptr + t).to(tl.int64)
     else:
@@ -48,6 +50,13 @@ def _probe_table(cos_ptr, sin_ptr, pos_ptr, t, stride_t, j, HAS_POS: tl.constexp
     if F32:
         c = c.to(tl.float32)
         s = s.to(tl.float32)
+    if FULL:
+        # HF's full tables: the second half's entries loaded too (equal here), averaged in so the
+        # loads stay live: what our HF path pays for exactness on any table.
+        c2 = tl.load(cos_ptr + row * stride_t + HALF + j).to(c.dtype)
+        s2 = tl.load(sin_ptr + row * stride_t + HALF + j).to(s.dtype)
+        c = (c + c2) * 0.5
+        s = (s + s2) * 0.5
     return c, s
 
 
@@ -61,16 +70,28 @@ def _probe_tiles(q_ptr, k_ptr, t, stride_q, stride_k, j, HALF: tl.constexpr, NQ:
 
 
 @triton.jit
-def _probe_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_q, stride_k, stride_t,
+def _probe_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_q, stride_k, stride_t, n_inner,
                   HALF: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr,
-                  HAS_POS: tl.constexpr, X_FIRST: tl.constexpr, F32: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+                  HAS_POS: tl.constexpr, X_FIRST: tl.constexpr, F32: tl.constexpr,
+                  FULL: tl.constexpr, DIV: tl.constexpr):
+    if DIV == 0:
+        t = tl.program_id(0).to(tl.int64)
+    else:
+        # The token as our kernel finds it: (outer, inner) from the program id, then rebuilt
+        # (``n_inner`` is the token count, so t is unchanged): int64 (ours) or int32 division.
+        if DIV == 1:
+            pid = tl.program_id(0).to(tl.int64)
+        else:
+            pid = tl.program_id(0)
+        o = pid // n_inner
+        i = pid - o * n_inner
+        t = o.to(tl.int64) * n_inner + i.to(tl.int64)
     j = tl.arange(0, HALF)
     if X_FIRST:
         qp, kp, q1, q2, k1, k2 = _probe_tiles(q_ptr, k_ptr, t, stride_q, stride_k, j, HALF, NQ, NK)
-        c, s = _probe_table(cos_ptr, sin_ptr, pos_ptr, t, stride_t, j, HAS_POS, F32)
+        c, s = _probe_table(cos_ptr, sin_ptr, pos_ptr, t, stride_t, j, HAS_POS, F32, FULL, HALF)
     else:
-        c, s = _probe_table(cos_ptr, sin_ptr, pos_ptr, t, stride_t, j, HAS_POS, F32)
+        c, s = _probe_table(cos_ptr, sin_ptr, pos_ptr, t, stride_t, j, HAS_POS, F32, FULL, HALF)
         qp, kp, q1, q2, k1, k2 = _probe_tiles(q_ptr, k_ptr, t, stride_q, stride_k, j, HALF, NQ, NK)
     dt = q_ptr.dtype.element_ty
     q1, q2, k1, k2 = q1.to(c.dtype), q2.to(c.dtype), k1.to(c.dtype), k2.to(c.dtype)
@@ -88,6 +109,56 @@ def _reference(q, k, cos_rows, sin_rows, half):
         c, s = cos_rows.float()[:, None], sin_rows.float()[:, None]
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1).flatten(1)
     return rot(q), rot(k)
+
+
+# (BLOCK_HQ, BLOCK_HK, num_warps) forced on our kernel through its Python launchers
+FORCED = [(16, 8, 2), (16, 8, 4), (32, 8, 4), (32, 8, 8), (32, 8, 2), (8, 8, 2), (8, 4, 2), (8, 8, 1)]
+
+
+def _probes(m, half, nq, nk, pos, cache, cos32, sin32, ref32, ref16, warps):
+    """The probe contenders: name -> (make(q, k) -> call, reference)."""
+    cos16, sin16 = cos32.to(torch.bfloat16), sin32.to(torch.bfloat16)
+    full = {True: (torch.cat((cos32, cos32), -1), torch.cat((sin32, sin32), -1)),
+            False: (torch.cat((cos16, cos16), -1), torch.cat((sin16, sin16), -1))}
+    # (label, has_pos, f32, x_first, full, div)
+    specs = [("pos fp32 tfirst", True, True, False, False, 0), ("pos fp32 xfirst", True, True, True, False, 0),
+             ("rows fp32 tfirst", False, True, False, False, 0), ("rows fp32 xfirst", False, True, True, False, 0),
+             ("rows bf16 tfirst", False, False, False, False, 0), ("rows bf16 xfirst", False, False, True, False, 0),
+             ("rows fp32 full", False, True, True, True, 0), ("rows bf16 full", False, False, True, True, 0),
+             ("pos fp32 xfirst div64", True, True, True, False, 1),
+             ("pos fp32 xfirst div32", True, True, True, False, 2)]
+    out = {}
+    for label, has_pos, f32, x_first, full_t, div in specs:
+        if has_pos:
+            c_, s_, stride_t = cache, cache[:, half:], cache.stride(0)
+        elif full_t:
+            c_, s_ = full[f32]
+            stride_t = 2 * half
+        else:
+            c_, s_, stride_t = (cos32, sin32, half) if f32 else (cos16, sin16, half)
+        for w in warps:
+            def make(q, k, c_=c_, s_=s_, stride_t=stride_t, has_pos=has_pos, x_first=x_first, f32=f32,
+                     full_t=full_t, div=div, w=w):
+                return lambda: _probe_kernel[(m,)](
+                    q, k, c_, s_, pos, q.stride(0), k.stride(0), stride_t, m,
+                    HALF=half, NQ=nq, NK=nk, HAS_POS=has_pos, X_FIRST=x_first, F32=f32, FULL=full_t, DIV=div,
+                    num_warps=w)
+            out[f"probe {label} w{w}"] = (make, ref32 if f32 else ref16)
+    return out
+
+
+def _forced(config, fn):
+    """``fn`` with our rope kernel's launch config forced to ``(BLOCK_HQ, BLOCK_HK, num_warps)``."""
+    bhq, bhk, w = config
+
+    def call():
+        saved = kr.TUNABLE.chosen
+        kr.TUNABLE.chosen = at._Forced(saved, (bhq, bhk, 64, 1, w))
+        try:
+            return fn()
+        finally:
+            kr.TUNABLE.chosen = saved
+    return call
 
 
 def main(argv=None) -> int:
@@ -110,43 +181,49 @@ def main(argv=None) -> int:
         cos16, sin16 = cos32.to(q0.dtype), sin32.to(q0.dtype)
         ref32 = _reference(q0, k0, cos32, sin32, half)
         ref16 = _reference(q0, k0, cos16, sin16, half)
-        contenders = {}
-        for has_pos, f32 in ((True, True), (False, True), (False, False)):
-            for x_first in (False, True):
-                for w in args.warps:
-                    if has_pos:
-                        c_, s_, stride_t = cache, cache[:, half:], cache.stride(0)
-                    else:
-                        c_, s_, stride_t = (cos32, sin32, half) if f32 else (cos16, sin16, half)
-                    name = (f"probe {'pos' if has_pos else 'rows'} {'fp32' if f32 else 'bf16'} "
-                            f"{'xfirst' if x_first else 'tfirst'} w{w}")
-
-                    def call(q, k, c_=c_, s_=s_, stride_t=stride_t, has_pos=has_pos, x_first=x_first, f32=f32, w=w):
-                        return lambda: _probe_kernel[(m,)](
-                            q, k, c_, s_, pos, q.stride(0), k.stride(0), stride_t,
-                            HALF=half, NQ=nq, NK=nk, HAS_POS=has_pos, X_FIRST=x_first, F32=f32, num_warps=w)
-                    contenders[name] = (call, ref32 if f32 else ref16)
-
-        def ours_cache(q, k):
-            return lambda: flag_gems.rotary_embedding_cache(pos, q, k, hd, cache, is_neox=True)
-
+        contenders = _probes(m, half, nq, nk, pos, cache, cos32, sin32, ref32, ref16, args.warps)
         full_c = torch.cat((cos16, cos16), -1).unsqueeze(0)
         full_s = torch.cat((sin16, sin16), -1).unsqueeze(0)
 
-        def ours_hf(q, k):
+        def public_in_place(q, k):
+            return lambda: flag_gems.rotary_embedding_cache(pos, q, k, hd, cache, is_neox=True, inplace=True)
+
+        def public_out_of_place(q, k):
+            # Outputs into fresh buffers, copied back so the check reads them (the copy is not timed).
+            qo, ko = torch.empty_like(q), torch.empty_like(k)
+            call = lambda: kr.rope_cache_fwd(pos, q, k, hd, cache, True, query_out=qo, key_out=ko)  # noqa: E731
+
+            def first():
+                call()
+                q.copy_(qo)
+                k.copy_(ko)
+            first.timed = call
+            return first
+
+        def cache_in_place(q, k):
+            return lambda: kr.rope_cache_fwd(pos, q, k, hd, cache, True, query_out=q, key_out=k)
+
+        def hf_in_place(q, k):
             qv = q.view(1, m, nq, hd).transpose(1, 2)
             kv = k.view(1, m, nk, hd).transpose(1, 2)
             return lambda: kr.rope_hf_fwd(qv, kv, full_c, full_s, q_out=qv, k_out=kv)
 
-        contenders["ours rotary_embedding_cache (vLLM layout)"] = (ours_cache, ref32)
-        contenders["ours rope_hf_fwd (Liger's inputs)"] = (ours_hf, ref16)
+        contenders["ours rotary_embedding_cache inplace (public, vLLM layout)"] = (public_in_place, ref32)
+        contenders["ours rope_cache_fwd out of place (resolved)"] = (public_out_of_place, ref32)
+        contenders["ours rope_hf_fwd in place (Liger's inputs, resolved)"] = (hf_in_place, ref16)
+        for cfg in FORCED:
+            tag = f"hq{cfg[0]} hk{cfg[1]} w{cfg[2]}"
+            contenders[f"ours vLLM in place {tag}"] = (
+                lambda q, k, cfg=cfg: _forced(cfg, cache_in_place(q, k)), ref32)
+            contenders[f"ours HF in place {tag}"] = (lambda q, k, cfg=cfg: _forced(cfg, hf_in_place(q, k)), ref16)
         results = {}
         for name, (make, ref) in contenders.items():
             q, k = q0.clone(), k0.clone()
             try:
                 make(q, k)()
                 err = max((q.float() - ref[0]).abs().max().item(), (k.float() - ref[1]).abs().max().item())
-                results[name] = (bu.device_time_us(make(q0.clone(), k0.clone())), err)
+                timed = make(q0.clone(), k0.clone())
+                results[name] = (bu.device_time_us(getattr(timed, "timed", timed)), err)
             except Exception as exc:  # noqa: BLE001 - a probe that fails is reported, not fatal
                 lines.append(f"| {m} | {name} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |")
         try:
