@@ -14,9 +14,9 @@ Next to them: our shipped launchers as the product calls them (``rotary_embeddin
 vLLM's layout; ``apply_rotary_pos_emb_hf``'s kernel on Liger's exact inputs, in place) and Liger.
 Every probe's result is checked against an fp32 reference of the same rotation.
 
-Usage (GPU)::
+Usage (GPU; on a machine without one, tiny shapes through the interpreter check the script)::
 
-    python benchmarks/rope_variants.py [--ms 1 64 4096 16384] [--out DIR]
+    python benchmarks/rope_variants.py [--ms 1 64 4096 16384] [--warps 4 8] [--out DIR]
 """
 
 from __future__ import annotations
@@ -167,14 +167,15 @@ def main(argv=None) -> int:
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    dims = bk.LLAMA3_8B
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the interpreter, a check of the script only
+    dims = bk.LLAMA3_8B if device == "cuda" else bk.SMOKE
     hd, nq, nk = dims["head_dim"], dims["n_q"], dims["n_kv"]
     half = hd // 2
-    meta = bu.run_meta("cuda")
+    meta = bu.run_meta(device)
     rows, lines = [], [f"rope probes on {meta['gpu']} (torch {meta['torch']}, triton {meta['triton']})",
                        "| M | variant | us | vs Liger | GB/s | max abs err |", "|---:|---|---:|---:|---:|---:|"]
     for m in args.ms:
-        t, nbytes, _ = bk.setup_rope(m, dims, "cuda")
+        t, nbytes, _ = bk.setup_rope(m, dims, device)
         pos, q0, k0, cache = t["positions"], t["q"], t["k"], t["cache"]
         rows32 = cache.index_select(0, pos)
         cos32, sin32 = rows32[:, :half].contiguous(), rows32[:, half:].contiguous()
@@ -188,17 +189,28 @@ def main(argv=None) -> int:
         def public_in_place(q, k):
             return lambda: flag_gems.rotary_embedding_cache(pos, q, k, hd, cache, is_neox=True, inplace=True)
 
-        def public_out_of_place(q, k):
-            # Outputs into fresh buffers, copied back so the check reads them (the copy is not timed).
-            qo, ko = torch.empty_like(q), torch.empty_like(k)
-            call = lambda: kr.rope_cache_fwd(pos, q, k, hd, cache, True, query_out=qo, key_out=ko)  # noqa: E731
+        def out_of_place(fn):
+            """``fn(q, k, qo, ko)`` into fresh outputs, copied back into q and k on the first call only
+            (so the check reads them); the timed call writes the outputs alone."""
+            def make(q, k):
+                qo, ko = torch.empty_like(q), torch.empty_like(k)
+                call = lambda: fn(q, k, qo, ko)  # noqa: E731
 
-            def first():
-                call()
-                q.copy_(qo)
-                k.copy_(ko)
-            first.timed = call
-            return first
+                def first():
+                    call()
+                    q.copy_(qo)
+                    k.copy_(ko)
+                first.timed = call
+                return first
+            return make
+
+        def hf_views(q, k):
+            return q.view(1, m, nq, hd).transpose(1, 2), k.view(1, m, nk, hd).transpose(1, 2)
+
+        cache_oop = out_of_place(lambda q, k, qo, ko: kr.rope_cache_fwd(pos, q, k, hd, cache, True, query_out=qo,
+                                                                          key_out=ko))
+        hf_oop = out_of_place(lambda q, k, qo, ko: kr.rope_hf_fwd(*hf_views(q, k), full_c, full_s,
+                                                                  q_out=hf_views(qo, ko)[0], k_out=hf_views(qo, ko)[1]))
 
         def cache_in_place(q, k):
             return lambda: kr.rope_cache_fwd(pos, q, k, hd, cache, True, query_out=q, key_out=k)
@@ -209,13 +221,21 @@ def main(argv=None) -> int:
             return lambda: kr.rope_hf_fwd(qv, kv, full_c, full_s, q_out=qv, k_out=kv)
 
         contenders["ours rotary_embedding_cache inplace (public, vLLM layout)"] = (public_in_place, ref32)
-        contenders["ours rope_cache_fwd out of place (resolved)"] = (public_out_of_place, ref32)
+        contenders["ours rope_cache_fwd out of place (resolved)"] = (cache_oop, ref32)
+        contenders["ours rope_hf_fwd out of place (resolved)"] = (hf_oop, ref16)
         contenders["ours rope_hf_fwd in place (Liger's inputs, resolved)"] = (hf_in_place, ref16)
         for cfg in FORCED:
             tag = f"hq{cfg[0]} hk{cfg[1]} w{cfg[2]}"
             contenders[f"ours vLLM in place {tag}"] = (
                 lambda q, k, cfg=cfg: _forced(cfg, cache_in_place(q, k)), ref32)
             contenders[f"ours HF in place {tag}"] = (lambda q, k, cfg=cfg: _forced(cfg, hf_in_place(q, k)), ref16)
+            for label, make_oop, ref in (("vLLM", cache_oop, ref32), ("HF", hf_oop, ref16)):
+                def forced_oop(q, k, cfg=cfg, make_oop=make_oop):
+                    first = make_oop(q, k)
+                    call = _forced(cfg, first)
+                    call.timed = _forced(cfg, first.timed)
+                    return call
+                contenders[f"ours {label} out of place {tag}"] = (forced_oop, ref)
         results = {}
         for name, (make, ref) in contenders.items():
             q, k = q0.clone(), k0.clone()
@@ -223,13 +243,14 @@ def main(argv=None) -> int:
                 make(q, k)()
                 err = max((q.float() - ref[0]).abs().max().item(), (k.float() - ref[1]).abs().max().item())
                 timed = make(q0.clone(), k0.clone())
-                results[name] = (bu.device_time_us(getattr(timed, "timed", timed)), err)
+                timed = getattr(timed, "timed", timed)
+                results[name] = (bu.device_time_us(timed) if device == "cuda" else bu.wall_time_us(timed, iters=1), err)
             except Exception as exc:  # noqa: BLE001 - a probe that fails is reported, not fatal
                 lines.append(f"| {m} | {name} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |")
         try:
             lig = bk._liger_rope(t)[0]
             results["liger"] = (bu.device_time_us(lig), float("nan"))
-        except ImportError:
+        except (ImportError, RuntimeError):
             results["liger"] = (float("nan"), float("nan"))
         liger_us = results["liger"][0]
         for name, (us, err) in results.items():
