@@ -7,7 +7,8 @@
 # ops (op + model table, issue 4), eager (model under eager / use_gems() / preset fast, issue 10), graph (each
 # op alone in a compiled graph, aten vs lowered), profile (where the model's time goes), hostprof (host time of eager
 # op calls, with a cProfile), retest (pytest on $RETEST), vllm (vLLM mode-3 harness: three contenders and
-# the prefill kernel profile), ropeprobe (RoPE probe kernels against Liger, benchmarks/rope_variants.py), cpp (C++ runtime host times, incl. the eager-only wrappers), lgroup (grouped
+# the prefill kernel profile), ropeprobe (RoPE probe kernels against Liger, benchmarks/rope_variants.py), tunercheck (the
+# autotuner's timer against the benchmarks' on the shipped small-token keys), cpp (C++ runtime host times, incl. the eager-only wrappers), lgroup (grouped
 # linears of options fuse_linear against separate ones), precheck (first calls cold with precompile on and off),
 # multigpu (tests
 # marked multigpu, the 2-process tensor-parallel decoder over NCCL writing its results to $OUT; needs 2 GPUs,
@@ -79,6 +80,8 @@ for part in "${list[@]}"; do
            tail -25 "$OUT/precheck.log" ;;
     ropeprobe) run_part ropeprobe "${ROPEPROBE_S:-150}" python3 benchmarks/rope_variants.py --out "$OUT" ${ROPEPROBE_ARGS:-}
            grep -E "^\| " "$OUT/ropeprobe.log" | tail -80 ;;
+    tunercheck) run_part tunercheck "${TUNERCHECK_S:-120}" python3 benchmarks/tuner_timing_check.py --out "$OUT" ${TUNERCHECK_ARGS:-}
+           grep -E "^\| " "$OUT/tunercheck.log" | tail -40 ;;
     lgroup) run_part lgroup "${LGROUP_S:-120}" python3 benchmarks/bench_linear_group.py --out "$OUT"
            tail -14 "$OUT/lgroup.log" ;;
     cpp)   run_part cpp "${CPP_S:-180}" python3 benchmarks/bench_cpp.py --out "$OUT" ${CPP_ARGS:-}
