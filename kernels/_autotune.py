@@ -268,10 +268,61 @@ def _events_us(fn: Callable[[], None], reps: int) -> list[float]:
     return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
 
 
+def _graph_replay_us(run: Callable[[], None], n: int, replays: int) -> float:
+    """Median µs of one replay of a CUDA graph holding ``n`` back-to-back calls of ``run``."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            run()
+    graph.replay()
+    times = _events_us(graph.replay, replays)
+    del graph
+    return statistics.median(times)
+
+
+def per_call_us(replay_us_of: Callable[[int], float], n: int, *, replay_us: float = 400.0,
+                max_calls: int = 1000) -> float:
+    """µs per call from replays of graphs of back-to-back calls: ``replay_us_of(k)`` times one
+    replay of ``k`` calls.
+
+    A replay costs a fixed amount whatever it holds (its launch, which the device waits for
+    after the start event) plus its calls; the difference of the ``2n``- and ``n``-call replays
+    over ``n`` cancels the fixed part. ``n`` starts at the caller's guess and grows so that a
+    replay lasts about ``replay_us`` (at most ``max_calls`` calls). A difference at or below
+    zero (noise on calls far shorter than the fixed part) gives the longer replay's mean, an
+    upper bound.
+    """
+    first = replay_us_of(n) / n
+    n = max(n, min(max_calls, math.ceil(replay_us / max(first, 0.5))))
+    once = replay_us_of(n)
+    twice = replay_us_of(2 * n)
+    diff = (twice - once) / n
+    return diff if diff > 0.0 else twice / (2 * n)
+
+
+def _graph_replay_us(run: Callable[[], None], n: int, replays: int) -> float:
+    """Median µs of one replay of a CUDA graph holding ``n`` back-to-back calls of ``run``."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            run()
+    graph.replay()
+    times = _events_us(graph.replay, replays)
+    del graph
+    return statistics.median(times)
+
+
 def cuda_time_us(run: Callable[[], None], *, replay_us: float = 400.0, replays: int = 5) -> float:
-    """Device µs per call of ``run``: a CUDA graph of back-to-back calls lasting about
-    ``replay_us``, replayed ``replays`` times, median (launch overhead excluded); calls of over
-    2 ms are timed one by one with events. Falls back to event timing when capture fails."""
+    """Device µs per call of ``run``, launch overhead excluded.
+
+    Calls of over 2 ms are timed one by one with events; shorter ones by :func:`per_call_us`
+    over CUDA graphs of back-to-back calls. Dividing one graph's replay time by its calls, as
+    this timer did before, spread the replay's fixed cost over ``n`` calls with ``n`` sized from
+    a host-bound first call (a Python launcher issues one in 10-60 µs): on the H200 that read
+    1.1-4x the device time of 1-2 µs kernels, enough to rank the candidates of a small-token
+    key by noise (``benchmarks/tuner_timing_check.py``). Falls back to event timing of ``n``
+    calls (launch overhead included) when capture fails.
+    """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -283,14 +334,7 @@ def cuda_time_us(run: Callable[[], None], *, replay_us: float = 400.0, replays: 
         return statistics.median(_events_us(run, 3))
     n = max(1, min(200, math.ceil(replay_us / max(est, 1.0))))
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(n):
-                run()
-        graph.replay()
-        times = _events_us(graph.replay, replays)
-        del graph
-        return statistics.median(times) / n
+        return per_call_us(lambda k: _graph_replay_us(run, k, replays), n, replay_us=replay_us)
     except Exception as exc:  # noqa: BLE001 - a launch that cannot be captured is timed without a graph
         logger.debug("autotune: graph capture failed (%s); timing with events", exc)
         torch.cuda.synchronize()

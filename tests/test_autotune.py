@@ -736,3 +736,34 @@ def test_restamp_tool_only_restamps_valid_configs(tmp_path, monkeypatch):
     path.write_text(json.dumps({"format": 1, "device": "NVIDIA H200", "entries": [bad]}))
     with pytest.raises(ValueError, match="re-tune"):
         restamp_tuned.restamp(str(path), "act_and_mul")
+
+
+@pytest.mark.parametrize("fixed_us, per_us, guess", [(30.0, 1.4, 8), (5.0, 0.2, 200), (20.0, 95.0, 4), (0.0, 3.0, 1)])
+def test_per_call_timing_cancels_the_replays_fixed_cost(fixed_us, per_us, guess):
+    # A replay of k calls costs fixed + k * per (its launch plus its kernels): the timer must
+    # report per, however few calls the host-bound first guess put in a graph. The old timer
+    # (one graph, time / n) read fixed / n + per: 30 / 8 + 1.4 = 5.15 us for a 1.4 us kernel.
+    sizes = []
+
+    def replay_us_of(k):
+        sizes.append(k)
+        return fixed_us + k * per_us
+
+    got = at.per_call_us(replay_us_of, guess, replay_us=400.0, max_calls=1000)
+    assert got == pytest.approx(per_us, rel=1e-9)
+    assert sizes[-1] == 2 * sizes[-2] and sizes[-2] >= guess
+    if guess * per_us < 100.0:  # a short first graph grows toward the 400 us replay
+        assert sizes[-2] > guess
+
+
+def test_per_call_timing_falls_back_to_an_upper_bound_on_noise():
+    # Noise can make the longer replay read no longer than the shorter one: the longer replay's
+    # mean is reported then (an upper bound), never zero or a negative time.
+    sizes = []
+
+    def replay_us_of(k):
+        sizes.append(k)
+        return 60.0 if len(sizes) < 3 else 55.0
+
+    got = at.per_call_us(replay_us_of, 10, replay_us=400.0, max_calls=1000)
+    assert got == pytest.approx(55.0 / sizes[-1])
