@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--families", nargs="+", default=["rms_norm", "act_and_mul", "rope"])
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="only keys of these token buckets")
+    p.add_argument("--candidates", action="store_true",
+                   help="time every candidate of each key with both timers (the tuner's ranking against the benchmarks')")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     meta = bu.run_meta("cuda")
@@ -51,9 +54,27 @@ def main(argv=None) -> int:
         fam = e["kernel"]
         if fam not in args.families or e["key"][0] > args.max_tokens:
             continue
+        if args.tokens and e["key"][0] not in args.tokens:
+            continue
         tun = at.TUNABLES[fam]
         key = _key_of(fam, e["key"])
         run = tun.make_bench(key, 0, None)
+        if args.candidates:
+            configs = [tun._default(key, 0)] + [c for c in tun.candidates(key, 0) if c != tun._default(key, 0)]
+            for cfg in configs:
+                with tun.forcing(cfg):
+                    tuner_us = at.cuda_time_us(run)
+                    bench_us = float(bu.device_time_us(run))
+                label = " ".join(f"{v}" for v in cfg.values())
+                rows.append(dict(family=fam, key=str(e["key"]), config=cfg, tuner_us=tuner_us, bench_us=bench_us, **meta))
+                lines.append(f"| {fam} | {e['key']} [{label}] | {tuner_us:.2f} | {bench_us:.2f} | "
+                             f"{tuner_us / bench_us:.2f} | candidate |")
+            best_t = min((r for r in rows if r.get("config") and r["key"] == str(e["key"])), key=lambda r: r["tuner_us"])
+            best_b = min((r for r in rows if r.get("config") and r["key"] == str(e["key"])), key=lambda r: r["bench_us"])
+            lines.append(f"| {fam} | {e['key']}: tuner's pick {best_t['config']} (bench {best_t['bench_us']:.2f} us); "
+                         f"bench's pick {best_b['config']} ({best_b['bench_us']:.2f} us); shipped {e['config']} | | | | |")
+            print(lines[-1], flush=True)
+            continue
         capture = "ok"
         with tun.forcing(tun._default(key, 0)):
             run()

@@ -268,48 +268,44 @@ def _events_us(fn: Callable[[], None], reps: int) -> list[float]:
     return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
 
 
-def _graph_replay_us(run: Callable[[], None], n: int, replays: int) -> float:
-    """Median µs of one replay of a CUDA graph holding ``n`` back-to-back calls of ``run``."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n):
-            run()
-    graph.replay()
-    times = _events_us(graph.replay, replays)
-    del graph
-    return statistics.median(times)
+def per_call_us(make_replay: Callable[[int], Callable[[], None]], time_us: Callable[[Callable[[], None], int], list],
+                n: int, *, replay_us: float = 400.0, replays: int = 5, max_calls: int = 1000) -> float:
+    """µs per call from replays of graphs of back-to-back calls.
 
-
-def per_call_us(replay_us_of: Callable[[int], float], n: int, *, replay_us: float = 400.0,
-                max_calls: int = 1000) -> float:
-    """µs per call from replays of graphs of back-to-back calls: ``replay_us_of(k)`` times one
-    replay of ``k`` calls.
+    Args:
+        make_replay: ``k -> replay``, a callable that runs a graph of ``k`` calls.
+        time_us: ``(fn, reps) -> [µs of each of reps runs of fn]``.
+        n: the first guess of the calls per graph.
 
     A replay costs a fixed amount whatever it holds (its launch, which the device waits for
     after the start event) plus its calls; the difference of the ``2n``- and ``n``-call replays
-    over ``n`` cancels the fixed part. ``n`` starts at the caller's guess and grows so that a
-    replay lasts about ``replay_us`` (at most ``max_calls`` calls). A difference at or below
-    zero (noise on calls far shorter than the fixed part) gives the longer replay's mean, an
-    upper bound.
+    over ``n`` cancels the fixed part. ``n`` grows from the guess so that a replay lasts about
+    ``replay_us`` (at most ``max_calls`` calls). The two graphs are replayed in alternation and
+    the median of the paired differences taken, so that a drift of the clocks during the
+    measurement does not land on one graph only. A difference at or below zero (noise on calls
+    far shorter than the fixed part) gives the longer replay's mean, an upper bound.
     """
-    first = replay_us_of(n) / n
+    first = statistics.median(time_us(make_replay(n), 2)) / n
     n = max(n, min(max_calls, math.ceil(replay_us / max(first, 0.5))))
-    once = replay_us_of(n)
-    twice = replay_us_of(2 * n)
-    diff = (twice - once) / n
-    return diff if diff > 0.0 else twice / (2 * n)
+    once, twice = make_replay(n), make_replay(2 * n)
+    diffs, longer = [], []
+    for _ in range(replays):
+        a = statistics.median(time_us(once, 1))
+        b = statistics.median(time_us(twice, 1))
+        diffs.append(b - a)
+        longer.append(b)
+    diff = statistics.median(diffs) / n
+    return diff if diff > 0.0 else statistics.median(longer) / (2 * n)
 
 
-def _graph_replay_us(run: Callable[[], None], n: int, replays: int) -> float:
-    """Median µs of one replay of a CUDA graph holding ``n`` back-to-back calls of ``run``."""
+def _graph_replay(run: Callable[[], None], n: int) -> Callable[[], None]:
+    """A callable replaying a CUDA graph of ``n`` back-to-back calls of ``run`` (replayed once)."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(n):
             run()
     graph.replay()
-    times = _events_us(graph.replay, replays)
-    del graph
-    return statistics.median(times)
+    return graph.replay
 
 
 def cuda_time_us(run: Callable[[], None], *, replay_us: float = 400.0, replays: int = 5) -> float:
@@ -334,7 +330,7 @@ def cuda_time_us(run: Callable[[], None], *, replay_us: float = 400.0, replays: 
         return statistics.median(_events_us(run, 3))
     n = max(1, min(200, math.ceil(replay_us / max(est, 1.0))))
     try:
-        return per_call_us(lambda k: _graph_replay_us(run, k, replays), n, replay_us=replay_us)
+        return per_call_us(lambda k: _graph_replay(run, k), _events_us, n, replay_us=replay_us, replays=replays)
     except Exception as exc:  # noqa: BLE001 - a launch that cannot be captured is timed without a graph
         logger.debug("autotune: graph capture failed (%s); timing with events", exc)
         torch.cuda.synchronize()

@@ -10,6 +10,7 @@ change what it checks.
 
 import json
 import os
+import statistics
 import time
 
 import pytest
@@ -738,32 +739,52 @@ def test_restamp_tool_only_restamps_valid_configs(tmp_path, monkeypatch):
         restamp_tuned.restamp(str(path), "act_and_mul")
 
 
+class _FakeReplays:
+    """Replays of graphs of k calls costing ``fixed(i) + k * per`` µs, ``i`` counting the replays
+    timed so far (a drifting ``fixed`` models clocks that ramp during the measurement)."""
+
+    def __init__(self, per_us, fixed):
+        self.per_us, self.fixed, self.timed, self.sizes = per_us, fixed, 0, []
+
+    def make_replay(self, k):
+        self.sizes.append(k)
+        return lambda: k
+
+    def time_us(self, fn, reps):
+        out = []
+        for _ in range(reps):
+            out.append(self.fixed(self.timed) + fn() * self.per_us)
+            self.timed += 1
+        return out
+
+
 @pytest.mark.parametrize("fixed_us, per_us, guess", [(30.0, 1.4, 8), (5.0, 0.2, 200), (20.0, 95.0, 4), (0.0, 3.0, 1)])
 def test_per_call_timing_cancels_the_replays_fixed_cost(fixed_us, per_us, guess):
     # A replay of k calls costs fixed + k * per (its launch plus its kernels): the timer must
     # report per, however few calls the host-bound first guess put in a graph. The old timer
     # (one graph, time / n) read fixed / n + per: 30 / 8 + 1.4 = 5.15 us for a 1.4 us kernel.
-    sizes = []
-
-    def replay_us_of(k):
-        sizes.append(k)
-        return fixed_us + k * per_us
-
-    got = at.per_call_us(replay_us_of, guess, replay_us=400.0, max_calls=1000)
+    fake = _FakeReplays(per_us, lambda i: fixed_us)
+    got = at.per_call_us(fake.make_replay, fake.time_us, guess, replay_us=400.0, max_calls=1000)
     assert got == pytest.approx(per_us, rel=1e-9)
-    assert sizes[-1] == 2 * sizes[-2] and sizes[-2] >= guess
+    assert fake.sizes[-1] == 2 * fake.sizes[-2] and fake.sizes[-2] >= guess
     if guess * per_us < 100.0:  # a short first graph grows toward the 400 us replay
-        assert sizes[-2] > guess
+        assert fake.sizes[-2] > guess
+
+
+def test_per_call_timing_pairs_the_replays_against_drift():
+    # The fixed cost falling while the graphs are timed (clocks ramping up): timing all replays
+    # of one graph, then all of the other, would read (twice - once) low by the drift; paired
+    # replays in alternation see nearly the same fixed cost.
+    fake = _FakeReplays(1.5, lambda i: 100.0 - 2.0 * i)
+    got = at.per_call_us(fake.make_replay, fake.time_us, 8, replay_us=400.0, max_calls=1000, replays=5)
+    n = fake.sizes[-2]
+    assert got == pytest.approx(1.5 - 2.0 / n, rel=1e-9)  # one replay's drift over n, not replays' worth
 
 
 def test_per_call_timing_falls_back_to_an_upper_bound_on_noise():
     # Noise can make the longer replay read no longer than the shorter one: the longer replay's
     # mean is reported then (an upper bound), never zero or a negative time.
-    sizes = []
-
-    def replay_us_of(k):
-        sizes.append(k)
-        return 60.0 if len(sizes) < 3 else 55.0
-
-    got = at.per_call_us(replay_us_of, 10, replay_us=400.0, max_calls=1000)
-    assert got == pytest.approx(55.0 / sizes[-1])
+    fake = _FakeReplays(0.0, lambda i: 60.0 - i)
+    got = at.per_call_us(fake.make_replay, fake.time_us, 10, replay_us=400.0, max_calls=1000)
+    assert got > 0.0
+    assert got == pytest.approx(statistics.median([60.0 - i for i in range(3, 13, 2)]) / (2 * fake.sizes[-2]))
