@@ -93,6 +93,7 @@ def cases(m: int, device: str, small: bool):
     cos, sin = r(8 * 1024 if not small else 64, d // 2, dtype=torch.float32), r(8 * 1024 if not small else 64, d // 2,
                                                                                     dtype=torch.float32)
     pos = torch.randint(0, cos.shape[0], (m,), device=device)
+    qf, kf, cache = q.view(m, nq * d), k.view(m, nk * d), torch.cat((cos, sin), -1)  # vLLM's layout
     wm = r(h, h)
     bx, bw = r(nq, m, d), r(nq, d, d)
     x2 = r(m, h // 4)
@@ -110,6 +111,9 @@ def cases(m: int, device: str, small: bool):
         ("rotary_embedding", lambda: rope_torch(q, k, cos, sin, pos),
          lambda: flag_gems.apply_rotary_pos_emb(q, k, cos, sin, pos),
          lambda: fg.rotary_embedding(q, k, cos, sin, pos), None, lambda: torch.add(q, q)),
+        ("rotary_embedding_cache", lambda: rope_torch(q, k, cos, sin, pos),
+         lambda: flag_gems.rotary_embedding_cache(pos, qf, kf, d, cache),
+         lambda: fg.rotary_embedding_cache(pos, qf, kf, d, cache, True), None, lambda: torch.add(q, q)),
         ("silu_and_mul", lambda: F.silu(a) * b, lambda: flag_gems.silu_and_mul(a, b), lambda: fg.silu_and_mul(a, b),
          None, lambda: torch.add(a, a)),
         ("mm", lambda: torch.mm(x, wm), lambda: fg.mm(x, wm), None, aten.mm.default, lambda: torch.add(x, x)),

@@ -526,9 +526,15 @@ def rotary_embedding_cache(
         out of range when the positions are on the CPU (on a GPU such tokens come out NaN).
     """
     if eager_fast_path(positions, query, key, cos_sin_cache):
+        cpp = fast_ops(query.device.type) if key is not None else None  # the C++ wrappers take query and key
         if inplace:
-            rope_cache_fwd(positions, query, key, head_size, cos_sin_cache, is_neox, query_out=query, key_out=key)
+            if cpp is not None:
+                cpp.rotary_embedding_cache_(positions, query, key, head_size, cos_sin_cache, is_neox)
+            else:
+                rope_cache_fwd(positions, query, key, head_size, cos_sin_cache, is_neox, query_out=query, key_out=key)
             return query, key
+        if cpp is not None:
+            return cpp.rotary_embedding_cache(positions, query, key, head_size, cos_sin_cache, is_neox)
         return rope_cache_fwd(positions, query, key, head_size, cos_sin_cache, is_neox)
     if inplace and not _needs_grad(query, key, cos_sin_cache):
         torch.ops.flag_gems.rotary_embedding_cache_(positions, query, key, head_size, cos_sin_cache, is_neox)

@@ -260,6 +260,76 @@ def test_rotary_embedding_hf(dev, dtype, interleaved, layout, rot, tables):
     assert c.n == 1 and torch.equal(hq, pq) and torch.equal(hk, pk)
 
 
+def cache_rope_ref(x, cache, pos, head_size, is_neox):
+    """vLLM's layout: x (*tokens, H * D) or (*tokens, H, D), cos|sin cache [max_pos, r], float64."""
+    half = cache.shape[1] // 2
+    x3 = x.reshape(*pos.shape, -1, head_size)
+    out = rope_ref(x3, cache[:, :half], cache[:, half:], pos, not is_neox)
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("rot", [16, 10], ids=["full", "partial"])
+@pytest.mark.parametrize("form", ["flat", "heads", "batched"])
+def test_rotary_embedding_cache(dev, dtype, is_neox, rot, form):
+    # vLLM's rope (positions, query, key, head_size, cos_sin_cache, is_neox) in one C++ launch:
+    # out of place (new tensors of the inputs' shapes) and in place (the public function's
+    # inplace=True, vLLM's own semantics), through the op and through the public function.
+    tokens = {"flat": (5,), "heads": (5,), "batched": (2, 3)}[form]
+    hq, hk, d = 4, 2, 16
+    shape = (lambda h: (*tokens, h, d)) if form == "heads" else (lambda h: (*tokens, h * d))
+    q, k = rand(*shape(hq), dtype=dtype, device=dev), rand(*shape(hk), dtype=dtype, device=dev)
+    cache = rand(11, rot, device=dev)
+    pos = torch.randint(0, 11, tokens, device=dev)
+    q_ref, k_ref = cache_rope_ref(q, cache, pos, d, is_neox), cache_rope_ref(k, cache, pos, d, is_neox)
+    what = f"op=rotary_embedding_cache dtype={dtype} neox={is_neox} rot={rot} {form}"
+    with Counted() as c:
+        qo, ko = fg.rotary_embedding_cache(pos, q, k, d, cache, is_neox)
+    assert c.n == 1
+    assert qo.shape == q.shape and ko.shape == k.shape and qo.is_contiguous() and ko.is_contiguous()
+    close(qo, q_ref, what)
+    close(ko, k_ref, what)
+    with Counted() as c:
+        qo, ko = flag_gems.rotary_embedding_cache(pos, q, k, d, cache, is_neox)
+    assert c.n == 1
+    close(qo, q_ref, what + " public")
+    close(ko, k_ref, what + " public")
+    vq, vk = q._version, k._version
+    with Counted() as c:
+        out = flag_gems.rotary_embedding_cache(pos, q, k, d, cache, is_neox, inplace=True)
+    assert c.n == 1 and out[0] is q and out[1] is k
+    assert q._version > vq and k._version > vk
+    close(q, q_ref, what + " in place")
+    close(k, k_ref, what + " in place")
+
+
+def test_rotary_embedding_cache_refusals(dev):
+    # What the wrappers leave to the Python implementation, which still answers correctly or
+    # raises its own error: no key, a strided query the kernel cannot rotate in place, positions
+    # out of range (on the CPU: the Python launcher raises), a head size that does not divide.
+    q, k = rand(5, 4 * 16, device=dev), rand(5, 2 * 16, device=dev)
+    cache, pos = rand(11, 16, device=dev), torch.randint(0, 11, (5,), device=dev)
+    q_ref = cache_rope_ref(q, cache, pos, 16, True)
+    with Counted() as c:
+        qo, ko = flag_gems.rotary_embedding_cache(pos, q, None, 16, cache)
+    assert c.n == 0 and ko is None
+    close(qo, q_ref, "op=rotary_embedding_cache no key")
+    big = rand(5, 2, 4 * 16, device=dev)
+    qs, ks = big[:, 0], rand(5, 2 * 16, device=dev)  # rows 2 * 64 apart: views the kernel reads directly
+    qs_ref, ks_ref = cache_rope_ref(qs, cache, pos, 16, True), cache_rope_ref(ks, cache, pos, 16, True)
+    with Counted() as c:
+        flag_gems.rotary_embedding_cache(pos, qs, ks, 16, cache, inplace=True)
+    assert c.n == 1
+    close(qs, qs_ref, "op=rotary_embedding_cache_ strided rows")
+    close(ks, ks_ref, "op=rotary_embedding_cache_ strided rows")
+    with pytest.raises(ValueError, match="head_size|query"):
+        fg.rotary_embedding_cache(pos, q, k, 24, cache, True)
+    if dev == "cpu":
+        with pytest.raises(ValueError, match="positions"):
+            fg.rotary_embedding_cache(pos.clone().fill_(11), q, k, 16, cache, True)
+
+
 def test_rotary_embedding_hf_refusals(dev):
     q, k = rand(1, 4, 3, 16, device=dev), rand(1, 2, 3, 16, device=dev)
     cos, sin = rand(1, 3, 16, device=dev), rand(1, 3, 16, device=dev)

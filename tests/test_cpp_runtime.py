@@ -26,7 +26,8 @@ needs_cpp = pytest.mark.skipif(not c_runtime.available, reason=f"C++ runtime una
 # FlagGems' C++-runtime op list (seeds: use-flag-gems.md), plus the ops our public functions and
 # compiled graphs use (rotary_embedding_hf: the HF-layout rope the backend's fusion emits).
 FLAG_GEMS_OPS = ["add_tensor", "rms_norm", "fused_add_rms_norm", "add_rms_norm", "rotary_embedding",
-                 "rotary_embedding_", "rotary_embedding_hf", "silu_and_mul", "mm", "bmm", "cat", "sum", "nonzero"]
+                 "rotary_embedding_", "rotary_embedding_hf", "rotary_embedding_cache", "rotary_embedding_cache_",
+                 "silu_and_mul", "mm", "bmm", "cat", "sum", "nonzero"]
 ATEN_OPS = [aten.add.Tensor, aten.mul.Tensor, aten.neg.default, aten.rsqrt.default, aten.silu.default,
             aten.exp.default, aten.sigmoid.default, aten.mean.dim, aten._to_copy.default,
             aten.pow.Tensor_Scalar, aten.sub.Tensor, aten.cos.default, aten.sin.default, aten.tanh.default,

@@ -593,6 +593,70 @@ bool rotary_embedding_inplace_op(const c10::OperatorHandle&, Stack* s) {
   return true;
 }
 
+// rope_cache_fwd: vLLM's layout. positions (*), query (*, Hq * D) or (*, Hq, D), key likewise, a
+// cos|sin cache [max_pos, r] (cos in columns [0, r/2), sin in [r/2, r)): the half-table launch
+// above on (*, H, D) views with the cache's two column halves as the tables. Outputs (out of
+// place) are new contiguous tensors of query's / key's shape. False where the Python launcher
+// decides (no key, a bad argument, positions on the CPU out of range: it raises).
+bool rope_cache_launch(const at::Tensor& positions, const at::Tensor& query, const at::Tensor& key,
+                       int64_t head_size, const at::Tensor& cache, bool is_neox, bool inplace, at::Tensor* q_out,
+                       at::Tensor* k_out) {
+  // check_rope_cache_args (rope_launch checks dtypes, devices and the positions against the token dims)
+  if (!runnable(positions) || positions.dim() < 1 || head_size <= 0 || head_size % 2) return false;
+  if (!float_tensor(cache) || cache.dim() != 2) return false;
+  const int64_t rot = cache.size(1);
+  if (rot < 2 || rot % 2 || rot > head_size) return false;
+  const int64_t nd = positions.dim();
+  auto heads3 = [&](const at::Tensor& t) -> std::optional<at::Tensor> {  // _heads3
+    if (!t.defined() || t.dim() < nd + 1 || t.sizes().slice(0, nd) != positions.sizes()) return std::nullopt;
+    if (t.dim() == nd + 2) return t.size(-1) == head_size ? std::optional<at::Tensor>(t) : std::nullopt;
+    if (t.dim() != nd + 1 || t.size(-1) % head_size) return std::nullopt;
+    std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end() - 1);
+    shape.push_back(t.size(-1) / head_size);
+    shape.push_back(head_size);
+    return t.view(shape);  // splitting the last dim always views
+  };
+  auto q3 = heads3(query), k3 = heads3(key);
+  if (!q3 || !k3) return false;
+  const int64_t half = rot / 2;
+  at::Tensor qo3, ko3;
+  if (!rope_launch(*q3, *k3, cache.slice(1, 0, half), cache.slice(1, half, rot), positions, !is_neox, inplace, &qo3,
+                   &ko3)) {
+    return false;
+  }
+  *q_out = inplace ? query : qo3.view(query.sizes());
+  *k_out = inplace ? key : ko3.view(key.sizes());
+  return true;
+}
+
+// flag_gems::rotary_embedding_cache(Tensor positions, Tensor query, Tensor key, int head_size,
+//                                   Tensor cos_sin_cache, bool is_neox) -> (Tensor, Tensor)
+bool rotary_embedding_cache_op(const c10::OperatorHandle&, Stack* s) {
+  at::Tensor qo, ko;
+  if (!rope_cache_launch(arg(s, 6, 0).toTensor(), arg(s, 6, 1).toTensor(), arg(s, 6, 2).toTensor(),
+                         arg(s, 6, 3).toInt(), arg(s, 6, 4).toTensor(), arg(s, 6, 5).toBool(), false, &qo, &ko)) {
+    return false;
+  }
+  return finish(s, 6, std::move(qo), std::move(ko));
+}
+
+// flag_gems::rotary_embedding_cache_(Tensor positions, Tensor(a!) query, Tensor(b!)? key, int head_size,
+//                                    Tensor cos_sin_cache, bool is_neox) -> ()
+bool rotary_embedding_cache_inplace_op(const c10::OperatorHandle&, Stack* s) {
+  const auto key = opt_tensor(arg(s, 6, 2));
+  if (!key) return false;  // query alone: the Python launcher
+  const auto query = arg(s, 6, 1).toTensor();
+  at::Tensor qo, ko;
+  if (!rope_cache_launch(arg(s, 6, 0).toTensor(), query, *key, arg(s, 6, 3).toInt(), arg(s, 6, 4).toTensor(),
+                         arg(s, 6, 5).toBool(), true, &qo, &ko)) {
+    return false;
+  }
+  bump_version(query);
+  bump_version(*key);
+  torch::jit::drop(*s, 6);
+  return true;
+}
+
 // ================================================================== add (kernels/pointwise.py's generator)
 
 constexpr int kMaxDims = 8;  // pointwise.MAX_DIMS
@@ -1283,6 +1347,8 @@ const std::unordered_map<std::string, BoxedWrapper>& wrappers() {
       {"flag_gems::rotary_embedding", rotary_embedding_op},
       {"flag_gems::rotary_embedding_", rotary_embedding_inplace_op},
       {"flag_gems::rotary_embedding_hf", rotary_embedding_hf_op},
+      {"flag_gems::rotary_embedding_cache", rotary_embedding_cache_op},
+      {"flag_gems::rotary_embedding_cache_", rotary_embedding_cache_inplace_op},
       {"flag_gems::silu_and_mul", silu_and_mul_op},
       {"flag_gems::mm", mm_op},
       {"flag_gems::bmm", bmm_op},
