@@ -89,6 +89,7 @@ def cases(m: int, device: str, small: bool):
     r = lambda *s, dtype=bf: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
     x, res, w = r(m, h), r(m, h), r(h)
     a, b = r(m, inter), r(m, inter)
+    ab = r(m, 2 * inter)  # vLLM's SiluAndMul input, fuse_linear's gate/up output
     q, k = r(m, nq, d), r(m, nk, d)
     cos, sin = r(8 * 1024 if not small else 64, d // 2, dtype=torch.float32), r(8 * 1024 if not small else 64, d // 2,
                                                                                     dtype=torch.float32)
@@ -116,6 +117,8 @@ def cases(m: int, device: str, small: bool):
          lambda: fg.rotary_embedding_cache(pos, qf, kf, d, cache, True), None, lambda: torch.add(q, q)),
         ("silu_and_mul", lambda: F.silu(a) * b, lambda: flag_gems.silu_and_mul(a, b), lambda: fg.silu_and_mul(a, b),
          None, lambda: torch.add(a, a)),
+        ("silu_and_mul_fused", lambda: F.silu(ab[:, :inter]) * ab[:, inter:], lambda: flag_gems.silu_and_mul_fused(ab),
+         lambda: fg.silu_and_mul_fused(ab), None, lambda: torch.add(ab, ab)),
         ("mm", lambda: torch.mm(x, wm), lambda: fg.mm(x, wm), None, aten.mm.default, lambda: torch.add(x, x)),
         ("bmm", lambda: torch.bmm(bx, bw), lambda: fg.bmm(bx, bw), None, aten.bmm.default, lambda: torch.add(bx, bx)),
         ("cat", lambda: torch.cat([x, x2], 1), lambda: fg.cat([x, x2], 1), None, aten.cat.default,

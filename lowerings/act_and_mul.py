@@ -243,6 +243,9 @@ def gelu_and_mul(a: Tensor, b: Tensor, approximate: str = "none") -> Tensor:
             ValueError for an unknown ``approximate``.
     """
     if eager_fast_path(a, b):
+        cpp = fast_ops(a.device.type)
+        if cpp is not None:
+            return cpp.gelu_and_mul(a, b, approximate)
         return act_and_mul_fwd(a, b, "gelu", approximate)
     return torch.ops.flag_gems.gelu_and_mul(a, b, approximate)
 
@@ -262,6 +265,9 @@ def silu_and_mul_fused(x: Tensor) -> Tensor:
         NotImplementedError: a CPU tensor outside Triton's interpreter mode.
     """
     if eager_fast_path(x):
+        cpp = fast_ops(x.device.type)
+        if cpp is not None:
+            return cpp.silu_and_mul_fused(x)
         return act_and_mul_fused_fwd(x, "silu")
     return torch.ops.flag_gems.silu_and_mul_fused(x)
 
@@ -281,6 +287,9 @@ def gelu_and_mul_fused(x: Tensor, approximate: str = "none") -> Tensor:
             ValueError for an unknown ``approximate``.
     """
     if eager_fast_path(x):
+        cpp = fast_ops(x.device.type)
+        if cpp is not None:
+            return cpp.gelu_and_mul_fused(x, approximate)
         return act_and_mul_fused_fwd(x, "gelu", approximate)
     return torch.ops.flag_gems.gelu_and_mul_fused(x, approximate)
 

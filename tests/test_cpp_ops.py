@@ -152,6 +152,68 @@ def test_silu_and_mul_layouts(dev):
     close(out, F.silu(at.double()) * at.double(), "op=silu_and_mul transposed")
 
 
+def _act_ref(a, act):
+    ad = a.double()
+    return {"silu": F.silu(ad), "none": F.gelu(ad), "tanh": F.gelu(ad, approximate="tanh")}[act]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act", ["silu", "none", "tanh"], ids=["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 72), (257,)], ids=str)
+def test_act_and_mul_one_tensor_forms(dev, dtype, act, shape):
+    # vLLM's SiluAndMul layout x [*, 2d] (what fuse_linear's gate/up GEMM feeds), the gelu forms
+    # and the out= op: each one C++ launch, through the op and the public function.
+    x = rand(*shape[:-1], 2 * shape[-1], dtype=dtype, device=dev)
+    d = shape[-1]
+    ref = _act_ref(x[..., :d], act) * x[..., d:].double()
+    what = f"act={act} shape={shape} dtype={dtype}"
+    if act == "silu":
+        with Counted() as c:
+            out = fg.silu_and_mul_fused(x)
+        assert c.n == 1
+        close(out, ref, "op=silu_and_mul_fused " + what)
+        with Counted() as c:
+            out = flag_gems.silu_and_mul_fused(x)
+        assert c.n == 1
+        close(out, ref, "op=silu_and_mul_fused public " + what)
+        out = torch.full(shape, float("nan"), dtype=dtype, device=dev)
+        v = out._version
+        with Counted() as c:
+            fg.silu_and_mul_out(out, x)
+        assert c.n == 1 and out._version > v
+        close(out, ref, "op=silu_and_mul_out " + what)
+    else:
+        with Counted() as c:
+            out = flag_gems.gelu_and_mul_fused(x, act)
+        assert c.n == 1
+        close(out, ref, "op=gelu_and_mul_fused public " + what)
+        a, b = rand(*shape, dtype=dtype, device=dev), rand(*shape, dtype=dtype, device=dev)
+        with Counted() as c:
+            out = flag_gems.gelu_and_mul(a, b, act)
+        assert c.n == 1
+        close(out, _act_ref(a, act) * b.double(), "op=gelu_and_mul public " + what)
+    assert out.is_contiguous() and out.shape == shape
+
+
+def test_act_and_mul_one_tensor_refusals(dev):
+    # Left to the Python implementations, which answer or raise: a last dim that is not unit-stride
+    # (copied there), an out= of the wrong shape (raises), an unknown approximation (raises).
+    x = rand(2 * 24, 3, device=dev).t()  # [3, 48], strides (1, 3)
+    with Counted() as c:
+        out = fg.silu_and_mul_fused(x)
+    assert c.n == 0
+    close(out, F.silu(x[:, :24].double()) * x[:, 24:].double(), "op=silu_and_mul_fused transposed")
+    with pytest.raises(ValueError, match="out"):
+        fg.silu_and_mul_out(torch.empty(3, 25, device=dev), x.contiguous())
+    with pytest.raises(ValueError, match="approximate"):
+        fg.gelu_and_mul_fused(x.contiguous(), "fast")
+    big = rand(4, 3, 64, device=dev)[:, 1]  # strided rows: read in place, one launch
+    with Counted() as c:
+        out = fg.silu_and_mul_fused(big)
+    assert c.n == 1
+    close(out, F.silu(big[:, :32].double()) * big[:, 32:].double(), "op=silu_and_mul_fused strided rows")
+
+
 # --------------------------------------------------------------------------- RoPE
 
 

@@ -27,7 +27,8 @@ needs_cpp = pytest.mark.skipif(not c_runtime.available, reason=f"C++ runtime una
 # compiled graphs use (rotary_embedding_hf: the HF-layout rope the backend's fusion emits).
 FLAG_GEMS_OPS = ["add_tensor", "rms_norm", "fused_add_rms_norm", "add_rms_norm", "rotary_embedding",
                  "rotary_embedding_", "rotary_embedding_hf", "rotary_embedding_cache", "rotary_embedding_cache_",
-                 "silu_and_mul", "mm", "bmm", "cat", "sum", "nonzero"]
+                 "silu_and_mul", "gelu_and_mul", "silu_and_mul_fused", "gelu_and_mul_fused", "silu_and_mul_out",
+                 "mm", "bmm", "cat", "sum", "nonzero"]
 ATEN_OPS = [aten.add.Tensor, aten.mul.Tensor, aten.neg.default, aten.rsqrt.default, aten.silu.default,
             aten.exp.default, aten.sigmoid.default, aten.mean.dim, aten._to_copy.default,
             aten.pow.Tensor_Scalar, aten.sub.Tensor, aten.cos.default, aten.sin.default, aten.tanh.default,

@@ -327,8 +327,10 @@ std::optional<Fold> fold_tokens(IntArrayRef lead, const std::vector<const at::Te
   return f;
 }
 
-// act(a) * b for two tensors of one shape (ACT 0: silu, 1: gelu erf, 2: gelu tanh).
-bool act_and_mul_launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, int64_t act) {
+// act(a) * b for two tensors of one shape (ACT 0: silu, 1: gelu erf, 2: gelu tanh); b is read
+// b_off elements past b's data (the one-tensor form passes x twice and b_off = d).
+bool act_and_mul_launch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, int64_t act,
+                        int64_t b_off = 0) {
   const int64_t n_cols = out.size(-1);
   const int64_t n_rows = out.numel() / std::max<int64_t>(n_cols, 1);
   if (out.numel() == 0) return true;
@@ -345,7 +347,7 @@ bool act_and_mul_launch(const at::Tensor& a, const at::Tensor& b, const at::Tens
   Launch l(Kernel::ActAndMulFwd);
   l.tensor(a).tensor(b).tensor(out);
   for (auto& st : f->strides) l.i(st[0]).i(st[1]);
-  l.i(0).i(n_rows).i(f->n_inner).i(n_cols);
+  l.i(b_off).i(n_rows).i(f->n_inner).i(n_cols);
   l.c(act).cb(f->n_outer > 1).c(cfg.block_m).c(cfg.block_n);
   l.run(out, cdiv(n_rows, cfg.block_m), cdiv(n_cols, cfg.block_n), 1, cfg.warps);
   return true;
@@ -362,6 +364,69 @@ bool silu_and_mul_op(const c10::OperatorHandle&, Stack* s) {
   auto out = at::empty(a.sizes(), a.options());
   if (!act_and_mul_launch(a, b, out, 0)) return false;
   return finish(s, 2, std::move(out));
+}
+
+// act_and_mul_code: "none" -> 1 (erf), "tanh" -> 2; -1 for what the Python op rejects.
+int64_t gelu_code(const std::string& approximate) {
+  if (approximate == "none") return 1;
+  if (approximate == "tanh") return 2;
+  return -1;
+}
+
+// flag_gems::gelu_and_mul(Tensor a, Tensor b, str approximate="none") -> Tensor
+bool gelu_and_mul_op(const c10::OperatorHandle&, Stack* s) {
+  const auto a = arg(s, 3, 0).toTensor();
+  const auto b = arg(s, 3, 1).toTensor();
+  const int64_t act = gelu_code(arg(s, 3, 2).toStringRef());
+  if (act < 0 || !float_tensor(a) || !float_tensor(b) || a.dim() < 1 || a.sizes() != b.sizes() ||
+      a.scalar_type() != b.scalar_type() || a.device() != b.device()) {
+    return false;
+  }
+  auto out = at::empty(a.sizes(), a.options());
+  if (!act_and_mul_launch(a, b, out, act)) return false;
+  return finish(s, 3, std::move(out));
+}
+
+// act_and_mul_fused_fwd: act(x[..., :d]) * x[..., d:] into out (new and contiguous when not given).
+std::optional<at::Tensor> act_and_mul_fused_launch(const at::Tensor& x, int64_t act,
+                                                   const std::optional<at::Tensor>& out_in = std::nullopt) {
+  if (!float_tensor(x) || x.dim() < 1 || x.size(-1) % 2) return std::nullopt;  // check_act_and_mul_fused_args
+  const int64_t d = x.size(-1) / 2;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = d;
+  at::Tensor out;
+  if (out_in) {  // check_out
+    out = *out_in;
+    if (!runnable(out) || out.sizes() != IntArrayRef(shape) || out.scalar_type() != x.scalar_type() ||
+        out.device() != x.device()) {
+      return std::nullopt;
+    }
+  } else {
+    out = at::empty(shape, x.options());
+  }
+  if (!act_and_mul_launch(x, x, out, act, d)) return std::nullopt;
+  return out;
+}
+
+// flag_gems::silu_and_mul_fused(Tensor x) -> Tensor
+bool silu_and_mul_fused_op(const c10::OperatorHandle&, Stack* s) {
+  return finish_or_refuse(s, 1, act_and_mul_fused_launch(arg(s, 1, 0).toTensor(), 0));
+}
+
+// flag_gems::gelu_and_mul_fused(Tensor x, str approximate="none") -> Tensor
+bool gelu_and_mul_fused_op(const c10::OperatorHandle&, Stack* s) {
+  const int64_t act = gelu_code(arg(s, 2, 1).toStringRef());
+  if (act < 0) return false;
+  return finish_or_refuse(s, 2, act_and_mul_fused_launch(arg(s, 2, 0).toTensor(), act));
+}
+
+// flag_gems::silu_and_mul_out(Tensor(a!) out, Tensor x) -> () (vLLM's convention)
+bool silu_and_mul_out_op(const c10::OperatorHandle&, Stack* s) {
+  const auto out = arg(s, 2, 0).toTensor();
+  if (!act_and_mul_fused_launch(arg(s, 2, 1).toTensor(), 0, out)) return false;
+  bump_version(out);
+  torch::jit::drop(*s, 2);
+  return true;
 }
 
 // ================================================================== RoPE (kernels/rotary_embedding.py)
@@ -1350,6 +1415,10 @@ const std::unordered_map<std::string, BoxedWrapper>& wrappers() {
       {"flag_gems::rotary_embedding_cache", rotary_embedding_cache_op},
       {"flag_gems::rotary_embedding_cache_", rotary_embedding_cache_inplace_op},
       {"flag_gems::silu_and_mul", silu_and_mul_op},
+      {"flag_gems::gelu_and_mul", gelu_and_mul_op},
+      {"flag_gems::silu_and_mul_fused", silu_and_mul_fused_op},
+      {"flag_gems::gelu_and_mul_fused", gelu_and_mul_fused_op},
+      {"flag_gems::silu_and_mul_out", silu_and_mul_out_op},
       {"flag_gems::mm", mm_op},
       {"flag_gems::bmm", bmm_op},
       {"flag_gems::cat", cat_op},
