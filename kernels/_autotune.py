@@ -285,9 +285,13 @@ def per_call_us(make_replay: Callable[[int], Callable[[], None]], time_us: Calla
     measurement does not land on one graph only. A difference at or below zero (noise on calls
     far shorter than the fixed part) gives the longer replay's mean, an upper bound.
     """
-    first = statistics.median(time_us(make_replay(n), 2)) / n
-    n = max(n, min(max_calls, math.ceil(replay_us / max(first, 0.5))))
-    once, twice = make_replay(n), make_replay(2 * n)
+    once = make_replay(n)
+    first = statistics.median(time_us(once, 2)) / n
+    grown = max(n, min(max_calls, math.ceil(replay_us / max(first, 0.5))))
+    if grown != n:
+        n, once = grown, None
+        once = make_replay(n)
+    twice = make_replay(2 * n)
     diffs, longer = [], []
     for _ in range(replays):
         a = statistics.median(time_us(once, 1))
