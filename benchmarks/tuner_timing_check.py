@@ -27,12 +27,6 @@ import flag_gems  # noqa: E402, F401  (registers every family)
 from flag_gems.kernels import _autotune as at  # noqa: E402
 
 
-def _key_of(family, raw):
-    """A shipped entry's JSON key as the family's key tuple (dtype names back to torch dtypes)."""
-    return tuple(getattr(torch, v) if isinstance(v, str) and hasattr(torch, v) and isinstance(getattr(torch, v), torch.dtype)
-                 else v for v in raw)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-tokens", type=int, default=64)
@@ -57,7 +51,7 @@ def main(argv=None) -> int:
         if args.tokens and e["key"][0] not in args.tokens:
             continue
         tun = at.TUNABLES[fam]
-        key = _key_of(fam, e["key"])
+        key = at.key_from_json(e["key"])
         run = tun.make_bench(key, 0, None)
         if args.candidates:
             configs = [tun._default(key, 0)] + [c for c in tun.candidates(key, 0) if c != tun._default(key, 0)]

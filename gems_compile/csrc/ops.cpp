@@ -353,20 +353,23 @@ bool act_and_mul_launch(const at::Tensor& a, const at::Tensor& b, const at::Tens
   return true;
 }
 
-// flag_gems::silu_and_mul(Tensor a, Tensor b) -> Tensor
-bool silu_and_mul_op(const c10::OperatorHandle&, Stack* s) {
-  const auto a = arg(s, 2, 0).toTensor();
-  const auto b = arg(s, 2, 1).toTensor();
+// act_and_mul_fwd: act(a) * b into a new tensor (check_act_and_mul_args), or nullopt (refused).
+std::optional<at::Tensor> act_and_mul_two(const at::Tensor& a, const at::Tensor& b, int64_t act) {
   if (!float_tensor(a) || !float_tensor(b) || a.dim() < 1 || a.sizes() != b.sizes() ||
       a.scalar_type() != b.scalar_type() || a.device() != b.device()) {
-    return false;
+    return std::nullopt;
   }
   auto out = at::empty(a.sizes(), a.options());
-  if (!act_and_mul_launch(a, b, out, 0)) return false;
-  return finish(s, 2, std::move(out));
+  if (!act_and_mul_launch(a, b, out, act)) return std::nullopt;
+  return out;
 }
 
-// act_and_mul_code: "none" -> 1 (erf), "tanh" -> 2; -1 for what the Python op rejects.
+// flag_gems::silu_and_mul(Tensor a, Tensor b) -> Tensor
+bool silu_and_mul_op(const c10::OperatorHandle&, Stack* s) {
+  return finish_or_refuse(s, 2, act_and_mul_two(arg(s, 2, 0).toTensor(), arg(s, 2, 1).toTensor(), 0));
+}
+
+// act_code("gelu", approximate): "none" -> 1 (erf), "tanh" -> 2; -1 for what the Python op rejects.
 int64_t gelu_code(const std::string& approximate) {
   if (approximate == "none") return 1;
   if (approximate == "tanh") return 2;
@@ -375,16 +378,9 @@ int64_t gelu_code(const std::string& approximate) {
 
 // flag_gems::gelu_and_mul(Tensor a, Tensor b, str approximate="none") -> Tensor
 bool gelu_and_mul_op(const c10::OperatorHandle&, Stack* s) {
-  const auto a = arg(s, 3, 0).toTensor();
-  const auto b = arg(s, 3, 1).toTensor();
   const int64_t act = gelu_code(arg(s, 3, 2).toStringRef());
-  if (act < 0 || !float_tensor(a) || !float_tensor(b) || a.dim() < 1 || a.sizes() != b.sizes() ||
-      a.scalar_type() != b.scalar_type() || a.device() != b.device()) {
-    return false;
-  }
-  auto out = at::empty(a.sizes(), a.options());
-  if (!act_and_mul_launch(a, b, out, act)) return false;
-  return finish(s, 3, std::move(out));
+  if (act < 0) return false;
+  return finish_or_refuse(s, 3, act_and_mul_two(arg(s, 3, 0).toTensor(), arg(s, 3, 1).toTensor(), act));
 }
 
 // act_and_mul_fused_fwd: act(x[..., :d]) * x[..., d:] into out (new and contiguous when not given).
