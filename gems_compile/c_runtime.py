@@ -39,6 +39,7 @@ import os
 import threading
 
 import torch
+import triton
 
 from .kernels import _launch
 from .kernels._common import device_guard, interpreter_mode, warn_once
@@ -197,6 +198,35 @@ def _launch_info(kernel, fn, n_params: int) -> list[int]:
             n_scratch, *codes]
 
 
+def _run_outside_capture(fn, params, grid, options):
+    """``fn.run(*params)``, except that inside a CUDA graph capture a specialization Triton would
+    have to compile first raises (``_launch.check_not_capturing``'s error: compiling and loading
+    a module there breaks the capture) instead of compiling; one compiled before runs as usual.
+
+    Triton is asked through its compile hook (``knobs.runtime.jit_cache_hook``, which it calls
+    only when the specialization is not in its cache; a truthy answer skips the compile and the
+    launch), set for this call only. A Triton without that hook compiles as before.
+    """
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if (runtime is None or not hasattr(runtime, "jit_cache_hook") or not torch.cuda.is_available()
+            or not torch.cuda.is_current_stream_capturing()):
+        return fn.run(*params, grid=grid, warmup=False, **options)
+    would_compile = []
+
+    def refuse(*args, **kwargs):
+        would_compile.append(True)
+        return True  # Triton skips the compile and the launch
+
+    previous, runtime.jit_cache_hook = runtime.jit_cache_hook, refuse
+    try:
+        compiled = fn.run(*params, grid=grid, warmup=False, **options)
+    finally:
+        runtime.jit_cache_hook = previous
+    if would_compile:
+        _launch.check_not_capturing(fn)  # raises: the stream is capturing
+    return compiled
+
+
 def _triton_launch(kernel, variant, tensors, kinds, ints, floats, launch, cacheable):
     """``flag_gems_cpp::triton_launch``: one launch through Triton's path (compiling on first use).
 
@@ -239,7 +269,7 @@ def _triton_launch(kernel, variant, tensors, kinds, ints, floats, launch, cachea
     was, busy.active = busy.active, True
     try:
         with device_guard(tensors[0]):
-            compiled = fn.run(*params, grid=(g0, g1, g2), warmup=False, **options)
+            compiled = _run_outside_capture(fn, params, (g0, g1, g2), options)
     finally:
         busy.active = was
     with _lock:

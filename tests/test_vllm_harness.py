@@ -136,6 +136,53 @@ def test_a_first_kernel_call_inside_a_capture_fails_loudly(monkeypatch):
     assert len(_JIT.calls) == 1
 
 
+class _CachingJIT:
+    """Stands in for a JITFunction in the C++ runtime's Python hook: asks Triton's compile hook
+    (``knobs.runtime.jit_cache_hook``) before compiling a specialization it has not cached, as
+    Triton's ``run`` does, and records what it compiled and launched."""
+
+    __qualname__ = "_CachingJIT"
+
+    def __init__(self):
+        self.cached, self.compiled, self.launched = set(), [], []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        import triton
+
+        key = tuple(type(a).__name__ for a in args)
+        if key not in self.cached:
+            hook = triton.knobs.runtime.jit_cache_hook
+            if hook is not None and hook(key=key):
+                return None  # the hook said skip: nothing compiled, nothing launched
+            self.compiled.append(key)
+            self.cached.add(key)
+        self.launched.append(args)
+        return "kernel"
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_the_cpp_hook_compiles_nothing_inside_a_capture(monkeypatch, capturing):
+    import triton
+
+    from flag_gems import c_runtime
+
+    if not hasattr(triton.knobs.runtime, "jit_cache_hook"):
+        pytest.skip("this Triton has no compile hook")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    before = triton.knobs.runtime.jit_cache_hook
+    fn = _CachingJIT()
+    x = torch.empty(4)
+    if capturing:
+        with pytest.raises(RuntimeError, match="first time .* while a CUDA graph is being captured"):
+            c_runtime._run_outside_capture(fn, [x, 3], (1, 1, 1), {"num_warps": 4})
+        assert fn.compiled == [] and fn.launched == []  # refused before compiling anything
+        fn.cached.add(("Tensor", "int"))  # compiled before the capture (the warm-up)
+    assert c_runtime._run_outside_capture(fn, [x, 3], (1, 1, 1), {"num_warps": 4}) == "kernel"
+    assert len(fn.launched) == 1 and fn.compiled == ([] if capturing else [("Tensor", "int")])
+    assert triton.knobs.runtime.jit_cache_hook is before  # the hook is Triton's again
+
+
 @pytest.mark.gpu
 def test_a_real_kernel_compiled_inside_a_capture_fails_loudly():
     import flag_gems
