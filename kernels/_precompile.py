@@ -13,7 +13,11 @@ Inductor compiles in worker processes; so does this module, in three steps:
 2. compile (:func:`compile_records`): the records this process has not compiled yet go to
    forked worker processes, which run ``JITFunction.run(..., warmup=True)`` on mock tensors of
    the recorded dtypes and alignments, for the parent's GPU target, and so write Triton's
-   on-disk cache (the parent's cache folder: a forked worker has its settings);
+   on-disk cache (the parent's cache folder: a forked worker has its settings). Each worker
+   then builds the kernel's launcher the same way (:func:`_build_launcher`): Triton up to 3.6
+   compiles a C module per kernel signature with the host compiler at a kernel's first launch,
+   0.18-0.24 s each on the H200 machine (``benchmarks/launcher_probe.py``), which a cold
+   graph's first run otherwise pays one after the other;
 3. the first run goes through Triton's JIT as always and finds each kernel in that cache.
 
 What runs is unchanged: the first run's JIT keys each kernel as always; a record that was not
@@ -246,12 +250,36 @@ def _worker(jobs: list, first: int, step: int, conn, targets: dict) -> None:
             hits.clear()
             t0 = time.perf_counter()
             try:
-                job.warmup()
+                _build_launcher(job.warmup())
                 conn.send((i, None, hits[-1] if hits else None, time.perf_counter() - t0))
             except Exception as exc:  # noqa: BLE001 - reported to the parent, which logs it
                 conn.send((i, f"{type(exc).__name__}: {exc}"[:300], None, time.perf_counter() - t0))
     finally:
         conn.close()
+
+
+def _launcher_cls():
+    """Triton's launcher class for the active driver (``CudaLauncher``), or None."""
+    from triton.runtime import driver
+
+    return getattr(driver.active, "launcher_cls", None)
+
+
+def _build_launcher(kernel) -> None:
+    """In a worker: build ``kernel``'s launcher (a ``CompiledKernel`` from ``warmup``) as its first
+    launch would, so that the module lands in Triton's cache and the parent's first launch only
+    loads it. Making a launcher compiles and imports a C module and touches no CUDA state. Best
+    effort: where it fails (another Triton, no compiler) the first launch builds it as always."""
+    if kernel is None:
+        return
+    try:
+        if hasattr(kernel, "result"):  # asynchronous compilation: a future
+            kernel = kernel.result()
+        cls = _launcher_cls()
+        if cls is not None:
+            cls(kernel.src, kernel.metadata)
+    except Exception:  # noqa: BLE001 - the compile succeeded; only the launcher is left to the first launch
+        pass
 
 
 def _target(device: int):

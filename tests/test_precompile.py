@@ -150,6 +150,39 @@ def test_failed_dead_and_hung_jobs_are_ignored(monkeypatch, recwarn):
     assert "2 Triton kernels" in got.note() and "3 failed or timed out" in got.note()
 
 
+class _Compiled:
+    """A stand-in ``CompiledKernel``: what ``_build_launcher`` reads."""
+
+    def __init__(self, name):
+        self.src, self.metadata = f"src-{name}", f"md-{name}"
+
+
+class _KernelJob(_Job):
+    """A job whose warmup returns a compiled kernel (as ``JITFunction.run(warmup=True)`` does)."""
+
+    def warmup(self):
+        return _Compiled(self.name)
+
+
+def test_workers_build_each_compiled_kernels_launcher(monkeypatch, tmp_path):
+    """Each worker builds the launcher of what it compiled (Triton <= 3.6 compiles one C module per
+    signature at a kernel's first launch); a launcher that fails to build leaves the compile counted."""
+    built = tmp_path / "built"
+    built.mkdir()
+
+    class _Launcher:  # stands in for CudaLauncher: records its arguments in a file (workers are processes)
+        def __init__(self, src, metadata):
+            if src == "src-broken":
+                raise RuntimeError("no host compiler")
+            (built / f"{src}+{metadata}").touch()
+
+    monkeypatch.setattr(_precompile, "_launcher_cls", lambda: _Launcher)
+    jobs = [_KernelJob("a"), _KernelJob("broken"), _KernelJob("b"), _Job("ok")]
+    got = compile_records(jobs, target="sm_90", timeout_s=10.0, max_workers=2)
+    assert got.compiled == 4 and got.failed == 0, got
+    assert sorted(p.name for p in built.iterdir()) == ["src-a+md-a", "src-b+md-b"]
+
+
 def test_forks_stop_when_forking_is_slow(monkeypatch):
     """A process with a large memory forks slowly: past FORK_BUDGET_S no more workers start, and their
     jobs are left to the first run."""
