@@ -198,6 +198,9 @@ def _launch_info(kernel, fn, n_params: int) -> list[int]:
             n_scratch, *codes]
 
 
+_capture_hook_lock = threading.Lock()
+
+
 def _run_outside_capture(fn, params, grid, options):
     """``fn.run(*params)``, except that inside a CUDA graph capture a specialization Triton would
     have to compile first raises (``_launch.check_not_capturing``'s error: compiling and loading
@@ -205,23 +208,27 @@ def _run_outside_capture(fn, params, grid, options):
 
     Triton is asked through its compile hook (``knobs.runtime.jit_cache_hook``, which it calls
     only when the specialization is not in its cache; a truthy answer skips the compile and the
-    launch), set for this call only. A Triton without that hook compiles as before.
+    launch), set for this call only and answering for this thread only. A Triton without that
+    hook compiles as before.
     """
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
     if (runtime is None or not hasattr(runtime, "jit_cache_hook") or not torch.cuda.is_available()
             or not torch.cuda.is_current_stream_capturing()):
         return fn.run(*params, grid=grid, warmup=False, **options)
-    would_compile = []
+    would_compile, me = [], threading.get_ident()
 
     def refuse(*args, **kwargs):
+        if threading.get_ident() != me:  # another thread's compile meanwhile: as without this hook
+            return previous(*args, **kwargs) if previous is not None else None
         would_compile.append(True)
         return True  # Triton skips the compile and the launch
 
-    previous, runtime.jit_cache_hook = runtime.jit_cache_hook, refuse
-    try:
-        compiled = fn.run(*params, grid=grid, warmup=False, **options)
-    finally:
-        runtime.jit_cache_hook = previous
+    with _capture_hook_lock:  # one at a time: each restores the hook it found
+        previous, runtime.jit_cache_hook = runtime.jit_cache_hook, refuse
+        try:
+            compiled = fn.run(*params, grid=grid, warmup=False, **options)
+        finally:
+            runtime.jit_cache_hook = previous
     if would_compile:
         _launch.check_not_capturing(fn)  # raises: the stream is capturing
     return compiled

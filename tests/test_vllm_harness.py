@@ -5,6 +5,8 @@ with new data under ``torch.cuda.set_sync_debug_mode("error")``, for a Llama-sty
 DeepSeek-style (YaRN rope on interleaved pairs) decoder. Logits against an fp32 eager
 reference. On the CPU the pieces run as post-grad graphs (no code generation, no CUDA graphs)."""
 
+import threading
+
 import pytest
 import torch
 
@@ -144,7 +146,7 @@ class _CachingJIT:
     __qualname__ = "_CachingJIT"
 
     def __init__(self):
-        self.cached, self.compiled, self.launched = set(), [], []
+        self.cached, self.compiled, self.launched, self.other_thread = set(), [], [], []
 
     def run(self, *args, grid, warmup, **kwargs):
         import triton
@@ -152,6 +154,10 @@ class _CachingJIT:
         key = tuple(type(a).__name__ for a in args)
         if key not in self.cached:
             hook = triton.knobs.runtime.jit_cache_hook
+            # Another thread compiling meanwhile gets Triton's own answer (no hook: compile).
+            other = threading.Thread(target=lambda: self.other_thread.append(hook and hook(key=("other",))))
+            other.start()
+            other.join()
             if hook is not None and hook(key=key):
                 return None  # the hook said skip: nothing compiled, nothing launched
             self.compiled.append(key)
@@ -177,6 +183,7 @@ def test_the_cpp_hook_compiles_nothing_inside_a_capture(monkeypatch, capturing):
         with pytest.raises(RuntimeError, match="first time .* while a CUDA graph is being captured"):
             c_runtime._run_outside_capture(fn, [x, 3], (1, 1, 1), {"num_warps": 4})
         assert fn.compiled == [] and fn.launched == []  # refused before compiling anything
+        assert fn.other_thread == [None]  # only the capturing thread's compile was refused
         fn.cached.add(("Tensor", "int"))  # compiled before the capture (the warm-up)
     assert c_runtime._run_outside_capture(fn, [x, 3], (1, 1, 1), {"num_warps": 4}) == "kernel"
     assert len(fn.launched) == 1 and fn.compiled == ([] if capturing else [("Tensor", "int")])
