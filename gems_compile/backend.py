@@ -394,6 +394,8 @@ class GemsCompiler:
         if sink:
             sink[-1].graphs.append(report)
         self._dump(report, "dynamo", gm)
+        if self.options.precompile and not self.options.inductor:
+            graph_precompile.warm_up(example_inputs)  # Triton's first-compile set-up, while we trace
         try:
             fused = self.fuse(gm, example_inputs, report)
         except Exception as e:

@@ -30,11 +30,12 @@ from .kernels._precompile import (
     compile_records,
     precompiled,
     recording_launches,
+    warm_compiler,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["collect", "precompile_applies", "precompile_graph"]
+__all__ = ["collect", "precompile_applies", "precompile_graph", "warm_up"]
 
 
 class _Skip(Exception):
@@ -151,10 +152,31 @@ def collect(gm, policy: str | None = None) -> tuple[list[LaunchRecord], dict]:
 
 
 
+def _enabled() -> bool:
+    """Compiled Triton (not the interpreter), a CUDA device, and ``GEMS_PRECOMPILE`` not ``0``."""
+    return os.environ.get("GEMS_PRECOMPILE", "1").strip() != "0" and not interpreter_mode() and torch.cuda.is_available()
+
+
+def warm_up(example_inputs) -> bool:
+    """At the start of a graph's compile: when its kernels will be precompiled (a CUDA tensor among
+    the inputs, :func:`_enabled`), start the process's compiler warm-up
+    (:func:`~flag_gems.kernels._precompile.warm_compiler`), which then runs while the graph is traced.
+
+    Returns:
+        Whether a warm-up was started by this call.
+    """
+    if not _enabled():
+        return False
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+            return warm_compiler(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return False
+
+
 def precompile_applies(gm) -> bool:
     """Whether :func:`precompile_graph` has work for ``gm``: compiled Triton (not the interpreter),
     a CUDA device, ``GEMS_PRECOMPILE`` not ``0``, and a CUDA tensor among the graph's values."""
-    if os.environ.get("GEMS_PRECOMPILE", "1").strip() == "0" or interpreter_mode() or not torch.cuda.is_available():
+    if not _enabled():
         return False
     for node in gm.graph.nodes:
         v = node.meta.get("val")

@@ -25,6 +25,13 @@ right only costs its worker's time. A node that cannot be recorded (symbolic siz
 data-dependent code, an op without a Python implementation) and a job that fails or times out
 are skipped (DEBUG log): the first run compiles those kernels itself.
 
+A process's first Triton compile costs about a second more than the next ones (imports, compiler
+set-up; 1.17 s against 0.04 s on the H200 machine, ``benchmarks/launcher_probe.py``), and a worker
+forked from a parent that never compiled pays it again, in each worker. :func:`warm_compiler` has
+the parent pay it once, in a background thread, while the backend traces the graph (the compile
+spends most of that time outside the GIL); :func:`compile_records` waits for that thread before
+forking, so no worker is forked in the middle of a compile.
+
 Why fork (``os.fork``: no interpreter to start, and allowed in daemonic processes too): a forked
 worker starts in milliseconds with torch, Triton and every kernel imported, the generated
 pointwise kernels included (built from source in this process; the worker has the same objects,
@@ -37,11 +44,13 @@ loading the kernel; the worker leaves through ``os._exit`` (no exit handlers of 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import logging
 import os
 import signal
+import threading
 import time
 import warnings
 from multiprocessing import connection
@@ -59,8 +68,10 @@ __all__ = [
     "PrecompileResult",
     "TensorArg",
     "compile_records",
+    "join_warm",
     "precompiled",
     "recording_launches",
+    "warm_compiler",
 ]
 
 TIMEOUT_S = 30.0  # the most one graph's precompile waits for its workers (one compile takes 0.2-3 s)
@@ -338,6 +349,88 @@ def _reap(pid: int, kill: bool) -> None:
         pass
 
 
+# --------------------------------------------------------------------------- warming the compiler
+
+WARM_JOIN_S = 30.0  # the most compile_records (and the process's exit) waits for the warm-up thread
+_warm_lock = threading.Lock()
+_warm_thread: threading.Thread | None = None  # the process's warm-up, started at most once
+
+_WARM_SOURCE = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _flag_gems_warm_up(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1.0, mask=offs < n)
+"""
+
+
+def _warm_compile(target) -> None:
+    """Compile a tiny fixed kernel for ``target`` with ``triton.compile``. After the first process on a
+    machine it is a disk-cache hit, which warms as well: what costs is the process's first compile's
+    set-up, not the code generation. The kernel is built from source here, so that it is a compiled
+    ``JITFunction`` whatever ``TRITON_INTERPRET`` said when this module was imported."""
+    from triton.compiler import ASTSource
+
+    import linecache
+
+    filename = "<flag_gems compiler warm-up>"
+    linecache.cache[filename] = (len(_WARM_SOURCE), None, _WARM_SOURCE.splitlines(True), filename)  # Triton reads it
+    namespace: dict = {}
+    exec(compile(_WARM_SOURCE, filename, "exec"), namespace)  # noqa: S102 - our source
+    fn = namespace["_flag_gems_warm_up"]
+    import triton
+
+    triton.compile(ASTSource(fn, {"x_ptr": "*fp32", "n": "i32"}, {"BLOCK": 128}), target=target)
+
+
+def _warm(target) -> None:
+    t0 = time.perf_counter()
+    try:
+        _warm_compile(target)
+    except Exception as exc:  # noqa: BLE001 - only a head start: the workers compile as before
+        logger.debug("precompile: compiler warm-up failed: %s: %s", type(exc).__name__, exc)
+        return
+    logger.debug("precompile: compiler warmed up in %.2f s", time.perf_counter() - t0)
+
+
+def warm_compiler(device: int) -> bool:
+    """Start, once per process, a background thread that compiles a tiny kernel for ``device``'s
+    target, so that this process has paid Triton's first-compile set-up before it forks workers.
+
+    Args:
+        device: the CUDA device index the graph's kernels will run on.
+
+    Returns:
+        Whether this call started the thread (False: started before, or no target: nothing to warm).
+    """
+    global _warm_thread
+    with _warm_lock:
+        if _warm_thread is not None:
+            return False
+        try:
+            target = _target(device)
+        except Exception as exc:  # noqa: BLE001 - no driver: nothing to warm (compile_records says why)
+            logger.debug("precompile: no compiler warm-up (%s: %s)", type(exc).__name__, exc)
+            _warm_thread = threading.Thread(target=lambda: None)  # a finished stand-in: never again
+            return False
+        _warm_thread = threading.Thread(target=_warm, args=(target,), name="flag_gems-warm-triton", daemon=True)
+        _warm_thread.start()
+        return True
+
+
+def join_warm(timeout_s: float = WARM_JOIN_S) -> None:
+    """Wait for :func:`warm_compiler`'s thread, if it runs (before forking; at the process's exit)."""
+    t = _warm_thread
+    if t is not None and t.is_alive():
+        t.join(timeout_s)
+
+
+atexit.register(join_warm)
+
+
 def compile_records(records, *, target=None, timeout_s: float = TIMEOUT_S,
                     max_workers: int | None = None) -> PrecompileResult:
     """Compile ``records`` in forked worker processes into Triton's on-disk cache; wait for them.
@@ -356,6 +449,7 @@ def compile_records(records, *, target=None, timeout_s: float = TIMEOUT_S,
     if not records:
         return result
     t0 = time.perf_counter()
+    join_warm()  # never fork in the middle of the warm-up's compile
     try:
         if not hasattr(os, "fork"):
             raise OSError("os.fork is not available on this platform")

@@ -214,6 +214,92 @@ def test_no_fork_or_no_driver_warns_once_and_compiles_nothing(monkeypatch):
         assert compile_records([_Job("ok")]).failed == 1
 
 
+# --------------------------------------------------------------------------- the compiler warm-up
+
+
+@pytest.fixture
+def fresh_warm(monkeypatch):
+    """No warm-up started yet in this process; the target and the compile are stand-ins (records)."""
+    calls = []
+    monkeypatch.setattr(_precompile, "_warm_thread", None)
+    monkeypatch.setattr(_precompile, "_target", lambda device: f"target-{device}")
+    monkeypatch.setattr(_precompile, "_warm_compile", lambda target: calls.append(
+        (target, threading.current_thread().name)))
+    yield calls
+    _precompile.join_warm()
+
+
+def test_warm_up_runs_once_per_process_in_a_thread(fresh_warm):
+    assert _precompile.warm_compiler(1) is True
+    assert _precompile.warm_compiler(0) is False  # once per process
+    _precompile.join_warm()
+    assert fresh_warm == [("target-1", "flag_gems-warm-triton")]
+
+
+def test_a_warm_up_that_fails_is_only_a_debug_line(fresh_warm, monkeypatch, caplog):
+    def boom(target):
+        raise RuntimeError("no ptxas")
+
+    monkeypatch.setattr(_precompile, "_warm_compile", boom)
+    with caplog.at_level("DEBUG", logger=_precompile.logger.name):
+        assert _precompile.warm_compiler(0) is True
+        _precompile.join_warm()
+    assert "compiler warm-up failed: RuntimeError: no ptxas" in caplog.text
+
+
+def test_no_target_no_warm_up_ever(fresh_warm, monkeypatch):
+    def no_driver(device):
+        raise RuntimeError("no GPU driver")
+
+    monkeypatch.setattr(_precompile, "_target", no_driver)
+    assert _precompile.warm_compiler(0) is False
+    monkeypatch.setattr(_precompile, "_target", lambda device: "target")
+    assert _precompile.warm_compiler(0) is False and fresh_warm == []  # not retried
+
+
+def test_workers_are_forked_only_after_the_warm_up(fresh_warm, monkeypatch):
+    """Forking while another thread is inside the compiler could leave a worker with its locks held."""
+    finished, at_fork, fork = [], [], os.fork
+
+    def slow(target):
+        time.sleep(0.3)
+        finished.append(target)
+
+    def recording_fork():
+        pid = fork()
+        if pid:
+            at_fork.append(list(finished))
+        return pid
+
+    monkeypatch.setattr(_precompile, "_warm_compile", slow)
+    monkeypatch.setattr(_precompile.os, "fork", recording_fork)
+    assert _precompile.warm_compiler(0)
+    got = compile_records([_Job("ok"), _Job("ok")], target="sm_90", max_workers=2)
+    assert got.compiled == 2 and at_fork and all(f == ["target-0"] for f in at_fork), (got, at_fork)
+
+
+def test_the_backend_warms_up_only_for_cuda_graphs_it_will_precompile(fresh_warm, monkeypatch):
+    assert graph_precompile.warm_up([torch.ones(2)]) is False  # the interpreter here: nothing to warm
+    monkeypatch.setattr(graph_precompile, "_enabled", lambda: True)
+    assert graph_precompile.warm_up([torch.ones(2), 3]) is False  # no CUDA tensor
+    with FakeTensorMode():
+        x = torch.empty(2, device="cuda:1")
+    assert graph_precompile.warm_up([3, x]) is True
+    _precompile.join_warm()
+    assert fresh_warm == [("target-1", "flag_gems-warm-triton")]
+
+
+def test_the_warm_up_kernel_compiles_for_sm90():
+    """The real ``_warm_compile`` in a child with compiled Triton (no GPU needed: a target is given)."""
+    code = ("import os; os.environ['TRITON_INTERPRET'] = '0'\n"
+            "from triton.backends.compiler import GPUTarget\n"
+            "from flag_gems.kernels import _precompile\n"
+            "_precompile._warm_compile(GPUTarget('cuda', 90, 32)); print('compiled')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------- the option and the hook
 
 
@@ -269,6 +355,18 @@ def test_hook_runs_once_per_graph_and_is_reported(monkeypatch, fresh_dynamo):
     torch._dynamo.reset()
     g = flag_gems.explain(_f, x, w, options={"strict": True, "precompile": False}).graphs[0]
     assert calls == [] and not [s for s in g.timings if "precompile" in s]
+
+
+def test_the_backend_starts_the_warm_up_before_tracing(monkeypatch, fresh_dynamo):
+    seen = []
+    monkeypatch.setattr(graph_precompile, "warm_up", lambda inputs: seen.append([tuple(t.shape) for t in inputs]))
+    x, w = torch.randn(4, 8), torch.randn(8)
+    flag_gems.explain(_f, x, w, options={"strict": True})
+    assert seen == [[(4, 8), (8,)]]
+    seen.clear()
+    torch._dynamo.reset()
+    flag_gems.explain(_f, x, w, options={"strict": True, "precompile": False})
+    assert seen == []
 
 
 def test_hook_never_runs_in_the_interpreter(monkeypatch, fresh_dynamo):
