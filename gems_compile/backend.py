@@ -39,6 +39,7 @@ from . import graph_precompile
 from .aot import precompiling, serializable_graph
 from .kernels._autotune import enter_policy, exit_policy
 from .kernels._common import warn_once
+from .kernels._precompile import join_warm
 from .options import CompileOptions
 from .passes import FUSION_PASSES, OPTION_PASSES
 from .report import CompileReport, GraphReport, count_layers, dump_graph, dump_report, dump_text
@@ -170,6 +171,7 @@ class _CompiledGraph:
                 return self.fn(args)
             report, stage = self._first_call
             self._first_call = None
+            join_warm()  # the first run's own compiles start from the warmed process, never beside it
             while report.at_first_call:
                 report.at_first_call.pop(0)()
             with report.timed(stage):

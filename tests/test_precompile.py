@@ -357,6 +357,33 @@ def test_hook_runs_once_per_graph_and_is_reported(monkeypatch, fresh_dynamo):
     assert calls == [] and not [s for s in g.timings if "precompile" in s]
 
 
+def test_a_graphs_first_run_waits_for_the_warm_up(fresh_warm, monkeypatch, fresh_dynamo):
+    """The first run's own compiles come after the warm-up's (never two compiles at once): a warm-up
+    still running when the compile ends (released then, done 0.5 s later) is done when the first call
+    returns."""
+    from flag_gems import backend
+
+    compiled, done = threading.Event(), []
+
+    def slow(target):
+        compiled.wait(30)
+        time.sleep(0.5)
+        done.append(target)
+
+    finish = backend.GemsCompiler._finish
+
+    def finish_and_release(self, report):
+        finish(self, report)
+        compiled.set()
+
+    monkeypatch.setattr(_precompile, "_warm_compile", slow)
+    monkeypatch.setattr(backend.GemsCompiler, "_finish", finish_and_release)
+    monkeypatch.setattr(graph_precompile, "warm_up", lambda inputs: _precompile.warm_compiler(0))
+    x, w = torch.randn(4, 8), torch.randn(8)
+    torch.compile(_f, backend="flag_gems")(x, w)
+    assert done == ["target-0"]
+
+
 def test_the_backend_starts_the_warm_up_before_tracing(monkeypatch, fresh_dynamo):
     seen = []
     monkeypatch.setattr(graph_precompile, "warm_up", lambda inputs: seen.append([tuple(t.shape) for t in inputs]))
