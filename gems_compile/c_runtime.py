@@ -157,8 +157,7 @@ def _launch_info(kernel, fn, n_params: int) -> list[int]:
     16-bit float scalars, a launch hook that must see every launch, another Triton)."""
     if kernel is None or _launch._hooks_active():
         return []
-    if hasattr(kernel, "result"):  # asynchronous compilation: a future
-        kernel = kernel.result()
+    kernel = _launch.compiled_kernel(kernel)
     try:
         from triton.backends.nvidia.driver import ty_to_cpp
 

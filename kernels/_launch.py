@@ -47,7 +47,8 @@ from ._common import interpreter_mode
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FastKernel", "fast_launch_enabled", "jit", "recorded_launches", "spec_code", "traced_launches"]
+__all__ = ["FastKernel", "compiled_kernel", "fast_launch_enabled", "jit", "recorded_launches", "spec_code",
+           "traced_launches"]
 
 _ENABLED = os.environ.get("GEMS_FAST_LAUNCH", "1") != "0"
 _I32 = (-(2**31), 2**31)
@@ -64,6 +65,12 @@ def _hooks_active() -> bool:
         if hook is not None and getattr(hook, "calls", True):
             return True
     return False
+
+
+def compiled_kernel(kernel):
+    """What ``JITFunction.run`` returned, as a ``CompiledKernel``: under Triton's asynchronous
+    compilation it returns a future, resolved here."""
+    return kernel.result() if hasattr(kernel, "result") else kernel
 
 
 def _disable(exc: Exception) -> None:
@@ -274,8 +281,7 @@ class FastKernel:
         return None
 
     def _remember(self, device, key, kernel) -> None:
-        if hasattr(kernel, "result"):  # asynchronous compilation: a future
-            kernel = kernel.result()
+        kernel = compiled_kernel(kernel)
         try:
             launch = (kernel.run, kernel.function, kernel.packed_metadata)
         except AttributeError as exc:  # another Triton: keep its path for this kernel

@@ -57,9 +57,11 @@ from multiprocessing import connection
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 
 from ._common import warn_once
-from ._launch import FastKernel, recorded_launches
+from ._launch import FastKernel, compiled_kernel, recorded_launches
 
 logger = logging.getLogger(__name__)
 
@@ -284,8 +286,7 @@ def _build_launcher(kernel) -> None:
     if kernel is None:
         return
     try:
-        if hasattr(kernel, "result"):  # asynchronous compilation: a future
-            kernel = kernel.result()
+        kernel = compiled_kernel(kernel)
         cls = _launcher_cls()
         if cls is not None:
             cls(kernel.src, kernel.metadata)
@@ -355,35 +356,20 @@ WARM_JOIN_S = 30.0  # the most compile_records (and the process's exit) waits fo
 _warm_lock = threading.Lock()
 _warm_thread: threading.Thread | None = None  # the process's warm-up, started at most once
 
-_WARM_SOURCE = """
-import triton
-import triton.language as tl
-
-
 @triton.jit
-def _flag_gems_warm_up(x_ptr, n, BLOCK: tl.constexpr):
+def _warm_up_kernel(x_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1.0, mask=offs < n)
-"""
 
 
 def _warm_compile(target) -> None:
-    """Compile a tiny fixed kernel for ``target`` with ``triton.compile``. After the first process on a
-    machine it is a disk-cache hit, which warms as well: what costs is the process's first compile's
-    set-up, not the code generation. The kernel is built from source here, so that it is a compiled
-    ``JITFunction`` whatever ``TRITON_INTERPRET`` said when this module was imported."""
+    """Compile :func:`_warm_up_kernel` for ``target`` with ``triton.compile``. After the first process
+    on a machine it is a disk-cache hit, which warms as well: what costs is the process's first
+    compile's set-up, not the code generation. Runs only with compiled Triton (``warm_up`` checks),
+    where the kernel is a ``JITFunction``."""
     from triton.compiler import ASTSource
 
-    import linecache
-
-    filename = "<flag_gems compiler warm-up>"
-    linecache.cache[filename] = (len(_WARM_SOURCE), None, _WARM_SOURCE.splitlines(True), filename)  # Triton reads it
-    namespace: dict = {}
-    exec(compile(_WARM_SOURCE, filename, "exec"), namespace)  # noqa: S102 - our source
-    fn = namespace["_flag_gems_warm_up"]
-    import triton
-
-    triton.compile(ASTSource(fn, {"x_ptr": "*fp32", "n": "i32"}, {"BLOCK": 128}), target=target)
+    triton.compile(ASTSource(_warm_up_kernel, {"x_ptr": "*fp32", "n": "i32"}, {"BLOCK": 128}), target=target)
 
 
 def _warm(target) -> None:
