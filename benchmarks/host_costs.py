@@ -25,12 +25,11 @@ from _bench_utils import host_time_us, run_meta, write_rows  # noqa: E402
 
 def _cases(device: str, tokens: int, hidden: int, inter: int, dtype):
     """(name, callable) pairs: each callable is one statement of a generated wrapper."""
-    import flag_gems  # noqa: F401  (registers torch.ops.flag_gems)
-    from flag_gems import c_runtime
-    from flag_gems.kernels import pointwise_fused  # noqa: F401
+    from torch._C._dynamo.guards import _reinterpret_tensor as rt
+
+    from flag_gems import c_runtime  # main() imported flag_gems first (torch.ops.flag_gems)
 
     aten = torch.ops.aten
-    from torch._C._dynamo.guards import _reinterpret_tensor as rt
 
     empty_cuda = getattr(torch._C._dynamo.guards, "_empty_strided_cuda", None)
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
